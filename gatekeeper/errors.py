@@ -1,0 +1,62 @@
+"""The few exceptions that carry a message meant for a person.
+
+Every entry point (the shell, the CLI, the hooks, the embedded server) catches
+`GatekeeperError` at the top and prints `message` (and `hint`, when there is one)
+as clean lines with `exit_code`; nothing expected ever reaches the user as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GatekeeperError(Exception):
+    """An expected failure with a one-line reason and, where possible, what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def lines(self) -> list[str]:
+        out = [self.message]
+        if self.hint:
+            out.append(f"hint: {self.hint}")
+        return out
+
+
+class InputError(GatekeeperError):
+    """Something a person typed or passed is not acceptable (a name, a key, a code)."""
+
+    exit_code = 2
+
+
+class PolicyError(GatekeeperError):
+    """The policy file is missing, unreadable or invalid; `problems` lists each finding."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, hint: str | None = None, problems: list[str] | None = None):
+        super().__init__(message, hint)
+        self.problems = problems or []
+
+    def lines(self) -> list[str]:
+        return [*self.problems, *super().lines()] if self.problems else super().lines()
+
+
+class StoreError(GatekeeperError):
+    """The state database or the server key is missing, locked, corrupt or unwritable."""
+
+    exit_code = 4
+
+
+class NotFound(GatekeeperError):
+    """A user, key or record that the command names does not exist."""
+
+    exit_code = 1
+
+
+class Refused(GatekeeperError):
+    """Access or an operation was refused by the policy or the 2FA rules."""
+
+    exit_code = 1
