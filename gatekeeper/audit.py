@@ -1,0 +1,66 @@
+"""The audit log's hash chain: how a record is hashed and how a chain is checked.
+
+Each record carries the hash of the previous one, so editing, deleting or
+reordering a record breaks the chain at a place `verify_chain` names. A chain alone
+cannot see a cut-off tail, so the head (sequence and hash of the newest record) is
+also kept outside the database, in `audit.head` beside it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GENESIS = "0" * 64
+FIELDS = ("seq", "at", "event", "actor", "user", "key_fp", "repo", "action", "reason",
+          "client", "detail")
+
+
+def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
+    """SHA-256 over the previous hash and the record's canonical JSON."""
+    body = json.dumps({f: record.get(f) for f in FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    seq: int | None
+    message: str
+
+
+def verify_chain(
+    records: Iterable[Mapping[str, Any]],
+    head: tuple[int, str] | None = None,
+    anchor: tuple[int, str] | None = None,
+) -> list[ChainProblem]:
+    """Check every link; `anchor` is (seq, hash) of the record before the first kept one
+    (after pruning), `head` what the head file says the newest record is."""
+    problems: list[ChainProblem] = []
+    expected_seq, prev = (anchor[0] + 1, anchor[1]) if anchor else (1, GENESIS)
+    last: tuple[int, str] | None = anchor
+    for rec in records:
+        seq = int(rec["seq"])
+        if seq != expected_seq:
+            problems.append(ChainProblem(seq, f"record {seq} follows {expected_seq - 1}: "
+                                              f"{'missing records' if seq > expected_seq else 'out of order'}"))
+        if rec["prev_hash"] != prev:
+            problems.append(ChainProblem(seq, f"record {seq} does not link to the record before it "
+                                              "(deleted, reordered or edited)"))
+        if record_hash(str(rec["prev_hash"]), rec) != rec["hash"]:
+            problems.append(ChainProblem(seq, f"record {seq} was edited (its hash does not match)"))
+        prev = str(rec["hash"])
+        expected_seq = seq + 1
+        last = (seq, prev)
+    if head is not None:
+        if last is None or last[0] < head[0]:
+            problems.append(ChainProblem(head[0], f"the log ends before record {head[0]} named by the "
+                                                  "head file: records were cut off"))
+        elif last[0] > head[0]:
+            problems.append(ChainProblem(last[0], f"records after {head[0]} are not covered by the "
+                                                  "head file"))
+        elif last != head:
+            problems.append(ChainProblem(head[0], f"record {head[0]} differs from the head file's hash"))
+    return problems

@@ -1,0 +1,156 @@
+"""The one place that parses what an SSH client asked to run.
+
+`SSH_ORIGINAL_COMMAND` is split with shell-word rules (`shlex`, no shell ever sees
+it) into an allow-listed verb and exactly one argument. Anything else is refused
+with a message that says what was wrong. Standard library only: this runs on every
+connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from gatekeeper.errors import InputError
+
+MAX_COMMAND_LENGTH = 1024
+MAX_REPO_NAME_LENGTH = 200
+
+GIT_VERBS = {
+    "git-upload-pack": "read",
+    "git-upload-archive": "read",
+    "git-receive-pack": "write",
+}
+USER_VERBS = ("2fa", "info", "help")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SHELL_SYNTAX = re.compile(r"[;|&$`<>(){}\\!*?\[\]#]")
+# A component starts with a letter, digit or underscore: never `-` (option
+# injection) and never `.` (`..`, hidden directories).
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z")
+_USER_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+@dataclass(frozen=True)
+class GitRequest:
+    verb: str
+    """`git-upload-pack`, `git-receive-pack` or `git-upload-archive`."""
+    repo: str
+    """The normalised repository name: `platform/api`, no leading `/`, no `.git`."""
+
+    @property
+    def action(self) -> str:
+        return GIT_VERBS[self.verb]
+
+    @property
+    def git_subcommand(self) -> str:
+        return self.verb.removeprefix("git-")
+
+
+@dataclass(frozen=True)
+class UserCommand:
+    """A gatekeeper command for the person at the other end: `2fa ...`, `info`, `help`, or nothing."""
+
+    words: tuple[str, ...]
+
+    @property
+    def verb(self) -> str:
+        return self.words[0] if self.words else "info"
+
+
+def parse_command(text: str | None) -> GitRequest | UserCommand:
+    """Parse `SSH_ORIGINAL_COMMAND`; raise `InputError` for anything not allowed."""
+    if text is None or not text.strip():
+        return UserCommand(())
+    if len(text) > MAX_COMMAND_LENGTH:
+        raise InputError(
+            f"command refused: longer than {MAX_COMMAND_LENGTH} characters.", hint=HELP_HINT
+        )
+    if _CONTROL.search(text):
+        raise InputError(
+            "command refused: it contains control characters (newline, NUL, escape...).",
+            hint=HELP_HINT,
+        )
+    try:
+        words = shlex.split(text, posix=True)
+    except ValueError as exc:
+        raise InputError(f"command refused: {exc} (unbalanced quotes?).", hint=HELP_HINT) from exc
+    if not words:
+        return UserCommand(())
+    if words[0] == "git" and len(words) >= 2 and f"git-{words[1]}" in GIT_VERBS:
+        words = [f"git-{words[1]}", *words[2:]]
+    verb = words[0]
+    if verb in GIT_VERBS:
+        return GitRequest(verb, _repo_argument(verb, words[1:]))
+    if verb in USER_VERBS:
+        for word in words[1:]:
+            if not _USER_WORD.match(word):
+                raise InputError(
+                    f"command refused: {_describe(word)} is not a valid argument to '{verb}'.",
+                    hint=HELP_HINT,
+                )
+        return UserCommand(tuple(words))
+    if _SHELL_SYNTAX.search(text):
+        raise InputError("command refused: shell syntax is not accepted here.", hint=HELP_HINT)
+    raise InputError(f"unknown command {_describe(verb)}.", hint=HELP_HINT)
+
+
+HELP_HINT = "only git (clone, fetch, push, archive) and the commands listed by `help` are accepted."
+
+
+def _describe(word: str) -> str:
+    shown = word if len(word) <= 40 else word[:40] + "..."
+    return repr(shown)
+
+
+def _repo_argument(verb: str, args: list[str]) -> str:
+    if not args:
+        raise InputError(f"{verb}: missing the repository argument.", hint=HELP_HINT)
+    if len(args) > 1:
+        # Reject rather than silently drop trailing junk after the repository.
+        raise InputError(
+            f"{verb}: expected exactly one repository argument, got {len(args)}.",
+            hint=HELP_HINT,
+        )
+    return normalize_repo_name(args[0])
+
+
+def normalize_repo_name(arg: str) -> str:
+    """`'/platform/api.git'` -> `platform/api`; refuse anything that is not a plain name."""
+    if arg.startswith("-"):
+        raise InputError(
+            f"refused: {_describe(arg)} looks like an option, not a repository name.",
+            hint="repository names start with a letter, digit or underscore.",
+        )
+    name = arg
+    if name.startswith("~/"):
+        name = name[2:]
+    name = name.lstrip("/").rstrip("/")
+    name = name.removesuffix(".git")
+    if not name or len(name) > MAX_REPO_NAME_LENGTH or ".." in name:
+        raise InputError(f"refused: {_describe(arg)} is not a valid repository name.")
+    for component in name.split("/"):
+        if not _COMPONENT.match(component):
+            raise InputError(
+                f"refused: {_describe(arg)} is not a valid repository name.",
+                hint="use letters, digits, '_', '.', '+', '-' and '/' between parts.",
+            )
+    return name
+
+
+def resolve_repo_path(root: Path, name: str) -> Path | None:
+    """The bare repository `<root>/<name>.git`, or None if it is missing or escapes the root.
+
+    The real path is checked, so a symlink inside the root that points outside it is
+    treated as missing.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, name + ".git"))
+    if not real.startswith(real_root + os.sep):
+        return None
+    if not os.path.isdir(real) or not os.path.isfile(os.path.join(real, "HEAD")):
+        return None
+    return Path(real)

@@ -1,0 +1,839 @@
+"""All SQL lives here: users, keys, TOTP enrollments, sessions, lockouts, audit log.
+
+SQLite through the standard library, so the git-access path stays light. Rules
+learned the hard way (DESIGN.md):
+- WAL mode and a busy timeout, so many short-lived processes share the file.
+- Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
+  that upgrades to a write ignores the busy timeout and fails under concurrency.
+- Every change is audited inside its own transaction: no record, no change.
+- The replay guard is one conditional UPDATE: a timestep is accepted only if it is
+  strictly greater than the last accepted one, so of two racing uses one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gatekeeper import audit
+from gatekeeper.errors import InputError, NotFound, StoreError
+
+SCHEMA_VERSION = 1
+DB_NAME = "gatekeeper.db"
+SERVER_KEY_NAME = "server.key"
+HEAD_NAME = "audit.head"
+BUSY_TIMEOUT_MS = 5000
+USER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        fingerprint TEXT NOT NULL UNIQUE,
+        key_type TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        bits INTEGER NOT NULL,
+        comment TEXT NOT NULL DEFAULT '',
+        added_at INTEGER NOT NULL
+    );
+    CREATE INDEX keys_user ON keys(user_id);
+    CREATE TABLE totp (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        secret BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        confirmed_at INTEGER,
+        last_timestep INTEGER NOT NULL DEFAULT -1
+    );
+    CREATE TABLE recovery_codes (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        code_hash TEXT NOT NULL,
+        used_at INTEGER
+    );
+    CREATE INDEX recovery_codes_user ON recovery_codes(user_id);
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        source TEXT
+    );
+    CREATE INDEX sessions_user_key ON sessions(user_id, key_id, expires_at);
+    CREATE TABLE failures (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        count INTEGER NOT NULL,
+        window_start INTEGER NOT NULL,
+        locked_until INTEGER
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        actor TEXT,
+        user TEXT,
+        key_fp TEXT,
+        repo TEXT,
+        action TEXT,
+        reason TEXT,
+        client TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_user ON audit(user, seq);
+    CREATE INDEX audit_repo ON audit(repo, seq);
+    CREATE TABLE audit_anchor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+}
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: int
+    user_id: int
+    user: str
+    fingerprint: str
+    key_type: str
+    blob: str
+    bits: int
+    comment: str
+    added_at: int
+
+
+@dataclass(frozen=True)
+class Totp:
+    user_id: int
+    secret: bytes
+    created_at: int
+    confirmed_at: int | None
+    last_timestep: int
+
+    @property
+    def confirmed(self) -> bool:
+        return self.confirmed_at is not None
+
+
+@dataclass(frozen=True)
+class ConnectionFacts:
+    """Everything the git-access path needs about a key, read in one query."""
+
+    key: KeyRecord
+    enrolled: bool
+    pending: bool
+    verified_until: int | None
+    locked_until: int | None
+
+
+def utc_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def validate_user_name(name: str) -> str:
+    import re
+
+    if not re.match(USER_NAME_PATTERN, name):
+        raise InputError(
+            f"invalid user name {name!r}.",
+            hint="use 1-64 letters, digits, '_', '.', '-', starting with a letter, digit or '_'.",
+        )
+    return name
+
+
+class Store:
+    """One open connection to the state database in `state_dir`."""
+
+    def __init__(self, state_dir: Path, conn: sqlite3.Connection) -> None:
+        self.state_dir = state_dir
+        self.conn = conn
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path | str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
+        """Open an existing store; refuse clearly if it is missing, corrupt or too new."""
+        state_dir = Path(state_dir)
+        path = state_dir / DB_NAME
+        if not path.exists():
+            if not state_dir.exists():
+                raise StoreError(
+                    f"state directory not found: {state_dir}",
+                    hint="run `gatekeeper init` (or check state_dir in the policy file).",
+                )
+            raise StoreError(f"state database not found: {path}", hint="run `gatekeeper init`.")
+        if not os.access(path, os.R_OK):
+            raise StoreError(
+                f"state database is not readable: {path}",
+                hint="run as the git user, or fix its owner and mode.",
+            )
+        conn = cls._connect(path, busy_timeout_ms)
+        store = cls(state_dir, conn)
+        try:
+            version = store._schema_version()
+        except StoreError:
+            conn.close()
+            raise
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"state database {path} has schema version {version}, newer than this "
+                f"gatekeeper understands ({SCHEMA_VERSION}).",
+                hint="upgrade gatekeeper; do not downgrade a store.",
+            )
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"state database {path} has schema version {version}; {SCHEMA_VERSION} is needed.",
+                hint="run `gatekeeper migrate`.",
+            )
+        return store
+
+    @classmethod
+    def create(cls, state_dir: Path | str) -> Store:
+        """Create (or migrate) the store and its directory with tight permissions."""
+        state_dir = Path(state_dir)
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create state directory {state_dir}: {exc.strerror}",
+                hint="create it as root and give it to the git user, or choose another state_dir.",
+            ) from exc
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"state directory is not writable: {state_dir}",
+                hint="run as the git user, or fix the directory's owner and mode.",
+            )
+        path = state_dir / DB_NAME
+        old_umask = os.umask(0o077)
+        try:
+            conn = cls._connect(path, BUSY_TIMEOUT_MS, create=True)
+        finally:
+            os.umask(old_umask)
+        store = cls(state_dir, conn)
+        store.migrate()
+        return store
+
+    @staticmethod
+    def _connect(path: Path, busy_timeout_ms: int, create: bool = False) -> sqlite3.Connection:
+        mode = "rwc" if create else "rw"
+        try:
+            conn = sqlite3.connect(
+                f"file:{path}?mode={mode}",
+                uri=True,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode_row = conn.execute("PRAGMA journal_mode").fetchone()
+            if mode_row[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(exc, path) from exc
+        return conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / DB_NAME
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.state_dir / SERVER_KEY_NAME
+
+    @property
+    def head_path(self) -> Path:
+        return self.state_dir / HEAD_NAME
+
+    def _schema_version(self) -> int:
+        row = self._read_one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> int:
+        """Bring the schema up to date; return the version reached."""
+        version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state database has schema version {version}, newer than this gatekeeper "
+                f"understands ({SCHEMA_VERSION}).",
+                hint="upgrade gatekeeper; do not downgrade a store.",
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._write():
+                for statement in _split_sql(MIGRATIONS[target]):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {target}")
+        return SCHEMA_VERSION
+
+    # -- transactions ----------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (BEGIN IMMEDIATE)."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(exc, self.path) from exc
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            self.conn.execute("ROLLBACK")
+            raise _store_error(exc, self.path) from exc
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(exc, self.path) from exc
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = self._read(sql, params)
+        return rows[0] if rows else None
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(exc, self.path) from exc
+
+    # -- audit -----------------------------------------------------------------
+
+    def _append_audit(self, event: str, now: float, **fields: Any) -> int:
+        """Append one chained record; must run inside `_write()`."""
+        last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if last is None:
+            anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+            prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, audit.GENESIS)
+        else:
+            prev_seq, prev_hash = last["seq"], last["hash"]
+        record: dict[str, Any] = {f: fields.get(f) for f in audit.FIELDS}
+        record["seq"] = prev_seq + 1
+        record["at"] = utc_iso(now)
+        record["event"] = event
+        record["detail"] = json.dumps(fields.get("detail") or {}, sort_keys=True)
+        digest = audit.record_hash(prev_hash, record)
+        self._exec(
+            "INSERT INTO audit (seq, at, event, actor, user, key_fp, repo, action, reason, client,"
+            " detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (*(record[f] for f in audit.FIELDS), prev_hash, digest),
+        )
+        # Written while we hold the write lock, so heads are written in chain order.
+        self._write_head(record["seq"], digest)
+        return int(record["seq"])
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        tmp = self.head_path.with_name(f".{HEAD_NAME}.{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{seq} {digest}\n")
+            os.replace(tmp, self.head_path)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the audit head file {self.head_path}: {exc.strerror}",
+                hint="the state directory must be writable by the git user (and not full).",
+            ) from exc
+
+    def read_head(self) -> tuple[int, str] | None:
+        try:
+            text = self.head_path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.head_path}: {exc.strerror}") from exc
+        parts = text.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise StoreError(f"the audit head file {self.head_path} is malformed")
+        return int(parts[0]), parts[1]
+
+    def audit(self, event: str, *, now: float | None = None, **fields: Any) -> int:
+        """Append a record on its own (decisions, failures, policy changes)."""
+        with self._write():
+            return self._append_audit(event, time.time() if now is None else now, **fields)
+
+    def audit_records(
+        self,
+        *,
+        user: str | None = None,
+        repo: str | None = None,
+        reason: str | None = None,
+        event: str | None = None,
+        since: str | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        where, params = ["seq > ?"], [after_seq]
+        for column, value in (("user", user), ("repo", repo), ("reason", reason), ("event", event)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [dict(row) for row in self._read(sql, params)]
+
+    def audit_anchor(self) -> tuple[int, str] | None:
+        row = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+        return (int(row["seq"]), str(row["hash"])) if row else None
+
+    def verify_audit(self) -> list[audit.ChainProblem]:
+        rows = self._read("SELECT * FROM audit ORDER BY rowid")
+        return audit.verify_chain([dict(r) for r in rows], self.read_head(), self.audit_anchor())
+
+    def prune_audit(self, before: str, *, actor: str | None = None) -> int:
+        """Delete records older than `before` (ISO time), keeping the chain verifiable
+        from an anchor: the (seq, hash) of the last deleted record."""
+        now = time.time()
+        with self._write():
+            last = self._read_one(
+                "SELECT seq, hash FROM audit WHERE at < ? ORDER BY seq DESC LIMIT 1", (before,)
+            )
+            if last is None:
+                return 0
+            count = self._exec("DELETE FROM audit WHERE seq <= ?", (last["seq"],)).rowcount
+            self._exec(
+                "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (last["seq"], last["hash"]),
+            )
+            self._append_audit(
+                "log-prune", now, actor=actor, detail={"before": before, "removed": count}
+            )
+            return int(count)
+
+    # -- users -----------------------------------------------------------------
+
+    def add_user(self, name: str, *, actor: str | None = None) -> User:
+        validate_user_name(name)
+        now = time.time()
+        with self._write():
+            if self._read_one("SELECT 1 FROM users WHERE name = ?", (name,)):
+                raise InputError(f"user '{name}' already exists.")
+            cur = self._exec(
+                "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, int(now))
+            )
+            self._append_audit("user-add", now, actor=actor, user=name)
+        return User(int(cur.lastrowid or 0), name, int(now))
+
+    def get_user(self, name: str) -> User:
+        row = self._read_one("SELECT id, name, created_at FROM users WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no such user: '{name}'.", hint="see `gatekeeper user list`.")
+        return User(row["id"], row["name"], row["created_at"])
+
+    def list_users(self) -> list[User]:
+        rows = self._read("SELECT id, name, created_at FROM users ORDER BY name")
+        return [User(r["id"], r["name"], r["created_at"]) for r in rows]
+
+    def user_names(self) -> set[str]:
+        return {r["name"] for r in self._read("SELECT name FROM users")}
+
+    def remove_user(self, name: str, *, actor: str | None = None) -> None:
+        now = time.time()
+        with self._write():
+            user = self.get_user(name)
+            keys = self._read("SELECT fingerprint FROM keys WHERE user_id = ?", (user.id,))
+            self._exec("DELETE FROM users WHERE id = ?", (user.id,))
+            self._append_audit(
+                "user-remove", now, actor=actor, user=name,
+                detail={"keys": [k["fingerprint"] for k in keys]},
+            )
+
+    # -- keys ------------------------------------------------------------------
+
+    _KEY_SELECT = (
+        "SELECT k.id, k.user_id, u.name AS user, k.fingerprint, k.key_type, k.blob, k.bits,"
+        " k.comment, k.added_at FROM keys k JOIN users u ON u.id = k.user_id"
+    )
+
+    def add_key(
+        self,
+        user_name: str,
+        key_type: str,
+        blob_b64: str,
+        fingerprint: str,
+        bits: int,
+        comment: str = "",
+        *,
+        actor: str | None = None,
+    ) -> KeyRecord:
+        now = time.time()
+        with self._write():
+            user = self.get_user(user_name)
+            owner = self._read_one(
+                "SELECT u.name FROM keys k JOIN users u ON u.id = k.user_id"
+                " WHERE k.fingerprint = ?",
+                (fingerprint,),
+            )
+            if owner is not None:
+                whose = "this user" if owner["name"] == user_name else "another user"
+                raise InputError(
+                    f"key {fingerprint} is already registered to {whose}.",
+                    hint="each key identifies one person: generate a new key for this user.",
+                )
+            cur = self._exec(
+                "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (user.id, fingerprint, key_type, blob_b64, bits, comment, int(now)),
+            )
+            self._append_audit(
+                "key-add", now, actor=actor, user=user_name, key_fp=fingerprint,
+                detail={"type": key_type, "bits": bits, "comment": comment},
+            )
+        return self.key_by_id(int(cur.lastrowid or 0))  # type: ignore[return-value]
+
+    def key_by_id(self, key_id: int) -> KeyRecord | None:
+        row = self._read_one(f"{self._KEY_SELECT} WHERE k.id = ?", (key_id,))
+        return KeyRecord(**dict(row)) if row else None
+
+    def key_by_fingerprint(self, fingerprint: str) -> KeyRecord | None:
+        row = self._read_one(f"{self._KEY_SELECT} WHERE k.fingerprint = ?", (fingerprint,))
+        return KeyRecord(**dict(row)) if row else None
+
+    def list_keys(self, user_name: str | None = None) -> list[KeyRecord]:
+        if user_name is None:
+            rows = self._read(f"{self._KEY_SELECT} ORDER BY u.name, k.id")
+        else:
+            self.get_user(user_name)
+            rows = self._read(f"{self._KEY_SELECT} WHERE u.name = ? ORDER BY k.id", (user_name,))
+        return [KeyRecord(**dict(r)) for r in rows]
+
+    def remove_key(self, fingerprint: str, *, actor: str | None = None) -> KeyRecord:
+        now = time.time()
+        with self._write():
+            key = self.key_by_fingerprint(fingerprint)
+            if key is None:
+                raise NotFound(f"no such key: {fingerprint}", hint="see `gatekeeper key list`.")
+            self._exec("DELETE FROM keys WHERE id = ?", (key.id,))
+            self._append_audit("key-remove", now, actor=actor, user=key.user, key_fp=fingerprint)
+        return key
+
+    # -- the git-access path ---------------------------------------------------
+
+    def connection_facts(self, key_id: int, now: float) -> ConnectionFacts | None:
+        """The key, its user, and their 2FA state in one query (None: unknown key)."""
+        row = self._read_one(
+            "SELECT k.id, k.user_id, u.name AS user, k.fingerprint, k.key_type, k.blob, k.bits,"
+            " k.comment, k.added_at, t.confirmed_at, t.user_id AS totp_user,"
+            " (SELECT max(s.expires_at) FROM sessions s"
+            "   WHERE s.user_id = k.user_id AND s.key_id = k.id) AS verified_until,"
+            " f.locked_until"
+            " FROM keys k JOIN users u ON u.id = k.user_id"
+            " LEFT JOIN totp t ON t.user_id = k.user_id"
+            " LEFT JOIN failures f ON f.user_id = k.user_id"
+            " WHERE k.id = ?",
+            (key_id,),
+        )
+        if row is None:
+            return None
+        data = dict(row)
+        confirmed_at = data.pop("confirmed_at")
+        has_totp = data.pop("totp_user") is not None
+        verified_until = data.pop("verified_until")
+        locked_until = data.pop("locked_until")
+        return ConnectionFacts(
+            key=KeyRecord(**data),
+            enrolled=confirmed_at is not None,
+            pending=has_totp and confirmed_at is None,
+            verified_until=verified_until,
+            locked_until=locked_until if locked_until and locked_until > now else None,
+        )
+
+    # -- TOTP ------------------------------------------------------------------
+
+    def get_totp(self, user_id: int) -> Totp | None:
+        row = self._read_one(
+            "SELECT user_id, secret, created_at, confirmed_at, last_timestep FROM totp"
+            " WHERE user_id = ?",
+            (user_id,),
+        )
+        return Totp(**dict(row)) if row else None
+
+    def start_enrollment(
+        self, user: User, secret: bytes, *, actor: str | None = None, replace: bool = False
+    ) -> None:
+        """Store a pending enrollment; refuse if one is confirmed (unless `replace`)."""
+        now = time.time()
+        with self._write():
+            existing = self.get_totp(user.id)
+            if existing is not None and existing.confirmed and not replace:
+                raise InputError(
+                    f"'{user.name}' is already enrolled in two-step verification.",
+                    hint="re-enrolling needs a current code (2fa disable) or an admin reset.",
+                )
+            self._exec("DELETE FROM totp WHERE user_id = ?", (user.id,))
+            self._exec("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+            self._exec(
+                "INSERT INTO totp (user_id, secret, created_at) VALUES (?, ?, ?)",
+                (user.id, secret, int(now)),
+            )
+            self._append_audit("2fa-enroll-start", now, actor=actor, user=user.name)
+
+    def confirm_enrollment(
+        self, user: User, timestep: int, code_hashes: list[str], *, actor: str | None = None
+    ) -> bool:
+        """Confirm a pending enrollment with an accepted timestep and store recovery codes."""
+        now = time.time()
+        with self._write():
+            cur = self._exec(
+                "UPDATE totp SET confirmed_at = ?, last_timestep = ?"
+                " WHERE user_id = ? AND confirmed_at IS NULL AND last_timestep < ?",
+                (int(now), timestep, user.id, timestep),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._replace_recovery_codes(user.id, code_hashes)
+            self._clear_failures(user.id)
+            self._append_audit("2fa-enabled", now, actor=actor, user=user.name)
+        return True
+
+    def accept_timestep(self, user_id: int, timestep: int) -> bool:
+        """The replay guard: True only for the first use of a strictly newer timestep."""
+        with self._write():
+            cur = self._exec(
+                "UPDATE totp SET last_timestep = ? WHERE user_id = ? AND confirmed_at IS NOT NULL"
+                " AND last_timestep < ?",
+                (timestep, user_id, timestep),
+            )
+        return cur.rowcount == 1
+
+    def disable_2fa(self, user: User, *, actor: str | None, event: str = "2fa-disabled") -> bool:
+        now = time.time()
+        with self._write():
+            cur = self._exec("DELETE FROM totp WHERE user_id = ?", (user.id,))
+            self._exec("DELETE FROM recovery_codes WHERE user_id = ?", (user.id,))
+            self._exec("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+            self._clear_failures(user.id)
+            self._append_audit(event, now, actor=actor, user=user.name,
+                               detail={"had_enrollment": cur.rowcount == 1})
+        return cur.rowcount == 1
+
+    # -- recovery codes --------------------------------------------------------
+
+    def _replace_recovery_codes(self, user_id: int, code_hashes: list[str]) -> None:
+        self._exec("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+        self.conn.executemany(
+            "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
+            [(user_id, h) for h in code_hashes],
+        )
+
+    def replace_recovery_codes(
+        self, user: User, code_hashes: list[str], *, actor: str | None = None
+    ) -> None:
+        now = time.time()
+        with self._write():
+            self._replace_recovery_codes(user.id, code_hashes)
+            self._append_audit("2fa-recovery-codes", now, actor=actor, user=user.name,
+                               detail={"count": len(code_hashes)})
+
+    def unused_recovery_codes(self, user_id: int) -> list[tuple[int, str]]:
+        rows = self._read(
+            "SELECT id, code_hash FROM recovery_codes WHERE user_id = ? AND used_at IS NULL",
+            (user_id,),
+        )
+        return [(r["id"], r["code_hash"]) for r in rows]
+
+    def use_recovery_code(self, code_id: int) -> bool:
+        with self._write():
+            cur = self._exec(
+                "UPDATE recovery_codes SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                (int(time.time()), code_id),
+            )
+        return cur.rowcount == 1
+
+    # -- verified sessions -----------------------------------------------------
+
+    def open_session(
+        self, user: User, key: KeyRecord, expires_at: float, source: str | None,
+        *, method: str = "totp",
+    ) -> None:
+        now = time.time()
+        with self._write():
+            self._exec("DELETE FROM sessions WHERE user_id = ? AND key_id = ?", (user.id, key.id))
+            self._exec(
+                "INSERT INTO sessions (user_id, key_id, created_at, expires_at, source)"
+                " VALUES (?,?,?,?,?)",
+                (user.id, key.id, int(now), int(expires_at), source),
+            )
+            self._clear_failures(user.id)
+            self._append_audit(
+                "2fa-verified", now, user=user.name, key_fp=key.fingerprint, client=source,
+                detail={"method": method, "expires": utc_iso(expires_at)},
+            )
+
+    def session_until(self, user_id: int, key_id: int) -> int | None:
+        row = self._read_one(
+            "SELECT max(expires_at) AS until FROM sessions WHERE user_id = ? AND key_id = ?",
+            (user_id, key_id),
+        )
+        return int(row["until"]) if row and row["until"] is not None else None
+
+    def last_verified(self, user_id: int) -> int | None:
+        row = self._read_one(
+            "SELECT max(created_at) AS at FROM sessions WHERE user_id = ?", (user_id,)
+        )
+        return int(row["at"]) if row and row["at"] is not None else None
+
+    # -- failures and lockout --------------------------------------------------
+
+    def _clear_failures(self, user_id: int) -> None:
+        self._exec("DELETE FROM failures WHERE user_id = ?", (user_id,))
+
+    def locked_until(self, user_id: int, now: float) -> int | None:
+        row = self._read_one("SELECT locked_until FROM failures WHERE user_id = ?", (user_id,))
+        if row is None or row["locked_until"] is None or row["locked_until"] <= now:
+            return None
+        return int(row["locked_until"])
+
+    def record_failure(
+        self,
+        user: User,
+        now: float,
+        *,
+        max_failures: int,
+        window_seconds: int,
+        lockout_seconds: int,
+        key_fp: str | None = None,
+        client: str | None = None,
+        what: str = "totp",
+    ) -> int | None:
+        """Count a failed code; return the lockout end if this failure locked the user."""
+        with self._write():
+            row = self._read_one(
+                "SELECT count, window_start, locked_until FROM failures WHERE user_id = ?",
+                (user.id,),
+            )
+            if row is None or now - row["window_start"] > window_seconds:
+                count, start = 1, int(now)
+            else:
+                count, start = row["count"] + 1, row["window_start"]
+            locked = int(now + lockout_seconds) if count >= max_failures else None
+            self._exec(
+                "INSERT INTO failures (user_id, count, window_start, locked_until)"
+                " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
+                " window_start = excluded.window_start, locked_until = excluded.locked_until",
+                (user.id, 0 if locked else count, int(now) if locked else start, locked),
+            )
+            self._append_audit(
+                "2fa-failure", now, user=user.name, key_fp=key_fp, client=client,
+                detail={"what": what, "count": count},
+            )
+            if locked:
+                self._append_audit(
+                    "2fa-lockout", now, user=user.name, key_fp=key_fp, client=client,
+                    detail={"until": utc_iso(locked), "failures": count},
+                )
+        return locked
+
+    def check_lock(self, user: User, now: float) -> int | None:
+        return self.locked_until(user.id, now)
+
+    # -- reporting -------------------------------------------------------------
+
+    def user_status(self) -> list[dict[str, Any]]:
+        """One row per user: 2FA state, keys, last verification, lockout."""
+        now = time.time()
+        rows = self._read(
+            "SELECT u.id, u.name, u.created_at,"
+            " t.created_at AS totp_created, t.confirmed_at,"
+            " (SELECT count(*) FROM keys k WHERE k.user_id = u.id) AS keys,"
+            " (SELECT min(added_at) FROM keys k WHERE k.user_id = u.id) AS oldest_key,"
+            " (SELECT max(added_at) FROM keys k WHERE k.user_id = u.id) AS newest_key,"
+            " (SELECT max(created_at) FROM sessions s WHERE s.user_id = u.id) AS last_verified,"
+            " (SELECT count(*) FROM recovery_codes r WHERE r.user_id = u.id"
+            "   AND r.used_at IS NULL) AS recovery_codes_left,"
+            " f.locked_until"
+            " FROM users u LEFT JOIN totp t ON t.user_id = u.id"
+            " LEFT JOIN failures f ON f.user_id = u.id ORDER BY u.name"
+        )
+        out = []
+        for r in rows:
+            state = "none" if r["totp_created"] is None else (
+                "enrolled" if r["confirmed_at"] is not None else "pending")
+            locked = r["locked_until"] if r["locked_until"] and r["locked_until"] > now else None
+            out.append({
+                "user": r["name"],
+                "state": state,
+                "enrolled_at": r["confirmed_at"],
+                "last_verified": r["last_verified"],
+                "locked_until": locked,
+                "keys": r["keys"],
+                "oldest_key": r["oldest_key"],
+                "newest_key": r["newest_key"],
+                "recovery_codes_left": r["recovery_codes_left"],
+            })
+        return out
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _store_error(exc: sqlite3.DatabaseError, path: Path) -> StoreError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return StoreError(
+            f"state database is busy: {path} is locked by another process.",
+            hint="try again in a moment; if it persists, look for a stuck gatekeeper process.",
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return StoreError(
+            f"state database is corrupt: {path} ({text}).",
+            hint="restore it from a backup; gatekeeper refuses all access until then.",
+        )
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return StoreError(
+            f"state database cannot be written: {path} ({text}).",
+            hint="run as the git user; the state directory and database must be writable by it.",
+        )
+    if "disk" in text and ("full" in text or "I/O" in text):
+        return StoreError(
+            f"state database cannot be written: {path} ({text}).",
+            hint="free disk space; gatekeeper refuses access while it cannot keep its audit log.",
+        )
+    return StoreError(f"state database error: {path}: {text}", hint="see the server log.")
