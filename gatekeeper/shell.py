@@ -1,0 +1,236 @@
+"""gatekeeper-shell: the forced command, and the whole git-access path in one place.
+
+    key id (argv) -> policy (compiled cache) -> store facts -> parse SSH_ORIGINAL_COMMAND
+    -> decide() -> audit record -> exec git | refusal on stderr | a user command
+
+This module runs on every SSH connection, so it imports only the standard library
+and gatekeeper's light modules; the 2FA commands (pyotp, cryptography, segno) are
+imported only when a user runs one. Anything unexpected refuses: no traceback, no
+access.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from gatekeeper import decision, sshcmd
+from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
+from gatekeeper.policy import Policy, load_policy
+from gatekeeper.store import ConnectionFacts, Store
+
+KEY_ID = re.compile(r"[0-9]{1,12}\Z")
+GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}\Z")
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+PREFIX = "gatekeeper: "
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Who is connecting and from where, as sshd (or the embedded server) told us."""
+
+    key_id: int
+    original_command: str | None
+    client: str
+    git_protocol: str | None
+    config: Path
+
+
+def client_address(ssh_connection: str) -> str:
+    """The client address from SSH_CONNECTION, which may be `UNKNOWN 65535 UNKNOWN 65535`."""
+    parts = ssh_connection.split()
+    return parts[0] if parts and len(parts[0]) <= 64 else "unknown"
+
+
+def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
+    config: str | None = None
+    args = list(argv)
+    if len(args) >= 2 and args[0] == "--config":
+        config, args = args[1], args[2:]
+    if len(args) != 1 or not KEY_ID.match(args[0]):
+        raise InputError(
+            "gatekeeper-shell must be run by sshd with one key id argument.",
+            hint="see `gatekeeper authorized-keys` for the lines that call it.",
+        )
+    if "SSH_CONNECTION" not in env:
+        raise Refused("only SSH is supported: SSH_CONNECTION is not set.")
+    protocol = env.get("GIT_PROTOCOL")
+    return Connection(
+        key_id=int(args[0]),
+        original_command=env.get("SSH_ORIGINAL_COMMAND"),
+        client=client_address(env["SSH_CONNECTION"]),
+        git_protocol=protocol if protocol and GIT_PROTOCOL.match(protocol) else None,
+        config=Path(config or env.get("GATEKEEPER_CONFIG") or "/etc/gatekeeper/config.yaml"),
+    )
+
+
+def load(conn: Connection) -> tuple[Policy, Store]:
+    """Policy and store, or a refusal that names the server-side problem, not its details."""
+    try:
+        policy = load_policy(conn.config)
+    except PolicyError as exc:
+        log(f"policy error: {' | '.join(exc.lines())}")
+        raise Refused(
+            "access refused: the server's policy file is invalid or unreadable.",
+            hint="an administrator must run `gatekeeper policy check`.",
+        ) from exc
+    try:
+        store = Store.open(policy.server.state_dir)
+    except StoreError as exc:
+        log(f"store error: {' | '.join(exc.lines())}")
+        raise Refused(
+            "access refused: the server cannot read its 2FA state right now.",
+            hint="try again in a moment; if it persists, tell an administrator.",
+        ) from exc
+    return policy, store
+
+
+def user_facts(facts: ConnectionFacts) -> decision.UserFacts:
+    def when(ts: int | None) -> datetime | None:
+        return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
+
+    return decision.UserFacts(
+        name=facts.key.user,
+        enrolled=facts.enrolled,
+        pending=facts.pending,
+        verified_until=when(facts.verified_until),
+        locked_until=when(facts.locked_until),
+    )
+
+
+def run(
+    argv: list[str], env: Mapping[str, str], stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    conn = parse_invocation(argv, env)
+    policy, store = load(conn)
+    now = time.time()
+    facts = store.connection_facts(conn.key_id, now)
+    if facts is None:
+        store.audit("access", now=now, reason="unknown-key", client=conn.client,
+                    detail={"key_id": conn.key_id})
+        raise Refused(
+            "access refused: this key is not registered (it may have just been removed).",
+            hint="ask an administrator to add your public key (`gatekeeper key add`).",
+        )
+    try:
+        request = sshcmd.parse_command(conn.original_command)
+    except InputError as exc:
+        store.audit("access", now=now, user=facts.key.user, key_fp=facts.key.fingerprint,
+                    reason="bad-command", client=conn.client,
+                    detail={"command": (conn.original_command or "")[:200]})
+        raise
+    if isinstance(request, sshcmd.UserCommand):
+        from gatekeeper import usercmd
+
+        return usercmd.run(request, policy, store, facts, conn.client, env, stdin, stdout, stderr)
+    return git_access(request, conn, policy, store, facts, now, stderr, env)
+
+
+def git_access(
+    request: sshcmd.GitRequest,
+    conn: Connection,
+    policy: Policy,
+    store: Store,
+    facts: ConnectionFacts,
+    now: float,
+    stderr: TextIO,
+    env: Mapping[str, str],
+) -> int:
+    when = datetime.fromtimestamp(now, timezone.utc)
+    verdict = decision.decide(policy, user_facts(facts), request.repo, request.action, when)
+    reason, message = verdict.reason, verdict.message
+    path = None
+    if verdict.allowed:
+        path = sshcmd.resolve_repo_path(policy.server.repositories, request.repo)
+        if path is None:
+            reason, message = "not-found", decision.not_found_message(policy, request.repo)
+    allowed = path is not None
+    # No git without a record: if this write fails, StoreError refuses the connection.
+    store.audit(
+        "access", now=now, user=facts.key.user, key_fp=facts.key.fingerprint,
+        repo=request.repo, action=request.action, reason=reason, client=conn.client,
+        detail={"verb": request.verb, "level": verdict.level, "allowed": allowed},
+    )
+    if not allowed or path is None:
+        for line in message:
+            stderr.write(PREFIX + line + "\n")
+        stderr.flush()
+        return 1
+    for line in verdict.warnings:
+        stderr.write(PREFIX + line + "\n")
+    stderr.flush()
+    store.close()
+    argv = git_argv(request, path)
+    git_env = {
+        "PATH": SAFE_PATH,
+        "HOME": env.get("HOME", "/"),
+        "GATEKEEPER_USER": facts.key.user,
+        "GATEKEEPER_KEY": facts.key.fingerprint,
+        "GATEKEEPER_KEY_ID": str(facts.key.id),
+        "GATEKEEPER_REPO": request.repo,
+        "GATEKEEPER_ACTION": request.action,
+        "GATEKEEPER_CONFIG": str(conn.config.resolve()),
+    }
+    if conn.git_protocol:
+        git_env["GIT_PROTOCOL"] = conn.git_protocol
+    if env.get("GATEKEEPER_DRY_RUN") == "1":
+        # For the benchmark: everything up to the exec, but not the exec.
+        return 0
+    os.execve(git_binary(), argv, git_env)
+    return 1  # pragma: no cover - execve does not return
+
+
+def git_argv(request: sshcmd.GitRequest, path: Path) -> list[str]:
+    sub = request.git_subcommand
+    if sub == "upload-archive":
+        # upload-archive takes no options; the absolute path cannot look like one.
+        return ["git", sub, str(path)]
+    if sub == "upload-pack":
+        return ["git", sub, "--strict", "--", str(path)]
+    return ["git", sub, "--", str(path)]
+
+
+def git_binary() -> str:
+    for directory in ("/usr/bin", "/usr/local/bin", "/bin"):
+        candidate = os.path.join(directory, "git")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise StoreError("git is not installed on the server.", hint="install git.")
+
+
+def log(message: str) -> None:
+    """To syslog (auth facility): sshd's users never see this, admins do."""
+    try:
+        import syslog
+
+        syslog.openlog("gatekeeper-shell", syslog.LOG_PID, syslog.LOG_AUTH)
+        syslog.syslog(syslog.LOG_WARNING, message)
+    except Exception:  # noqa: BLE001 - logging must never turn a refusal into a traceback
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout,
+                   sys.stderr)
+    except GatekeeperError as exc:
+        for line in exc.lines():
+            sys.stderr.write(PREFIX + line + "\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - fail closed, never a traceback to the client
+        log(f"internal error: {type(exc).__name__}: {exc}")
+        sys.stderr.write(PREFIX + "access refused: internal error (logged on the server).\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
