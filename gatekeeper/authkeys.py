@@ -1,0 +1,170 @@
+"""The lines sshd reads to hand each key to gatekeeper-shell.
+
+Two ways in (README, "Behind OpenSSH"):
+- `authorized_keys`: `gatekeeper authorized-keys --write FILE` keeps one line per
+  key between marker lines, rewritten atomically; lines outside the markers stay.
+- `AuthorizedKeysCommand`: `gatekeeper keys-command %u %t %k` prints the line for
+  one key, found by its fingerprint through an index. sshd also runs it for keys a
+  client merely offers, so it changes nothing, logs to syslog (sshd discards its
+  stderr) and stops itself after a few seconds. Standard library only.
+
+Only ids and paths matching strict patterns are written into `command="..."`: a
+key comment or user name never reaches the line sshd hands to a shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+from gatekeeper.errors import GatekeeperError, InputError
+
+BEGIN = "# BEGIN gatekeeper: managed by `gatekeeper authorized-keys`; edits here are lost"
+END = "# END gatekeeper"
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")
+_KEY_TYPE = re.compile(r"[a-z0-9@.-]{3,64}\Z")
+_BLOB = re.compile(r"[A-Za-z0-9+/]+={0,2}\Z")
+
+
+def shell_path() -> Path:
+    """gatekeeper-shell beside the interpreter running us (the installed virtualenv)."""
+    return Path(sys.executable).parent / "gatekeeper-shell"
+
+
+def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
+    shell = shell or shell_path()
+    for value in (str(shell), str(config)):
+        if not _SAFE_PATH.match(value):
+            raise InputError(
+                f"refusing to write {value!r} into authorized_keys: unsafe characters.",
+                hint="install gatekeeper and its config under paths of letters, digits, ./_+-",
+            )
+    return f'command="{shell} --config {config} {int(key_id)}",restrict'
+
+
+def key_line(key_id: int, key_type: str, blob_b64: str, config: Path,
+             shell: Path | None = None) -> str:
+    if not _KEY_TYPE.match(key_type) or not _BLOB.match(blob_b64):
+        raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
+    return f"{forced_command(key_id, config, shell)} {key_type} {blob_b64}"
+
+
+def render_block(lines: list[str]) -> str:
+    return "\n".join([BEGIN, *lines, END]) + "\n"
+
+
+def splice(existing: str, block: str) -> str:
+    """Replace the managed block in `existing` (or append it), keeping every other line."""
+    lines = existing.splitlines(keepends=True)
+    try:
+        start = next(i for i, line in enumerate(lines) if line.rstrip("\n") == BEGIN)
+        end = next(i for i in range(start, len(lines)) if lines[i].rstrip("\n") == END)
+    except StopIteration:
+        if any(line.rstrip("\n") == BEGIN for line in lines):
+            raise InputError(
+                "the authorized_keys file has a gatekeeper BEGIN marker without its END marker.",
+                hint="fix the file by hand (remove the partial block) and run again.",
+            ) from None
+        prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
+        return prefix + block
+    return "".join(lines[:start]) + block + "".join(lines[end + 1:])
+
+
+def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
+    """Atomically put `block` into `path`; refuse if the file changed since it was read.
+
+    Returns False when nothing needed to change.
+    """
+    try:
+        existing = path.read_text()
+    except FileNotFoundError:
+        existing = ""
+    digest = hashlib.sha256(existing.encode()).hexdigest()
+    if expected_digest is not None and digest != expected_digest:
+        raise GatekeeperError(f"{path} changed while it was being updated; nothing written.",
+                              hint="run the command again.")
+    new = splice(existing, block)
+    if new == existing:
+        return False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(new)
+        fh.flush()
+        os.fsync(fh.fileno())
+    # Check again right before the rename: an edit that raced us wins, ours is dropped.
+    try:
+        current = path.read_text()
+    except FileNotFoundError:
+        current = ""
+    if current != existing:
+        os.unlink(tmp)
+        raise GatekeeperError(f"{path} changed while it was being updated; nothing written.",
+                              hint="run the command again.")
+    os.replace(tmp, path)
+    return True
+
+
+KEYS_COMMAND_TIMEOUT = 5
+
+
+def keys_command(argv: list[str]) -> int:
+    """`gatekeeper [--config FILE] keys-command USER TYPE BASE64` or `... keys-command USER SHA256:FP`.
+
+    Prints the forced-command line for the key when it belongs to a registered user
+    and USER is the git account; prints nothing otherwise. Never raises.
+    """
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(1))
+    signal.alarm(KEYS_COMMAND_TIMEOUT)
+    try:
+        line = lookup_line(argv)
+    except Exception as exc:  # noqa: BLE001 - sshd discards stderr: log, print nothing
+        _log(f"keys-command: {type(exc).__name__}: {exc}")
+        return 1
+    if line:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def lookup_line(argv: list[str]) -> str | None:
+    from gatekeeper.policy import default_config_path, load_policy
+    from gatekeeper.sshkeys import fingerprint_of_blob, parse_key_blob_b64
+    from gatekeeper.store import Store
+
+    args = list(argv)
+    config = None
+    if len(args) >= 2 and args[0] == "--config":
+        config, args = Path(args[1]), args[2:]
+    if len(args) == 2 and args[1].startswith("SHA256:"):
+        login, fingerprint, key = args[0], args[1], None
+    elif len(args) == 3:
+        login, key = args[0], parse_key_blob_b64(args[1], args[2])
+        fingerprint = fingerprint_of_blob(key.blob)
+    else:
+        raise InputError("usage: keys-command USER (TYPE BASE64 | SHA256:FINGERPRINT)")
+    config = (config or default_config_path()).resolve()
+    policy = load_policy(config)
+    if login != policy.server.user:
+        return None
+    with Store.open(policy.server.state_dir) as store:
+        record = store.key_by_fingerprint(fingerprint)
+    if record is None or (key is not None and key.key_type != record.key_type):
+        return None
+    return key_line(record.id, record.key_type, record.blob, config)
+
+
+def _log(message: str) -> None:
+    try:
+        import syslog
+
+        syslog.openlog("gatekeeper-keys", syslog.LOG_PID, syslog.LOG_AUTH)
+        syslog.syslog(syslog.LOG_WARNING, message)
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,491 @@
+"""The admin CLI: thin click commands over the library functions.
+
+Each command loads the policy and the store, calls plain functions, and prints a
+table (or JSON with --json). Expected failures are `GatekeeperError`s, printed by
+`main()` as one line plus a hint, with a non-zero exit; never a traceback.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gatekeeper import authkeys, decision, twofactor
+from gatekeeper.errors import GatekeeperError, InputError, PolicyError
+from gatekeeper.policy import (
+    Policy,
+    check_policy_text,
+    default_config_path,
+    load_policy,
+)
+from gatekeeper.store import Store
+
+
+def actor() -> str:
+    """Who ran the command, for the audit log (the human behind sudo, if any)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = str(os.getuid())
+    return os.environ.get("SUDO_USER") or name
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def emit(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        print_table(rows, columns)
+
+
+class Context:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self._policy: Policy | None = None
+
+    @property
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = load_policy(self.config)
+        return self._policy
+
+    @contextmanager
+    def store(self) -> Iterator[Store]:
+        store = Store.open(self.policy.server.state_dir)
+        try:
+            record_policy_change(store, self.policy)
+            yield store
+        finally:
+            store.close()
+
+
+def record_policy_change(store: Store, policy: Policy) -> None:
+    """Audit a policy whose hash differs from the last one this store has seen."""
+    last = store.audit_records(event="policy-change")
+    previous = json.loads(last[-1]["detail"]).get("new") if last else None
+    if previous != policy.sha256:
+        store.audit("policy-change", actor=actor(),
+                    detail={"old": previous, "new": policy.sha256, "file": policy.source})
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="GATEKEEPER_CONFIG",
+    default=None,
+    help="Policy file (default: $GATEKEEPER_CONFIG or /etc/gatekeeper/config.yaml).",
+)
+@click.version_option(package_name="gatekeeper")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """gatekeeper: two-step verification as a condition of reaching Git over SSH."""
+    ctx.obj = Context((config or default_config_path()).absolute())
+
+
+# -- init / migrate --------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def init(ctx: Context) -> None:
+    """Create the state directory, the database and the server key (0600)."""
+    from gatekeeper import totp
+
+    state_dir = ctx.policy.server.state_dir
+    existed = (state_dir / "gatekeeper.db").exists()
+    store = Store.create(state_dir)
+    try:
+        if not store.server_key_path.exists():
+            totp.create_server_key(store.server_key_path)
+            click.echo(f"created server key {store.server_key_path} (mode 0600)")
+        else:
+            totp.load_server_key(store.server_key_path)
+        record_policy_change(store, ctx.policy)
+    finally:
+        store.close()
+    click.echo(f"{'store is up to date' if existed else 'created store'}: {store.path}")
+
+
+@cli.command()
+@pass_ctx
+def migrate(ctx: Context) -> None:
+    """Upgrade the state database's schema."""
+    store = Store.create(ctx.policy.server.state_dir)
+    store.close()
+    click.echo(f"store is at the current schema: {store.path}")
+
+
+# -- users -----------------------------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """Add, list and remove users."""
+
+
+@user.command("add")
+@click.argument("name")
+@pass_ctx
+def user_add(ctx: Context, name: str) -> None:
+    """Add a user NAME (as the policy's teams name them)."""
+    with ctx.store() as store:
+        store.add_user(name, actor=actor())
+    click.echo(f"added user {name}")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def user_list(ctx: Context, as_json: bool) -> None:
+    """List users, their teams and 2FA state."""
+    with ctx.store() as store:
+        rows = store.user_status()
+    for row in rows:
+        row["teams"] = ",".join(t.name for t in ctx.policy.teams_of(row["user"])) or "-"
+        if not as_json:
+            row["last_verified"] = when(row["last_verified"])
+    emit(rows, ("user", "teams", "state", "keys", "last_verified"), as_json)
+
+
+@user.command("remove")
+@click.argument("name")
+@pass_ctx
+def user_remove(ctx: Context, name: str) -> None:
+    """Remove a user with their keys, enrollment and sessions."""
+    with ctx.store() as store:
+        store.remove_user(name, actor=actor())
+    click.echo(f"removed user {name}")
+    if name in {m for t in ctx.policy.teams.values() for m in t.members}:
+        click.echo(f"note: {name} is still listed in the policy's teams", err=True)
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+@cli.group()
+def key() -> None:
+    """Add, list and remove SSH public keys."""
+
+
+@key.command("add")
+@click.argument("user_name", metavar="USER")
+@click.argument("source", metavar="FILE|-", type=click.File("r"))
+@click.option("--authorized-keys", "authorized_keys", type=click.Path(path_type=Path),
+              help="Also refresh this authorized_keys file.")
+@pass_ctx
+def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | None) -> None:
+    """Register the public key in FILE (or stdin) for USER; prints its fingerprint."""
+    from gatekeeper.sshkeys import parse_public_key
+
+    text = source.read(64 * 1024)
+    parsed = parse_public_key(text)
+    with ctx.store() as store:
+        store.add_key(user_name, parsed.key_type, parsed.blob_b64, parsed.fingerprint,
+                      parsed.bits, parsed.comment, actor=actor())
+        if authorized_keys:
+            refresh_authorized_keys(ctx, store, authorized_keys)
+    click.echo(parsed.fingerprint)
+
+
+@key.command("list")
+@click.argument("user_name", metavar="[USER]", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
+    """List keys (of USER)."""
+    with ctx.store() as store:
+        keys = store.list_keys(user_name)
+    rows = [
+        {"id": k.id, "user": k.user, "fingerprint": k.fingerprint, "type": k.key_type,
+         "bits": k.bits, "comment": k.comment,
+         "added": k.added_at if as_json else when(k.added_at)}
+        for k in keys
+    ]
+    emit(rows, ("id", "user", "fingerprint", "type", "bits", "added", "comment"), as_json)
+
+
+@key.command("remove")
+@click.argument("fingerprint")
+@click.option("--authorized-keys", "authorized_keys", type=click.Path(path_type=Path),
+              help="Also refresh this authorized_keys file.")
+@pass_ctx
+def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> None:
+    """Remove the key with FINGERPRINT (SHA256:...)."""
+    with ctx.store() as store:
+        removed = store.remove_key(fingerprint, actor=actor())
+        if authorized_keys:
+            refresh_authorized_keys(ctx, store, authorized_keys)
+    click.echo(f"removed {fingerprint} ({removed.user})")
+
+
+def refresh_authorized_keys(ctx: Context, store: Store, path: Path) -> bool:
+    lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config)
+             for k in store.list_keys()]
+    return authkeys.write_file(path, authkeys.render_block(lines))
+
+
+@cli.command("authorized-keys")
+@click.option("--write", "target", type=click.Path(dir_okay=False, path_type=Path),
+              help="Update this file in place between gatekeeper's marker lines.")
+@pass_ctx
+def authorized_keys_cmd(ctx: Context, target: Path | None) -> None:
+    """Print (or --write) the authorized_keys lines for every registered key."""
+    with ctx.store() as store:
+        if target is None:
+            lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config)
+                     for k in store.list_keys()]
+            click.echo(authkeys.render_block(lines), nl=False)
+            return
+        changed = refresh_authorized_keys(ctx, store, target)
+    click.echo(f"{'updated' if changed else 'unchanged'}: {target}")
+
+
+@cli.command("keys-command", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@pass_ctx
+def keys_command_cmd(ctx: Context, args: tuple[str, ...]) -> None:
+    """For sshd's AuthorizedKeysCommand: `keys-command %u %t %k` (or `%u %f`)."""
+    sys.exit(authkeys.keys_command(["--config", str(ctx.config), *args]))
+
+
+# -- two-step verification -------------------------------------------------------
+
+
+@cli.group("2fa")
+def twofa() -> None:
+    """Enroll, confirm, reset and inspect users' two-step verification."""
+
+
+@twofa.command("enroll")
+@click.argument("user_name", metavar="USER")
+@click.option("--code", help="Confirm at once with this code from the app.")
+@click.option("--replace", is_flag=True, help="Replace a confirmed enrollment (admin).")
+@click.option("--no-qr", is_flag=True, help="Do not draw the QR code.")
+@pass_ctx
+def twofa_enroll(ctx: Context, user_name: str, code: str | None, replace: bool,
+                 no_qr: bool) -> None:
+    """Start enrollment for USER: prints the otpauth:// URI and a QR code."""
+    with ctx.store() as store:
+        enrollment = twofactor.enroll(store, ctx.policy, user_name, actor=actor(),
+                                      replace=replace)
+        if not no_qr:
+            click.echo(enrollment.qr())
+        click.echo(enrollment.uri)
+        if code is None and sys.stdin.isatty():
+            code = click.prompt("code from the app (empty to confirm later)", default="",
+                                show_default=False)
+        if not code:
+            click.echo(f"pending: confirm with `gatekeeper 2fa confirm {user_name} CODE`",
+                       err=True)
+            return
+        codes = twofactor.confirm(store, ctx.policy, user_name, code, actor=actor())
+    click.echo(f"enrolled {user_name}; recovery codes (shown once):")
+    for c in codes:
+        click.echo(f"  {c}")
+
+
+@twofa.command("confirm")
+@click.argument("user_name", metavar="USER")
+@click.argument("code")
+@pass_ctx
+def twofa_confirm(ctx: Context, user_name: str, code: str) -> None:
+    """Confirm USER's pending enrollment with a current CODE."""
+    with ctx.store() as store:
+        codes = twofactor.confirm(store, ctx.policy, user_name, code, actor=actor())
+    click.echo(f"enrolled {user_name}; recovery codes (shown once):")
+    for c in codes:
+        click.echo(f"  {c}")
+
+
+@twofa.command("reset")
+@click.argument("user_name", metavar="USER")
+@pass_ctx
+def twofa_reset(ctx: Context, user_name: str) -> None:
+    """Remove USER's enrollment, recovery codes and sessions (a lost phone)."""
+    with ctx.store() as store:
+        had = twofactor.reset(store, user_name, actor=actor())
+    click.echo(f"reset {user_name}" + ("" if had else " (was not enrolled)"))
+
+
+@twofa.command("status")
+@click.argument("user_name", metavar="[USER]", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def twofa_status(ctx: Context, user_name: str | None, as_json: bool) -> None:
+    """Who has two-step verification, and when they last verified."""
+    with ctx.store() as store:
+        if user_name:
+            store.get_user(user_name)
+        rows = [r for r in store.user_status() if user_name in (None, r["user"])]
+    if not as_json:
+        for row in rows:
+            for k in ("enrolled_at", "last_verified", "locked_until"):
+                row[k] = when(row[k])
+    emit(rows, ("user", "state", "enrolled_at", "last_verified", "locked_until",
+                "recovery_codes_left"), as_json)
+
+
+@twofa.command("recovery-codes")
+@click.argument("user_name", metavar="USER")
+@pass_ctx
+def twofa_recovery_codes(ctx: Context, user_name: str) -> None:
+    """Regenerate USER's recovery codes (shown once; old ones stop working)."""
+    with ctx.store() as store:
+        codes = twofactor.new_recovery_codes(store, user_name, actor=actor())
+    for c in codes:
+        click.echo(c)
+
+
+# -- policy ----------------------------------------------------------------------
+
+
+@cli.group()
+def policy() -> None:
+    """Check the policy file."""
+
+
+@policy.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def policy_check(ctx: Context, file: Path | None) -> None:
+    """Validate FILE (default: the configured policy); list every problem."""
+    path = file or ctx.config
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
+    known: set[str] | None = None
+    loaded, _ = check_policy_text(text, str(path))
+    if loaded is not None:
+        try:
+            with Store.open(loaded.server.state_dir) as store:
+                known = store.user_names()
+        except GatekeeperError:
+            known = None
+    result, problems = check_policy_text(text, str(path), known_users=known)
+    for p in problems:
+        click.echo(p.format(str(path)), err=p.severity == "error")
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    if errors:
+        click.echo(f"{path}: {errors} error(s), {warnings} warning(s)", err=True)
+        sys.exit(1)
+    assert result is not None
+    click.echo(f"{path}: ok ({len(result.teams)} teams, {len(result.rules)} repository rules, "
+               f"{warnings} warning(s))")
+
+
+@cli.command()
+@click.argument("user_name", metavar="USER")
+@click.argument("repo")
+@click.argument("action", type=click.Choice(["read", "write"]))
+@click.option("--key", "fingerprint", help="Judge as this key (for verified sessions).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def check(ctx: Context, user_name: str, repo: str, action: str, fingerprint: str | None,
+          as_json: bool) -> None:
+    """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse."""
+    from gatekeeper.shell import user_facts
+    from gatekeeper.sshcmd import normalize_repo_name
+
+    name = normalize_repo_name(repo)
+    now = time.time()
+    with ctx.store() as store:
+        user = store.get_user(user_name)
+        keys = store.list_keys(user_name)
+        if fingerprint:
+            keys = [k for k in keys if k.fingerprint == fingerprint]
+            if not keys:
+                raise InputError(f"{user_name} has no key {fingerprint}.")
+        facts_list = [store.connection_facts(k.id, now) for k in keys]
+        facts = [f for f in facts_list if f is not None]
+        if facts:
+            # The best-placed key: a verified session on any key counts when none is named.
+            best = max(facts, key=lambda f: f.verified_until or 0)
+            ufacts = user_facts(best)
+        else:
+            record = store.get_totp(user.id)
+            ufacts = decision.UserFacts(
+                name=user_name,
+                enrolled=bool(record and record.confirmed),
+                pending=bool(record and not record.confirmed),
+            )
+    verdict = decision.decide(ctx.policy, ufacts, name, action,
+                              datetime.fromtimestamp(now, timezone.utc))
+    if as_json:
+        click.echo(json.dumps({
+            "user": user_name, "repo": name, "action": action, "allowed": verdict.allowed,
+            "reason": verdict.reason, "level": verdict.level, "rules": list(verdict.rules),
+            "access_via": list(verdict.access_via),
+            "requirements": [
+                {"source": r.source, "level": r.level, "mode": r.mode, "met": r.met,
+                 "grace_until": r.grace_until.isoformat() if r.grace_until else None}
+                for r in verdict.requirements
+            ],
+            "message": list(verdict.message), "warnings": list(verdict.warnings),
+        }, indent=2))
+    else:
+        click.echo(f"{user_name} {action} {name}: "
+                   f"{'ALLOW' if verdict.allowed else 'REFUSE'} ({verdict.reason})")
+        click.echo(f"  matching rules: {', '.join(verdict.rules) or 'none'}")
+        click.echo(f"  access via: {', '.join(verdict.access_via) or 'nothing'}")
+        for r in verdict.requirements:
+            extra = f", grace until {r.grace_until}" if r.grace_until else ""
+            click.echo(f"  requires {r.level} by {r.source} [{r.mode}{extra}]: "
+                       f"{'met' if r.met else 'NOT met'}")
+        click.echo(f"  level that applies: {verdict.level}")
+        for line in (*verdict.message, *verdict.warnings):
+            click.echo(f"  > {line}")
+    sys.exit(0 if verdict.allowed else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="gatekeeper", standalone_mode=False)
+    except GatekeeperError as exc:
+        click.echo(f"gatekeeper: error: {exc.message}", err=True)
+        for problem in getattr(exc, "problems", []):
+            click.echo(f"  {problem}", err=True)
+        if exc.hint:
+            click.echo(f"gatekeeper: hint: {exc.hint}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
