@@ -469,6 +469,25 @@ def check(ctx: Context, user_name: str, repo: str, action: str, fingerprint: str
     sys.exit(0 if verdict.allowed else 1)
 
 
+@cli.command()
+@click.option("--host", help="Address to listen on (default: server.listen_host).")
+@click.option("--port", type=click.IntRange(0, 65535),
+              help="Port to listen on (default: server.listen_port; 0 picks a free one).")
+@click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
+              help="Connections served at once.")
+@click.option("--auth-timeout", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="Seconds a client gets to authenticate.")
+@pass_ctx
+def serve(ctx: Context, host: str | None, port: int | None, max_connections: int,
+          auth_timeout: float) -> None:
+    """Run the embedded SSH server until SIGTERM/SIGINT."""
+    from gatekeeper import server
+
+    limits = server.Limits(max_connections=max_connections, auth_timeout=auth_timeout)
+    sys.exit(server.serve(ctx.policy, ctx.config, host, port, limits,
+                          echo=lambda line: click.echo(line)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
