@@ -35,9 +35,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import paramiko
 from paramiko.auth_handler import AuthHandler
@@ -51,12 +52,13 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from paramiko.server import InteractiveQuery
 
-from gatekeeper import twofactor
+from gatekeeper import decision, twofactor
 from gatekeeper.errors import GatekeeperError, StoreError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.shell import SAFE_PATH
-from gatekeeper.store import KeyRecord, Store
+from gatekeeper.store import ConnectionFacts, KeyRecord, Store
 
 log = logging.getLogger("gatekeeper.server")
 
@@ -182,7 +184,27 @@ def _peek_publickey(m: Message) -> PublickeyRequest | None:
     return PublickeyRequest(username, service, algorithm, blob, signature)
 
 
-class _AuthHandler(AuthHandler):  # type: ignore[misc]  # paramiko is untyped here
+if TYPE_CHECKING:
+
+    class _StockAuthHandler:
+        """The part of paramiko's (private) AuthHandler this module relies on; its type
+        stubs leave these out. Checked against paramiko 3.4 to 5.1."""
+
+        transport: paramiko.Transport
+        auth_fail_count: int
+
+        def __init__(self, transport: paramiko.Transport) -> None: ...
+        def _disconnect_no_more_auth(self) -> None: ...
+        def _parse_service_request(self, m: Message) -> None: ...
+        def _parse_userauth_request(self, m: Message) -> None: ...
+        def _parse_userauth_info_response(self, m: Message) -> None: ...
+        def _send_auth_result(self, username: str, method: str, result: int) -> None: ...
+
+else:
+    _StockAuthHandler = AuthHandler
+
+
+class _AuthHandler(_StockAuthHandler):
     """Stock server-side auth with two additions: the connection sees every publickey
     request before paramiko acts on it, and failed attempts are capped."""
 
@@ -222,6 +244,22 @@ class _AuthHandler(AuthHandler):  # type: ignore[misc]  # paramiko is untyped he
             self._disconnect_no_more_auth()
 
 
+def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
+    """Whether any repository this user can reach needs a verified session (then the
+    in-band code is worth asking for; otherwise it would only be in the way)."""
+    from gatekeeper.shell import user_facts
+    from gatekeeper.usercmd import list_repositories
+
+    ufacts = user_facts(facts)
+    when = datetime.fromtimestamp(now, timezone.utc)
+    for repo in list_repositories(policy.server.repositories):
+        for action in ("read", "write"):
+            verdict = decision.decide(policy, ufacts, repo, action, when)
+            if verdict.reason != decision.NOT_AUTHORIZED and verdict.level == "verified":
+                return True
+    return False
+
+
 def _session_blob(session_id: bytes, req: PublickeyRequest) -> bytes:
     """What the client signs for publickey authentication (RFC 4252, section 7)."""
     m = Message()
@@ -253,7 +291,7 @@ def _decode(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
 
 
-class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is untyped here
+class Connection(paramiko.ServerInterface):
     """One client connection: authentication callbacks and its sessions."""
 
     def __init__(
@@ -352,9 +390,10 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
         if req.signature is None:
             # A query: say the key would do (SSH_MSG_USERAUTH_PK_OK); record nothing.
             return AUTH_SUCCESSFUL
+        session_id = self.transport.session_id
         try:
-            valid = key.verify_ssh_sig(
-                _session_blob(self.transport.session_id, req), Message(req.signature)
+            valid = session_id is not None and key.verify_ssh_sig(
+                _session_blob(session_id, req), Message(req.signature)
             )
         except Exception:  # noqa: BLE001 - a malformed signature is a bad signature
             valid = False
@@ -367,7 +406,8 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
         return AUTH_PARTIALLY_SUCCESSFUL if self.needs_code else AUTH_SUCCESSFUL
 
     def _wants_code(self, record: KeyRecord) -> bool:
-        """Ask for a code in-band: enrolled, no current session for this key, not locked."""
+        """Ask for a code in-band: enrolled, not locked, no current session for this key,
+        and some repository the user can reach needs one."""
         assert self.policy is not None and self.store is not None
         if not self.policy.two_factor.keyboard_interactive:
             return False
@@ -381,9 +421,9 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
         if facts.verified_until is not None and facts.verified_until > now:
             self.second_factor = "session"
             return False
-        return True
+        return needs_verified(self.policy, facts, now)
 
-    def _query(self) -> paramiko.InteractiveQuery:
+    def _query(self) -> InteractiveQuery:
         assert self.key is not None
         lines = []
         if self.code_error:
@@ -393,7 +433,7 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
             "authenticator app (or a recovery code),"
         )
         lines.append("or press Enter to go on without (repositories that need it will refuse).")
-        return paramiko.InteractiveQuery(
+        return InteractiveQuery(
             "gatekeeper", "\n".join(lines), (KBD_PROMPT, False)
         )
 
@@ -525,7 +565,7 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
         transport.local_version = "SSH-2.0-gatekeeper"
         transport.add_server_key(self.server.host_key)
         # Our handler must be in place before the first key exchange creates a stock one.
-        transport.auth_handler = _AuthHandler(transport, self)
+        transport.auth_handler = cast(AuthHandler, _AuthHandler(transport, self))
         transport.start_server(event=threading.Event(), server=self)
         while not transport.is_authenticated():
             if not transport.is_active() or self.server.stopping.is_set():
@@ -561,15 +601,21 @@ class Connection(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is
         with self.lock:
             sess = self.sessions.setdefault(channel.get_id(), Session(channel))
         try:
-            if not sess.started.wait(self.limits.session_start_timeout):
-                self.note("dropped: session without a command")
-                return
+            deadline = time.monotonic() + self.limits.session_start_timeout
+            while not sess.started.wait(0.1):
+                if channel.closed:
+                    return
+                if time.monotonic() > deadline:
+                    self.note("dropped: session without a command")
+                    return
             rc = self._run_forced_command(sess)
             self.note(f"{(sess.command or '(no command)')[:120]!r} exit {rc}")
         except Exception as exc:  # noqa: BLE001 - report on the connection's log line
             self.note(f"session error: {type(exc).__name__}: {exc}")
         finally:
             channel.close()
+            with self.lock:
+                self.sessions.pop(channel.get_id(), None)
 
     def _child_env(self, sess: Session) -> dict[str, str]:
         assert self.transport is not None

@@ -1,0 +1,840 @@
+"""`gatekeeper serve`, end to end: a real server process, real `ssh`, real `git`.
+
+Each test starts `gatekeeper --config CFG serve --port PORT` on a free port against a
+store made with the CLI (`init`, `user add`, `key add`) and bare repositories under
+the policy's root. Scripted clients (paramiko) are used only where OpenSSH cannot be
+made to misbehave: the key-swap regression, keyboard-interactive answers, clients
+that never authenticate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import queue
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from conftest import GATEKEEPER, Installation, avoid_step_boundary, git
+from paramiko.auth_handler import AuthHandler
+from paramiko.common import (
+    MSG_USERAUTH_FAILURE,
+    MSG_USERAUTH_PK_OK,
+    MSG_USERAUTH_SUCCESS,
+    cMSG_USERAUTH_REQUEST,
+)
+from paramiko.message import Message
+
+HOST = "127.0.0.1"
+
+POLICY = """\
+teams:
+  dev:
+    members: [alice, bob]
+  ops:
+    members: [olga]
+    require_2fa: verified
+repositories:
+  - match: project
+    read: [dev, ops]
+    write: [dev]
+  - match: vault
+    read: [ops]
+    write: [ops]
+    require_2fa: verified
+  - match: big
+    read: [dev]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """A `gatekeeper serve` process for one installation."""
+
+    def __init__(self, inst: Installation, port: int, *args: str) -> None:
+        self.inst = inst
+        self.port = port
+        self.log_path = inst.base / f"serve-{port}.log"
+        self.log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [GATEKEEPER, "--config", str(inst.config), "serve", "--port", str(port), *args],
+            stdout=subprocess.PIPE, stderr=self.log_file, env=inst.env, text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.banner = [self.line(), self.line()]
+        assert "listening on" in self.banner[0], self.banner
+        assert "host key SHA256:" in self.banner[1], self.banner
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def line(self, timeout: float = 20) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"server said nothing; log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if text in (log := self.log()):
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the server log:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return int(self.proc.returncode)
+
+
+def ssh_argv(key: Path, port: int, *extra: str, batch: bool = True) -> list[str]:
+    return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", f"BatchMode={'yes' if batch else 'no'}",
+            "-p", str(port), *extra]
+
+
+def client_env(inst: Installation, key: Path, port: int, *extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSH_", "GIT_"))}
+    env["GIT_SSH_COMMAND"] = shlex.join(ssh_argv(key, port, "-o", "SendEnv=GIT_PROTOCOL",
+                                                 *extra))
+    env.update({"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com",
+                "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.com",
+                "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(inst.base)})
+    return env
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=timeout,
+                            input=input)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(errors="replace"),
+                                       result.stderr.decode(errors="replace"))
+
+
+def url(port: int, repo: str, user: str = "git") -> str:
+    return f"ssh://{user}@{HOST}:{port}/{repo}.git"
+
+
+class Site:
+    """An installation with users, repositories and a running server."""
+
+    def __init__(self, base: Path, two_factor: str = "", *serve_args: str) -> None:
+        self.port = free_port()
+        self.inst = Installation(base, POLICY, host=HOST, port=self.port, user="git")
+        if two_factor:
+            self.inst.write_policy(POLICY, host=HOST, port=self.port, user="git",
+                                   two_factor=two_factor)
+        self.inst.init()
+        self.keys: dict[str, Path] = {}
+        self.key_ids: dict[str, int] = {}
+        for name in ("alice", "bob", "carol", "olga"):
+            self.keys[name], self.key_ids[name] = self.inst.add_user(name)
+        self.inst.repo("project")
+        self.inst.repo("vault")
+        self.serve_args = serve_args
+        self.server = Served(self.inst, self.port, *serve_args)
+
+    def env(self, user: str, *extra: str) -> dict[str, str]:
+        return client_env(self.inst, self.keys[user], self.port, *extra)
+
+    def ssh(self, user: str, *command: str, extra: tuple[str, ...] = (),
+            login: str = "git", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        argv = ssh_argv(self.keys[user], self.port, *extra, f"{login}@{HOST}", *command)
+        return run(argv, timeout=timeout)
+
+    def pkey(self, user: str) -> paramiko.PKey:
+        return paramiko.Ed25519Key(filename=str(self.keys[user]))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path / "gk", "", "--auth-timeout", "3")
+    yield s
+    assert s.server.stop() == 0
+
+
+@pytest.fixture
+def kbd_site(tmp_path: Path) -> Iterator[Site]:
+    tf = "two_factor:\n  max_failures: 3\n  keyboard_interactive: true\n"
+    s = Site(tmp_path / "gk", tf, "--auth-timeout", "5")
+    yield s
+    assert s.server.stop() == 0
+
+
+def connect(port: int) -> paramiko.Transport:
+    t = paramiko.Transport(socket.create_connection((HOST, port), timeout=10))
+    t.start_client(timeout=10)
+    return t
+
+
+def read_all(chan: paramiko.Channel) -> tuple[bytes, bytes, int]:
+    out, err = b"", b""
+    while True:
+        data = chan.recv(65536)
+        if not data:
+            break
+        out += data
+    while True:
+        data = chan.recv_stderr(65536)
+        if not data:
+            break
+        err += data
+    return out, err, chan.recv_exit_status()
+
+
+def processes_with(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+# -- the git workflows -------------------------------------------------------------------
+
+
+def test_clone_push_and_fetch_through_the_embedded_server(site: Site, tmp_path: Path) -> None:
+    env = site.env("alice")
+    work = tmp_path / "work"
+    result = run(["git", "clone", url(site.port, "project"), str(work)], env=env)
+    assert result.returncode == 0, result.stderr
+    assert (work / "README.md").read_text() == "# project\n"
+
+    (work / "change.txt").write_text("from alice\n")
+    git("add", "change.txt", cwd=work)
+    git("commit", "-q", "-m", "change", cwd=work)
+    result = run(["git", "push", "origin", "main"], env=env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    head = git("rev-parse", "HEAD", cwd=work).stdout.strip()
+    assert git("rev-parse", "main", cwd=site.inst.repos / "project.git").stdout.strip() == head
+
+    bob = tmp_path / "bob"
+    result = run(["git", "clone", url(site.port, "project"), str(bob)], env=site.env("bob"))
+    assert result.returncode == 0, result.stderr
+    assert (bob / "change.txt").read_text() == "from alice\n"
+
+    # The same audit records as through OpenSSH's forced command.
+    records = site.inst.audit(event="access")
+    reasons = [(r["user"], r["repo"], r["action"]) for r in records]
+    assert ("alice", "project", "read") in reasons
+    assert ("alice", "project", "write") in reasons
+    assert ("bob", "project", "read") in reasons
+    # One log line per connection, naming the user and the key.
+    log = site.server.wait_log("bob SHA256:")
+    assert "alice SHA256:" in log and "exit 0" in log
+
+
+def test_ls_remote_speaks_protocol_v2(site: Site) -> None:
+    env = {**site.env("alice"), "GIT_TRACE_PACKET": "1"}
+    result = run(["git", "-c", "protocol.version=2", "ls-remote", url(site.port, "project")],
+                 env=env)
+    assert result.returncode == 0, result.stderr
+    assert "refs/heads/main" in result.stdout
+    assert "version 2" in result.stderr  # the server answered in v2: GIT_PROTOCOL got through
+    assert "ls-refs" in result.stderr
+
+
+def test_archive_over_the_embedded_server(site: Site, tmp_path: Path) -> None:
+    tarball = tmp_path / "project.tar"
+    result = run(["git", "archive", f"--remote={url(site.port, 'project')}", "-o",
+                  str(tarball), "main"], env=site.env("alice"))
+    assert result.returncode == 0, result.stderr
+    listing = run(["tar", "tf", str(tarball)])
+    assert listing.stdout.split() == ["README.md"]
+
+
+def test_refused_user_sees_the_refusal_text(site: Site, tmp_path: Path) -> None:
+    result = run(["git", "clone", url(site.port, "project"), str(tmp_path / "x")],
+                 env=site.env("carol"))
+    assert result.returncode != 0
+    assert "gatekeeper: repository 'project' not found, or you do not have access to it." \
+        in result.stderr
+    assert not (tmp_path / "x").exists()
+    records = site.inst.audit(event="access", user="carol")
+    assert records and records[-1]["reason"] == "not-authorized"
+
+
+def test_verified_repository_refuses_an_unverified_key_with_the_fix(site: Site,
+                                                                   tmp_path: Path) -> None:
+    result = run(["git", "clone", url(site.port, "vault"), str(tmp_path / "v")],
+                 env=site.env("olga"))
+    assert result.returncode != 0
+    assert "read 'vault' refused" in result.stderr
+    assert "2fa enroll" in result.stderr or "enroll" in result.stderr
+
+
+def test_unknown_key_and_wrong_login_are_refused(site: Site, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)
+    result = run(ssh_argv(stranger, site.port, f"git@{HOST}", "info"))
+    assert result.returncode == 255
+    assert "Permission denied (publickey)" in result.stderr
+
+    result = site.ssh("alice", "info", login="alice")
+    assert result.returncode == 255
+    assert "Permission denied" in result.stderr
+    log = site.server.wait_log("wrong user 'alice'")
+    assert "unknown key SHA256:" in log
+
+
+def test_no_command_prints_the_info_text_and_pty_is_refused(site: Site) -> None:
+    result = site.ssh("alice", extra=("-T",))
+    assert result.returncode == 0, result.stderr
+    assert "alice" in result.stdout
+    assert "project" in result.stdout
+
+    # From a terminal, as a person types `ssh git@HOST`: the pty is refused, the
+    # session still runs (without a terminal) and prints the same text.
+    primary, secondary = pty.openpty()
+    argv = ssh_argv(site.keys["alice"], site.port, f"git@{HOST}")
+    proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary,
+                            start_new_session=True)
+    os.close(secondary)
+    output = b""
+    try:
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            output += data
+        status = proc.wait(timeout=30)
+    finally:
+        os.close(primary)
+    text = output.decode(errors="replace")
+    assert status == 0, text
+    assert "PTY allocation request failed" in text
+    assert "alice" in text and "project" in text
+    site.server.wait_log("pty refused")
+
+
+def test_subsystems_forwarding_and_other_environment_are_refused(site: Site) -> None:
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("alice"))
+        assert t.is_authenticated()
+        with pytest.raises(paramiko.ChannelException):
+            t.open_channel("direct-tcpip", ("127.0.0.1", 22), ("127.0.0.1", 40000))
+        with pytest.raises(paramiko.SSHException):
+            t.request_port_forward("127.0.0.1", 0)
+        # paramiko closes a channel whose request failed: one channel per refusal.
+        refusals = [lambda c: c.get_pty(), lambda c: c.invoke_subsystem("sftp"),
+                    lambda c: c.request_x11()]
+        for refuse in refusals:
+            with pytest.raises(paramiko.SSHException):
+                refuse(t.open_session())
+        chan = t.open_session()
+        # Only GIT_PROTOCOL is taken from the client; the rest never reaches git.
+        chan.set_environment_variable("GIT_CONFIG_PARAMETERS", "'core.sshCommand=touch x'")
+        chan.exec_command("info")
+        out, err, status = read_all(chan)
+        assert status == 0, err
+        assert b"alice" in out
+    finally:
+        t.close()
+    log = site.server.wait_log("subsystem sftp refused")
+    assert "port forwarding refused" in log and "pty refused" in log
+
+
+def test_the_forced_command_gets_a_clean_environment(site: Site) -> None:
+    """The child sees SSH_CONNECTION with both ends, as sshd would set it."""
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("alice"))
+        chan = t.open_session()
+        chan.exec_command("git-upload-pack 'no/such/repo.git'")
+        _, err, status = read_all(chan)
+    finally:
+        t.close()
+    assert status != 0
+    assert b"not found, or you do not have access" in err
+    record = site.inst.audit(event="access", user="alice")[-1]
+    assert record["client"] == HOST
+
+
+# -- identity only from a verified signature --------------------------------------------
+
+
+class _Recorder(AuthHandler):  # type: ignore[misc]
+    """Client side: collect the server's userauth replies instead of acting on them."""
+
+    def __init__(self, transport: paramiko.Transport, replies: queue.Queue[int]) -> None:
+        super().__init__(transport)
+        self.replies = replies
+
+    @property
+    def _client_handler_table(self) -> dict[int, Any]:
+        def record(ptype: int) -> Any:
+            def handle(m: Message) -> None:
+                if ptype == MSG_USERAUTH_SUCCESS:
+                    self.authenticated = True
+                    self.transport._auth_trigger()
+                self.replies.put(ptype)
+            return handle
+
+        return {p: record(p) for p in (MSG_USERAUTH_SUCCESS, MSG_USERAUTH_FAILURE,
+                                       MSG_USERAUTH_PK_OK)}
+
+
+class HandCrafted:
+    """A client whose publickey requests the test writes byte by byte."""
+
+    def __init__(self, port: int) -> None:
+        self.t = connect(port)
+        with pytest.raises(paramiko.BadAuthenticationType):
+            self.t.auth_none("git")  # also opens the ssh-userauth service
+        self.replies: queue.Queue[int] = queue.Queue()
+        self.t.auth_handler = _Recorder(self.t, self.replies)
+
+    def signed_data(self, algorithm: str, blob: bytes) -> bytes:
+        m = Message()
+        m.add_string(self.t.session_id)
+        m.add_byte(cMSG_USERAUTH_REQUEST)
+        m.add_string("git")
+        m.add_string("ssh-connection")
+        m.add_string("publickey")
+        m.add_boolean(True)
+        m.add_string(algorithm)
+        m.add_string(blob)
+        return m.asbytes()
+
+    def request(self, key: paramiko.PKey, signer: paramiko.PKey | None = None,
+                signed_blob: bytes | None = None) -> int:
+        """Send a publickey request for `key`, signed by `signer` (None: a query)."""
+        algorithm = key.get_name()
+        m = Message()
+        m.add_byte(cMSG_USERAUTH_REQUEST)
+        m.add_string("git")
+        m.add_string("ssh-connection")
+        m.add_string("publickey")
+        m.add_boolean(signer is not None)
+        m.add_string(algorithm)
+        m.add_string(key.asbytes())
+        if signer is not None:
+            data = self.signed_data(algorithm, signed_blob or key.asbytes())
+            m.add_string(signer.sign_ssh_data(data, algorithm).asbytes())
+        self.t._send_message(m)
+        try:
+            return self.replies.get(timeout=10)
+        except queue.Empty:
+            raise AssertionError("no reply from the server") from None
+
+    def run(self, command: str) -> tuple[str, str, int]:
+        chan = self.t.open_session()
+        chan.exec_command(command)
+        out, err, status = read_all(chan)
+        return out.decode(), err.decode(), status
+
+    def close(self) -> None:
+        self.t.close()
+
+
+def test_offering_one_users_key_and_signing_with_anothers_gets_the_signer(site: Site) -> None:
+    """The published bypass: identity must come from the key that signed, never from
+    a key the client merely offered."""
+    alice, bob = site.pkey("alice"), site.pkey("bob")
+    c = HandCrafted(site.port)
+    try:
+        assert c.request(alice) == MSG_USERAUTH_PK_OK  # "would you take alice's key?" yes
+        assert c.request(bob, signer=bob) == MSG_USERAUTH_SUCCESS
+        out, err, status = c.run("info")
+    finally:
+        c.close()
+    assert status == 0, err
+    assert "bob" in out and "alice" not in out
+    log = site.server.wait_log("bob SHA256:")
+    assert "alice SHA256:" not in log
+
+
+def test_a_signature_by_another_key_does_not_authenticate_the_offered_key(site: Site) -> None:
+    alice, bob = site.pkey("alice"), site.pkey("bob")
+    c = HandCrafted(site.port)
+    try:
+        # alice's key in the request, bob's signature (over alice's blob, then over his own).
+        assert c.request(alice, signer=bob) == MSG_USERAUTH_FAILURE
+        assert c.request(alice, signer=bob, signed_blob=bob.asbytes()) == MSG_USERAUTH_FAILURE
+        assert not c.t.is_authenticated()
+        # A garbage signature is refused the same way and the connection stays usable.
+        assert c.request(bob, signer=bob) == MSG_USERAUTH_SUCCESS
+        out, _, _ = c.run("info")
+    finally:
+        c.close()
+    assert "bob" in out and "alice" not in out
+    assert "bad signature for" in site.server.wait_log("bob SHA256:")
+
+
+def test_too_many_failed_attempts_disconnect(site: Site) -> None:
+    t = connect(site.port)
+    failures = 0
+    try:
+        for _ in range(10):
+            try:
+                t.auth_publickey("git", paramiko.ECDSAKey.generate())
+            except paramiko.AuthenticationException:
+                failures += 1
+            except (paramiko.SSHException, EOFError, OSError):
+                break
+            if not t.is_active():
+                break
+        time.sleep(0.2)
+        assert not t.is_active()
+    finally:
+        t.close()
+    assert failures == 6  # Limits.max_auth_tries
+    site.server.wait_log("too many authentication attempts")
+
+
+# -- keyboard-interactive second factor -------------------------------------------------
+
+
+def answer(code: str) -> Any:
+    seen: list[tuple[str, str, list[tuple[str, bool]]]] = []
+
+    def handler(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+        seen.append((title, instructions, prompts))
+        return [code] * len(prompts)
+
+    handler.seen = seen  # type: ignore[attr-defined]
+    return handler
+
+
+def test_keyboard_interactive_code_opens_a_verified_session(kbd_site: Site,
+                                                            tmp_path: Path) -> None:
+    site = kbd_site
+    site.inst.enroll("olga")
+    avoid_step_boundary()
+    t = connect(site.port)
+    try:
+        assert t.auth_publickey("git", site.pkey("olga")) == ["keyboard-interactive"]
+        assert not t.is_authenticated()
+        handler = answer(site.inst.code("olga", 1))
+        t.auth_interactive("git", handler)
+        assert t.is_authenticated()
+        title, instructions, prompts = handler.seen[0]
+        assert title == "gatekeeper"
+        assert "olga" in instructions and prompts == [("Verification code: ", False)]
+    finally:
+        t.close()
+    verified = site.inst.audit(event="2fa-verified", user="olga")
+    assert len(verified) == 1
+    assert verified[0]["key_fp"] in site.server.wait_log("2fa=verified")
+
+    # The session is bound to the key, so plain git (no prompt: BatchMode) now works.
+    result = run(["git", "clone", url(site.port, "vault"), str(tmp_path / "vault")],
+                 env=site.env("olga"))
+    assert result.returncode == 0, result.stderr
+    assert "2fa=session" in site.server.log()
+
+
+def test_keyboard_interactive_wrong_code_is_refused_and_counted(kbd_site: Site) -> None:
+    site = kbd_site
+    site.inst.enroll("olga")
+    avoid_step_boundary()
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("olga"))
+        with pytest.raises(paramiko.AuthenticationException):
+            t.auth_interactive("git", answer("000000" if site.inst.code("olga") != "000000"
+                                             else "111111"))
+        assert not t.is_authenticated()
+        # The next prompt says why; the right code still works on the same connection.
+        handler = answer(site.inst.code("olga", 1))
+        t.auth_interactive("git", handler)
+        assert t.is_authenticated()
+        assert "wrong code" in handler.seen[0][1]
+    finally:
+        t.close()
+    failures = site.inst.audit(event="2fa-failure", user="olga")
+    assert len(failures) == 1
+    site.server.wait_log("code refused: wrong code")
+
+
+def test_keyboard_interactive_empty_answer_goes_on_without_a_session(kbd_site: Site) -> None:
+    site = kbd_site
+    site.inst.enroll("olga")
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("olga"))
+        t.auth_interactive("git", answer(""))
+        assert t.is_authenticated()
+        chan = t.open_session()
+        chan.exec_command("git-upload-pack 'vault.git'")
+        _, err, status = read_all(chan)
+    finally:
+        t.close()
+    assert status != 0
+    assert b"this key has no verified session" in err
+    assert not site.inst.audit(event="2fa-verified")
+    assert not site.inst.audit(event="2fa-failure")
+
+
+def test_keyboard_interactive_is_asked_only_when_a_reachable_repository_needs_it(
+        kbd_site: Site) -> None:
+    kbd_site.inst.enroll("alice")  # enrolled, but nothing alice reaches needs `verified`
+    for user in ("alice", "bob"):  # bob is not enrolled at all
+        t = connect(kbd_site.port)
+        try:
+            assert t.auth_publickey("git", kbd_site.pkey(user)) == []
+            assert t.is_authenticated()
+        finally:
+            t.close()
+
+
+def test_keyboard_interactive_with_openssh_and_askpass(kbd_site: Site, tmp_path: Path) -> None:
+    site = kbd_site
+    site.inst.enroll("olga")
+    avoid_step_boundary()
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho '{site.inst.code('olga', 1)}'\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+           "DISPLAY": ":0"}
+    argv = ssh_argv(site.keys["olga"], site.port, "-o", "KbdInteractiveAuthentication=yes",
+                    "-o", "PreferredAuthentications=publickey,keyboard-interactive",
+                    f"git@{HOST}", "2fa", "status", batch=False)
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    assert result.returncode == 0, result.stderr
+    assert site.inst.audit(event="2fa-verified", user="olga")
+    assert "olga" in result.stdout
+
+
+# -- limits: slow, silent and too many clients ------------------------------------------
+
+
+def test_a_client_that_never_authenticates_is_dropped_after_the_timeout(site: Site) -> None:
+    # Silent after the banner exchange (auth timeout is 3 s for this server).
+    with socket.create_connection((HOST, site.port), timeout=15) as raw:
+        assert raw.recv(256).startswith(b"SSH-2.0-")
+        raw.sendall(b"SSH-2.0-silent\r\n")
+        start = time.monotonic()
+        while raw.recv(4096):
+            pass
+        silent = time.monotonic() - start
+    # Key exchange done, then nothing.
+    t = connect(site.port)
+    start = time.monotonic()
+    while t.is_active() and time.monotonic() - start < 15:
+        time.sleep(0.05)
+    idle = time.monotonic() - start
+    t.close()
+    assert 2.0 < silent < 6.0
+    assert 2.0 < idle < 6.0
+    site.server.wait_log("dropped: no authentication within 3s")
+
+
+def test_silent_clients_do_not_stall_others(site: Site) -> None:
+    silent = [socket.create_connection((HOST, site.port)) for _ in range(8)]
+    try:
+        start = time.monotonic()
+        result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        elapsed = time.monotonic() - start
+        assert result.returncode == 0, result.stderr
+        assert elapsed < 3.0
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
+    site = Site(tmp_path / "gk", "", "--max-connections", "2", "--auth-timeout", "5")
+    try:
+        held = [socket.create_connection((HOST, site.port)) for _ in range(2)]
+        for s in held:
+            assert s.recv(256).startswith(b"SSH-2.0-")
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        site.server.wait_log("refused: 2 connections open")
+        for s in held:
+            s.close()
+        time.sleep(0.5)  # the slots free up as the server notices
+        result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert site.server.stop() == 0
+
+
+def test_client_closing_early_stops_git(site: Site) -> None:
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("alice"))
+        chan = t.open_session()
+        chan.exec_command("git-upload-pack 'project.git'")
+        assert chan.recv(4)  # the ref advertisement begins; upload-pack now waits for us
+        repo = str(site.inst.repos / "project.git")
+        assert processes_with(repo)
+        chan.close()
+    finally:
+        t.close()
+    end = time.monotonic() + 5
+    while processes_with(repo) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert processes_with(repo) == []
+
+
+# -- host key and stopping --------------------------------------------------------------
+
+
+def test_host_key_is_created_once_and_its_fingerprint_printed(site: Site) -> None:
+    key = site.inst.state / "ssh_host_ed25519_key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    printed = site.server.banner[1].split("host key ")[1].split()[0]
+    listed = subprocess.run(["ssh-keygen", "-lf", str(key) + ".pub"], capture_output=True,
+                            text=True, check=True).stdout.split()[1]
+    assert printed == listed
+    scanned = run(["ssh-keyscan", "-p", str(site.port), "-t", "ed25519", HOST]).stdout
+    assert (key.with_name(key.name + ".pub")).read_text().split()[1] in scanned
+
+    assert site.server.stop() == 0
+    again = Served(site.inst, site.port)
+    try:
+        assert again.banner[1] == site.server.banner[1]
+    finally:
+        assert again.stop() == 0
+
+
+def test_sigterm_lets_an_open_session_finish_then_exits_zero(site: Site) -> None:
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("alice"))
+        chan = t.open_session()
+        chan.exec_command("git-upload-pack 'project.git'")
+        assert chan.recv(4)
+        site.server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, site.port), timeout=2).close()
+        assert site.server.proc.poll() is None  # still serving the open session
+        chan.sendall(b"0000")  # no wants: upload-pack is done
+        _, _, status = read_all(chan)
+        assert status == 0
+    finally:
+        t.close()
+    assert site.server.proc.wait(timeout=10) == 0
+    assert "gatekeeper: stopped" in site.server.line()
+
+
+def test_a_second_signal_closes_open_sessions_at_once(site: Site) -> None:
+    t = connect(site.port)
+    try:
+        t.auth_publickey("git", site.pkey("alice"))
+        chan = t.open_session()
+        chan.exec_command("git-upload-pack 'project.git'")
+        assert chan.recv(4)
+        site.server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        start = time.monotonic()
+        site.server.proc.send_signal(signal.SIGINT)
+        assert site.server.proc.wait(timeout=10) == 0
+        assert time.monotonic() - start < 5
+        while chan.recv(65536):
+            pass
+        assert chan.closed or chan.eof_received
+    finally:
+        t.close()
+    assert processes_with(str(site.inst.repos / "project.git")) == []
+
+
+# -- many clones of a large repository --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def big_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 50 MB repository of incompressible content, made once per test session."""
+    base = tmp_path_factory.mktemp("big")
+    work = base / "work"
+    git("init", "-q", "-b", "main", str(work))
+    digest = hashlib.sha256()
+    for i in range(10):
+        data = os.urandom(5 * 1024 * 1024)
+        digest.update(data)
+        (work / f"blob{i}.bin").write_bytes(data)
+    # Noise does not compress: store it as is, which also makes the fixture quick.
+    git("-c", "core.compression=0", "add", "-A", cwd=work)
+    git("commit", "-q", "-m", "50 MB of noise", cwd=work)
+    bare = base / "big.git"
+    git("-c", "core.compression=0", "clone", "-q", "--bare", "--no-local", str(work), str(bare))
+    shutil.rmtree(work)
+    return bare, digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_clones_of_a_50_mb_repository(site: Site, tmp_path: Path,
+                                                        big_repository: tuple[Path, str]) -> None:
+    source, digest = big_repository
+    shutil.copytree(source, site.inst.repos / "big.git")
+    expected = git("rev-parse", "main", cwd=site.inst.repos / "big.git").stdout.strip()
+    env = site.env("alice")
+
+    def clone(i: int) -> tuple[int, str, str, float]:
+        target = tmp_path / f"clone{i}"
+        start = time.monotonic()
+        result = run(["git", "clone", "-q", "--bare", url(site.port, "big"), str(target)],
+                     env=env, timeout=180)
+        elapsed = time.monotonic() - start
+        head = git("rev-parse", "main", cwd=target, check=False).stdout.strip()
+        return result.returncode, result.stderr, head, elapsed
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(clone, range(20)))
+    wall = time.monotonic() - start
+    for rc, err, head, _ in results:
+        assert rc == 0, err
+        assert head == expected
+    # Content matches, not only the commit id: every object was hashed by index-pack;
+    # check one clone's blobs byte for byte anyway.
+    content = hashlib.sha256()
+    for i in range(10):
+        blob = subprocess.run(["git", "cat-file", "blob", f"main:blob{i}.bin"],
+                              cwd=tmp_path / "clone7", capture_output=True, check=True).stdout
+        content.update(blob)
+    assert content.hexdigest() == digest
+    # Streamed, not buffered: 1 GB went through a server that never held much of it.
+    status = Path(f"/proc/{site.server.proc.pid}/status").read_text()
+    peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    print(f"20 clones of 50 MB: {wall:.1f}s wall, slowest {max(r[3] for r in results):.1f}s, "
+          f"server peak RSS {peak_mb:.0f} MB")
+    assert wall < 60
+    assert peak_mb < 300
