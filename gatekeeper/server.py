@@ -76,6 +76,9 @@ class Limits:
 
     max_connections: int = 64
     """Connections served at once; more are accepted and closed at once."""
+    max_unauthenticated_per_source: int | None = None
+    """Connections one address may have before authenticating (None: half of the above),
+    so one host cannot fill every slot with clients that never log in."""
     auth_timeout: float = 20.0
     """Seconds from accept to a completed authentication (and from there to a session)."""
     max_auth_tries: int = 6
@@ -323,6 +326,10 @@ class Connection(paramiko.ServerInterface):
     # -- helpers --
 
     @property
+    def authenticated(self) -> bool:
+        return self.transport is not None and self.transport.is_authenticated()
+
+    @property
     def client_ip(self) -> str:
         return self.peer[0]
 
@@ -401,7 +408,6 @@ class Connection(paramiko.ServerInterface):
             self.note(f"bad signature for {fingerprint}")
             return AUTH_FAILED
         self.key = record
-        self.note(f"key {record.user} {fingerprint}")
         self.needs_code = self._wants_code(record)
         return AUTH_PARTIALLY_SUCCESSFUL if self.needs_code else AUTH_SUCCESSFUL
 
@@ -568,7 +574,12 @@ class Connection(paramiko.ServerInterface):
         transport.auth_handler = cast(AuthHandler, _AuthHandler(transport, self))
         transport.start_server(event=threading.Event(), server=self)
         while not transport.is_authenticated():
-            if not transport.is_active() or self.server.stopping.is_set():
+            if not transport.is_active():
+                exc = transport.get_exception()
+                why = (str(exc) or type(exc).__name__) if exc else "by the client"
+                self.note(f"closed before authenticating ({why})")
+                return
+            if self.server.stopping.is_set():
                 return
             if time.monotonic() >= deadline:
                 self.note(f"dropped: no authentication within {limits.auth_timeout:g}s")
@@ -758,7 +769,7 @@ class GatekeeperServer:
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
         self._listener: socket.socket | None = None
-        self._connections: set[threading.Thread] = set()
+        self._connections: dict[threading.Thread, Connection] = {}
         self._lock = threading.Lock()
         self._count = 0
 
@@ -784,8 +795,13 @@ class GatekeeperServer:
 
     def active(self) -> int:
         with self._lock:
-            self._connections = {t for t in self._connections if t.is_alive()}
+            self._connections = {t: c for t, c in self._connections.items() if t.is_alive()}
             return len(self._connections)
+
+    def unauthenticated_from(self, address: str) -> int:
+        with self._lock:
+            return sum(1 for t, c in self._connections.items()
+                       if t.is_alive() and c.peer[0] == address and not c.authenticated)
 
     def serve_forever(self) -> None:
         """Accept until `stop()`; then give open sessions `grace` seconds and close them."""
@@ -814,12 +830,21 @@ class GatekeeperServer:
             with contextlib.suppress(OSError):
                 sock.close()
             return
+        per_source = self.limits.max_unauthenticated_per_source
+        if per_source is None:
+            per_source = max(1, self.limits.max_connections // 2)
+        if self.unauthenticated_from(str(peer[0])) >= per_source:
+            log.warning("connection %d from %s:%d: refused: %d connections from there are "
+                        "not authenticated yet", self._count, peer[0], peer[1], per_source)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, sock, (str(peer[0]), int(peer[1])), self._count)
         t = threading.Thread(target=conn.run, daemon=True,
                              name=f"gatekeeper-connection-{self._count}")
         with self._lock:
-            self._connections.add(t)
+            self._connections[t] = conn
         t.start()
 
     def _drain(self) -> None:
@@ -866,6 +891,10 @@ def serve(
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+        # paramiko logs every client that hangs up early with a traceback; the
+        # connection's own log line says what happened.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
+        logging.getLogger("paramiko").propagate = False
     state_dir = policy.server.state_dir
     Store.open(state_dir).close()  # refuse to start without a store: `gatekeeper init`
     host_key = load_host_key(state_dir)

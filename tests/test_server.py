@@ -678,20 +678,51 @@ def test_silent_clients_do_not_stall_others(site: Site) -> None:
 
 
 def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
-    site = Site(tmp_path / "gk", "", "--max-connections", "2", "--auth-timeout", "5")
+    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+    held: list[Any] = []
     try:
-        held = [socket.create_connection((HOST, site.port)) for _ in range(2)]
-        for s in held:
-            assert s.recv(256).startswith(b"SSH-2.0-")
-        with socket.create_connection((HOST, site.port), timeout=5) as third:
-            assert third.recv(256) == b""
-        site.server.wait_log("refused: 2 connections open")
-        for s in held:
-            s.close()
+        for _ in range(2):
+            t = connect(site.port)
+            t.auth_publickey("git", site.pkey("alice"))
+            held.append(t)
+        for _ in range(2):
+            raw = socket.create_connection((HOST, site.port))
+            assert raw.recv(256).startswith(b"SSH-2.0-")
+            held.append(raw)
+        with socket.create_connection((HOST, site.port), timeout=5) as fifth:
+            assert fifth.recv(256) == b""
+        site.server.wait_log("refused: 4 connections open")
+        for h in held:
+            h.close()
         time.sleep(0.5)  # the slots free up as the server notices
         result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
         assert result.returncode == 0, result.stderr
     finally:
+        for h in held:
+            h.close()
+        assert site.server.stop() == 0
+
+
+def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -> None:
+    # 4 connections at most, so at most 2 unauthenticated ones from one address.
+    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+    silent = []
+    try:
+        for _ in range(2):
+            raw = socket.create_connection((HOST, site.port))
+            assert raw.recv(256).startswith(b"SSH-2.0-")
+            silent.append(raw)
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        site.server.wait_log("refused: 2 connections from there are not authenticated yet")
+        for raw in silent:
+            raw.close()
+        time.sleep(0.5)
+        result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        for raw in silent:
+            raw.close()
         assert site.server.stop() == 0
 
 
