@@ -1,0 +1,189 @@
+"""Fixtures that build a real gatekeeper installation in a temporary directory:
+a policy file, an initialised store, bare repositories with commits, users and keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GATEKEEPER = str(BIN / "gatekeeper")
+GATEKEEPER_SHELL = str(BIN / "gatekeeper-shell")
+
+
+def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    base = {
+        "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(cwd or ROOT),
+    }
+    full = {**os.environ, **base, **(env or {})}
+    return subprocess.run(["git", *args], cwd=cwd, env=full, capture_output=True, text=True,
+                          check=check, timeout=120)
+
+
+def make_bare_repo(root: Path, name: str, files: dict[str, str] | None = None) -> Path:
+    """A bare repository `<root>/<name>.git` with one commit on `main`."""
+    bare = root / f"{name}.git"
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    git("config", "daemon.uploadarch", "true", cwd=bare)
+    work = root.parent / f".seed-{name.replace('/', '-')}"
+    git("init", "-q", "-b", "main", str(work))
+    for path, text in (files or {"README.md": f"# {name}\n"}).items():
+        (work / path).write_text(text)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "initial", cwd=work)
+    git("push", "-q", str(bare), "main", cwd=work)
+    return bare
+
+
+DEFAULT_POLICY = """\
+teams:
+  platform:
+    members: [alice, bob]
+    require_2fa: enrolled
+  contractors:
+    members: [carol]
+repositories:
+  - match: platform/*
+    read: [contractors]
+    write: [platform]
+  - match: platform/secrets
+    require_2fa: verified
+  - match: docs
+    public: true
+    write: [platform]
+"""
+
+
+class Installation:
+    """One gatekeeper: policy file, state directory, repositories root."""
+
+    def __init__(self, base: Path, policy: str = DEFAULT_POLICY, host: str = "git.example.com",
+                 port: int = 22, user: str = "git") -> None:
+        self.base = base
+        self.config = base / "config.yaml"
+        self.repos = base / "repositories"
+        self.state = base / "state"
+        self.keys = base / "keys"
+        self.repos.mkdir(parents=True, exist_ok=True)
+        self.keys.mkdir(exist_ok=True)
+        self.env = {**os.environ, "GATEKEEPER_CONFIG": str(self.config),
+                    "GATEKEEPER_CACHE_DIR": str(base / "cache")}
+        self.write_policy(policy, host=host, port=port, user=user)
+
+    def write_policy(self, body: str, *, host: str = "git.example.com", port: int = 22,
+                     user: str = "git", two_factor: str = "") -> None:
+        server = textwrap.dedent(f"""\
+            server:
+              host: {host}
+              port: {port}
+              user: {user}
+              repositories: {self.repos}
+              state_dir: {self.state}
+            """)
+        tf = two_factor or "two_factor:\n  max_failures: 3\n"
+        self.config.write_text(server + tf + body)
+
+    def gk(self, *args: str, input: str | None = None, check: bool = True,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([GATEKEEPER, *args], input=input, capture_output=True, text=True,
+                                env={**self.env, **(env or {})}, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"gatekeeper {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def init(self) -> Installation:
+        self.gk("init")
+        return self
+
+    def add_user(self, name: str, key_type: str = "ed25519") -> tuple[Path, int]:
+        """Add a user with a fresh key; return (private key path, key id)."""
+        self.gk("user", "add", name)
+        private = self.keys / name
+        if not private.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", f"{name}@test",
+                            "-f", str(private)], check=True)
+        self.gk("key", "add", name, str(private) + ".pub")
+        return private, self.key_id(name)
+
+    def key_id(self, name: str) -> int:
+        import json
+
+        rows = json.loads(self.gk("key", "list", name, "--json").stdout)
+        return int(rows[-1]["id"])
+
+    def repo(self, name: str, files: dict[str, str] | None = None) -> Path:
+        return make_bare_repo(self.repos, name, files)
+
+    def shell(self, key_id: int, command: str | None, *, stdin: str = "",
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run gatekeeper-shell as sshd would for `key_id` with SSH_ORIGINAL_COMMAND."""
+        env = {k: v for k, v in self.env.items() if not k.startswith("SSH_")}
+        env["SSH_CONNECTION"] = "127.0.0.1 50000 127.0.0.1 22"
+        if command is not None:
+            env["SSH_ORIGINAL_COMMAND"] = command
+        env.update(extra_env or {})
+        return subprocess.run([GATEKEEPER_SHELL, "--config", str(self.config), str(key_id)],
+                              input=stdin, capture_output=True, text=True, env=env, timeout=60)
+
+    def secret(self, user: str) -> str:
+        """Read a user's TOTP secret back from the store (tests play the phone)."""
+        from gatekeeper import totp
+        from gatekeeper.store import Store
+
+        with Store.open(self.state) as store:
+            record = store.get_user(user)
+            row = store.get_totp(record.id)
+            assert row is not None
+            return totp.decrypt_secret(totp.load_server_key(store.server_key_path), record.id,
+                                       row.secret)
+
+    def code(self, user: str, offset_steps: int = 0) -> str:
+        from gatekeeper import totp
+
+        return totp.current_code(self.secret(user), time.time() + 30 * offset_steps)
+
+    def enroll(self, user: str) -> None:
+        """Enroll and confirm `user` with the admin CLI, as an admin would.
+
+        Confirms with the previous step's code (inside the +-1 window), so the current
+        and the next step's codes are still fresh for the test that follows."""
+        self.gk("2fa", "enroll", user, "--no-qr")
+        avoid_step_boundary()
+        self.gk("2fa", "confirm", user, self.code(user, -1))
+
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        from gatekeeper.store import Store
+
+        with Store.open(self.state) as store:
+            return store.audit_records(**filters)
+
+
+@pytest.fixture
+def gk(tmp_path: Path) -> Iterator[Installation]:
+    yield Installation(tmp_path / "gk").init()
+
+
+def avoid_step_boundary(margin: float = 3.0) -> None:
+    """Wait out the end of a TOTP step, so codes computed now stay in the window."""
+    left = 30 - time.time() % 30
+    if left < margin:
+        time.sleep(left + 0.1)
+
+
+def next_code_step() -> None:
+    """Sleep into the next 30 s TOTP step (so a fresh code is not a replay)."""
+    time.sleep(30 - time.time() % 30 + 0.1)
