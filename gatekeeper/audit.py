@@ -15,8 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 GENESIS = "0" * 64
-FIELDS = ("seq", "at", "event", "actor", "user", "key_fp", "repo", "action", "reason",
-          "client", "detail")
+FIELDS = (
+    "seq",
+    "at",
+    "event",
+    "actor",
+    "user",
+    "key_fp",
+    "repo",
+    "action",
+    "reason",
+    "client",
+    "detail",
+)
 
 
 def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
@@ -44,11 +55,21 @@ def verify_chain(
     for rec in records:
         seq = int(rec["seq"])
         if seq != expected_seq:
-            problems.append(ChainProblem(seq, f"record {seq} follows {expected_seq - 1}: "
-                                              f"{'missing records' if seq > expected_seq else 'out of order'}"))
+            problems.append(
+                ChainProblem(
+                    seq,
+                    f"record {seq} follows {expected_seq - 1}: "
+                    f"{'missing records' if seq > expected_seq else 'out of order'}",
+                )
+            )
         if rec["prev_hash"] != prev:
-            problems.append(ChainProblem(seq, f"record {seq} does not link to the record before it "
-                                              "(deleted, reordered or edited)"))
+            problems.append(
+                ChainProblem(
+                    seq,
+                    f"record {seq} does not link to the record before it "
+                    "(deleted, reordered or edited)",
+                )
+            )
         if record_hash(str(rec["prev_hash"]), rec) != rec["hash"]:
             problems.append(ChainProblem(seq, f"record {seq} was edited (its hash does not match)"))
         prev = str(rec["hash"])
@@ -56,11 +77,19 @@ def verify_chain(
         last = (seq, prev)
     if head is not None:
         if last is None or last[0] < head[0]:
-            problems.append(ChainProblem(head[0], f"the log ends before record {head[0]} named by the "
-                                                  "head file: records were cut off"))
+            problems.append(
+                ChainProblem(
+                    head[0],
+                    f"the log ends before record {head[0]} named by the "
+                    "head file: records were cut off",
+                )
+            )
         elif last[0] > head[0]:
-            problems.append(ChainProblem(last[0], f"records after {head[0]} are not covered by the "
-                                                  "head file"))
+            problems.append(
+                ChainProblem(last[0], f"records after {head[0]} are not covered by the head file")
+            )
         elif last != head:
-            problems.append(ChainProblem(head[0], f"record {head[0]} differs from the head file's hash"))
+            problems.append(
+                ChainProblem(head[0], f"record {head[0]} differs from the head file's hash")
+            )
     return problems

@@ -45,8 +45,9 @@ def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
     return f'command="{shell} --config {config} {int(key_id)}",restrict'
 
 
-def key_line(key_id: int, key_type: str, blob_b64: str, config: Path,
-             shell: Path | None = None) -> str:
+def key_line(
+    key_id: int, key_type: str, blob_b64: str, config: Path, shell: Path | None = None
+) -> str:
     if not _KEY_TYPE.match(key_type) or not _BLOB.match(blob_b64):
         raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
     return f"{forced_command(key_id, config, shell)} {key_type} {blob_b64}"
@@ -70,7 +71,7 @@ def splice(existing: str, block: str) -> str:
             ) from None
         prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
         return prefix + block
-    return "".join(lines[:start]) + block + "".join(lines[end + 1:])
+    return "".join(lines[:start]) + block + "".join(lines[end + 1 :])
 
 
 def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
@@ -84,8 +85,10 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
         existing = ""
     digest = hashlib.sha256(existing.encode()).hexdigest()
     if expected_digest is not None and digest != expected_digest:
-        raise GatekeeperError(f"{path} changed while it was being updated; nothing written.",
-                              hint="run the command again.")
+        raise GatekeeperError(
+            f"{path} changed while it was being updated; nothing written.",
+            hint="run the command again.",
+        )
     new = splice(existing, block)
     if new == existing:
         return False
@@ -103,8 +106,10 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
         current = ""
     if current != existing:
         os.unlink(tmp)
-        raise GatekeeperError(f"{path} changed while it was being updated; nothing written.",
-                              hint="run the command again.")
+        raise GatekeeperError(
+            f"{path} changed while it was being updated; nothing written.",
+            hint="run the command again.",
+        )
     os.replace(tmp, path)
     return True
 
@@ -113,7 +118,7 @@ KEYS_COMMAND_TIMEOUT = 5
 
 
 def keys_command(argv: list[str]) -> int:
-    """`gatekeeper [--config FILE] keys-command USER TYPE BASE64` or `... keys-command USER SHA256:FP`.
+    """`gatekeeper keys-command USER TYPE BASE64` or `gatekeeper keys-command USER SHA256:FP`.
 
     Prints the forced-command line for the key when it belongs to a registered user
     and USER is the git account; prints nothing otherwise. Never raises.
@@ -161,10 +166,6 @@ def lookup_line(argv: list[str]) -> str | None:
 
 
 def _log(message: str) -> None:
-    try:
-        import syslog
+    from gatekeeper import logs
 
-        syslog.openlog("gatekeeper-keys", syslog.LOG_PID, syslog.LOG_AUTH)
-        syslog.syslog(syslog.LOG_WARNING, message)
-    except Exception:  # noqa: BLE001
-        pass
+    logs.log("gatekeeper-keys", message)

@@ -52,9 +52,9 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
         return
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def emit(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> None:
@@ -90,8 +90,11 @@ def record_policy_change(store: Store, policy: Policy) -> None:
     last = store.audit_records(event="policy-change")
     previous = json.loads(last[-1]["detail"]).get("new") if last else None
     if previous != policy.sha256:
-        store.audit("policy-change", actor=actor(),
-                    detail={"old": previous, "new": policy.sha256, "file": policy.source})
+        store.audit(
+            "policy-change",
+            actor=actor(),
+            detail={"old": previous, "new": policy.sha256, "file": policy.source},
+        )
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -200,8 +203,12 @@ def key() -> None:
 @key.command("add")
 @click.argument("user_name", metavar="USER")
 @click.argument("source", metavar="FILE|-", type=click.File("r"))
-@click.option("--authorized-keys", "authorized_keys", type=click.Path(path_type=Path),
-              help="Also refresh this authorized_keys file.")
+@click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    type=click.Path(path_type=Path),
+    help="Also refresh this authorized_keys file.",
+)
 @pass_ctx
 def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | None) -> None:
     """Register the public key in FILE (or stdin) for USER; prints its fingerprint."""
@@ -210,8 +217,15 @@ def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | N
     text = source.read(64 * 1024)
     parsed = parse_public_key(text)
     with ctx.store() as store:
-        store.add_key(user_name, parsed.key_type, parsed.blob_b64, parsed.fingerprint,
-                      parsed.bits, parsed.comment, actor=actor())
+        store.add_key(
+            user_name,
+            parsed.key_type,
+            parsed.blob_b64,
+            parsed.fingerprint,
+            parsed.bits,
+            parsed.comment,
+            actor=actor(),
+        )
         if authorized_keys:
             refresh_authorized_keys(ctx, store, authorized_keys)
     click.echo(parsed.fingerprint)
@@ -226,9 +240,15 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
     with ctx.store() as store:
         keys = store.list_keys(user_name)
     rows = [
-        {"id": k.id, "user": k.user, "fingerprint": k.fingerprint, "type": k.key_type,
-         "bits": k.bits, "comment": k.comment,
-         "added": k.added_at if as_json else when(k.added_at)}
+        {
+            "id": k.id,
+            "user": k.user,
+            "fingerprint": k.fingerprint,
+            "type": k.key_type,
+            "bits": k.bits,
+            "comment": k.comment,
+            "added": k.added_at if as_json else when(k.added_at),
+        }
         for k in keys
     ]
     emit(rows, ("id", "user", "fingerprint", "type", "bits", "added", "comment"), as_json)
@@ -236,8 +256,12 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
 
 @key.command("remove")
 @click.argument("fingerprint")
-@click.option("--authorized-keys", "authorized_keys", type=click.Path(path_type=Path),
-              help="Also refresh this authorized_keys file.")
+@click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    type=click.Path(path_type=Path),
+    help="Also refresh this authorized_keys file.",
+)
 @pass_ctx
 def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> None:
     """Remove the key with FINGERPRINT (SHA256:...)."""
@@ -249,21 +273,25 @@ def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> 
 
 
 def refresh_authorized_keys(ctx: Context, store: Store, path: Path) -> bool:
-    lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config)
-             for k in store.list_keys()]
+    lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config) for k in store.list_keys()]
     return authkeys.write_file(path, authkeys.render_block(lines))
 
 
 @cli.command("authorized-keys")
-@click.option("--write", "target", type=click.Path(dir_okay=False, path_type=Path),
-              help="Update this file in place between gatekeeper's marker lines.")
+@click.option(
+    "--write",
+    "target",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Update this file in place between gatekeeper's marker lines.",
+)
 @pass_ctx
 def authorized_keys_cmd(ctx: Context, target: Path | None) -> None:
     """Print (or --write) the authorized_keys lines for every registered key."""
     with ctx.store() as store:
         if target is None:
-            lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config)
-                     for k in store.list_keys()]
+            lines = [
+                authkeys.key_line(k.id, k.key_type, k.blob, ctx.config) for k in store.list_keys()
+            ]
             click.echo(authkeys.render_block(lines), nl=False)
             return
         changed = refresh_authorized_keys(ctx, store, target)
@@ -292,21 +320,21 @@ def twofa() -> None:
 @click.option("--replace", is_flag=True, help="Replace a confirmed enrollment (admin).")
 @click.option("--no-qr", is_flag=True, help="Do not draw the QR code.")
 @pass_ctx
-def twofa_enroll(ctx: Context, user_name: str, code: str | None, replace: bool,
-                 no_qr: bool) -> None:
+def twofa_enroll(
+    ctx: Context, user_name: str, code: str | None, replace: bool, no_qr: bool
+) -> None:
     """Start enrollment for USER: prints the otpauth:// URI and a QR code."""
     with ctx.store() as store:
-        enrollment = twofactor.enroll(store, ctx.policy, user_name, actor=actor(),
-                                      replace=replace)
+        enrollment = twofactor.enroll(store, ctx.policy, user_name, actor=actor(), replace=replace)
         if not no_qr:
             click.echo(enrollment.qr())
         click.echo(enrollment.uri)
         if code is None and sys.stdin.isatty():
-            code = click.prompt("code from the app (empty to confirm later)", default="",
-                                show_default=False)
+            code = click.prompt(
+                "code from the app (empty to confirm later)", default="", show_default=False
+            )
         if not code:
-            click.echo(f"pending: confirm with `gatekeeper 2fa confirm {user_name} CODE`",
-                       err=True)
+            click.echo(f"pending: confirm with `gatekeeper 2fa confirm {user_name} CODE`", err=True)
             return
         codes = twofactor.confirm(store, ctx.policy, user_name, code, actor=actor())
     click.echo(f"enrolled {user_name}; recovery codes (shown once):")
@@ -351,8 +379,11 @@ def twofa_status(ctx: Context, user_name: str | None, as_json: bool) -> None:
         for row in rows:
             for k in ("enrolled_at", "last_verified", "locked_until"):
                 row[k] = when(row[k])
-    emit(rows, ("user", "state", "enrolled_at", "last_verified", "locked_until",
-                "recovery_codes_left"), as_json)
+    emit(
+        rows,
+        ("user", "state", "enrolled_at", "last_verified", "locked_until", "recovery_codes_left"),
+        as_json,
+    )
 
 
 @twofa.command("recovery-codes")
@@ -401,8 +432,10 @@ def policy_check(ctx: Context, file: Path | None) -> None:
         click.echo(f"{path}: {errors} error(s), {warnings} warning(s)", err=True)
         sys.exit(1)
     assert result is not None
-    click.echo(f"{path}: ok ({len(result.teams)} teams, {len(result.rules)} repository rules, "
-               f"{warnings} warning(s))")
+    click.echo(
+        f"{path}: ok ({len(result.teams)} teams, {len(result.rules)} repository rules, "
+        f"{warnings} warning(s))"
+    )
 
 
 @cli.command()
@@ -412,8 +445,9 @@ def policy_check(ctx: Context, file: Path | None) -> None:
 @click.option("--key", "fingerprint", help="Judge as this key (for verified sessions).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def check(ctx: Context, user_name: str, repo: str, action: str, fingerprint: str | None,
-          as_json: bool) -> None:
+def check(
+    ctx: Context, user_name: str, repo: str, action: str, fingerprint: str | None, as_json: bool
+) -> None:
     """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse."""
     from gatekeeper.shell import user_facts
     from gatekeeper.sshcmd import normalize_repo_name
@@ -440,29 +474,50 @@ def check(ctx: Context, user_name: str, repo: str, action: str, fingerprint: str
                 enrolled=bool(record and record.confirmed),
                 pending=bool(record and not record.confirmed),
             )
-    verdict = decision.decide(ctx.policy, ufacts, name, action,
-                              datetime.fromtimestamp(now, timezone.utc))
+    verdict = decision.decide(
+        ctx.policy, ufacts, name, action, datetime.fromtimestamp(now, timezone.utc)
+    )
     if as_json:
-        click.echo(json.dumps({
-            "user": user_name, "repo": name, "action": action, "allowed": verdict.allowed,
-            "reason": verdict.reason, "level": verdict.level, "rules": list(verdict.rules),
-            "access_via": list(verdict.access_via),
-            "requirements": [
-                {"source": r.source, "level": r.level, "mode": r.mode, "met": r.met,
-                 "grace_until": r.grace_until.isoformat() if r.grace_until else None}
-                for r in verdict.requirements
-            ],
-            "message": list(verdict.message), "warnings": list(verdict.warnings),
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "user": user_name,
+                    "repo": name,
+                    "action": action,
+                    "allowed": verdict.allowed,
+                    "reason": verdict.reason,
+                    "level": verdict.level,
+                    "rules": list(verdict.rules),
+                    "access_via": list(verdict.access_via),
+                    "requirements": [
+                        {
+                            "source": r.source,
+                            "level": r.level,
+                            "mode": r.mode,
+                            "met": r.met,
+                            "grace_until": r.grace_until.isoformat() if r.grace_until else None,
+                        }
+                        for r in verdict.requirements
+                    ],
+                    "message": list(verdict.message),
+                    "warnings": list(verdict.warnings),
+                },
+                indent=2,
+            )
+        )
     else:
-        click.echo(f"{user_name} {action} {name}: "
-                   f"{'ALLOW' if verdict.allowed else 'REFUSE'} ({verdict.reason})")
+        click.echo(
+            f"{user_name} {action} {name}: "
+            f"{'ALLOW' if verdict.allowed else 'REFUSE'} ({verdict.reason})"
+        )
         click.echo(f"  matching rules: {', '.join(verdict.rules) or 'none'}")
         click.echo(f"  access via: {', '.join(verdict.access_via) or 'nothing'}")
         for r in verdict.requirements:
             extra = f", grace until {r.grace_until}" if r.grace_until else ""
-            click.echo(f"  requires {r.level} by {r.source} [{r.mode}{extra}]: "
-                       f"{'met' if r.met else 'NOT met'}")
+            click.echo(
+                f"  requires {r.level} by {r.source} [{r.mode}{extra}]: "
+                f"{'met' if r.met else 'NOT met'}"
+            )
         click.echo(f"  level that applies: {verdict.level}")
         for line in (*verdict.message, *verdict.warnings):
             click.echo(f"  > {line}")
@@ -471,21 +526,36 @@ def check(ctx: Context, user_name: str, repo: str, action: str, fingerprint: str
 
 @cli.command()
 @click.option("--host", help="Address to listen on (default: server.listen_host).")
-@click.option("--port", type=click.IntRange(0, 65535),
-              help="Port to listen on (default: server.listen_port; 0 picks a free one).")
-@click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
-              help="Connections served at once.")
-@click.option("--auth-timeout", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
-              help="Seconds a client gets to authenticate.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (default: server.listen_port; 0 picks a free one).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Connections served at once.",
+)
+@click.option(
+    "--auth-timeout",
+    type=click.FloatRange(min=0.1),
+    default=20.0,
+    show_default=True,
+    help="Seconds a client gets to authenticate.",
+)
 @pass_ctx
-def serve(ctx: Context, host: str | None, port: int | None, max_connections: int,
-          auth_timeout: float) -> None:
+def serve(
+    ctx: Context, host: str | None, port: int | None, max_connections: int, auth_timeout: float
+) -> None:
     """Run the embedded SSH server until SIGTERM/SIGINT."""
     from gatekeeper import server
 
     limits = server.Limits(max_connections=max_connections, auth_timeout=auth_timeout)
-    sys.exit(server.serve(ctx.policy, ctx.config, host, port, limits,
-                          echo=lambda line: click.echo(line)))
+    sys.exit(
+        server.serve(ctx.policy, ctx.config, host, port, limits, echo=lambda line: click.echo(line))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,9 +119,7 @@ def strictest(levels: list[str]) -> str:
     return max(levels, key=LEVEL_ORDER.__getitem__, default="none")
 
 
-def decide(
-    policy: Policy, facts: UserFacts, repo: str, action: str, now: datetime
-) -> Decision:
+def decide(policy: Policy, facts: UserFacts, repo: str, action: str, now: datetime) -> Decision:
     """Decide whether `facts.name` may `action` ("read" or "write") repository `repo`."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
@@ -186,7 +184,9 @@ def decide(
         return Decision(False, reason, message=message, **common)  # type: ignore[arg-type]
     if unmet:
         warnings = tuple(soft_warning(policy, facts, repo, r, now) for r in unmet)
-        reason = GRACE_PERIOD if any(r.in_grace(today) and not r.soft for r in unmet) else REPORT_ONLY
+        reason = (
+            GRACE_PERIOD if any(r.in_grace(today) and not r.soft for r in unmet) else REPORT_ONLY
+        )
         return Decision(True, reason, warnings=warnings, **common)  # type: ignore[arg-type]
     return Decision(True, ALLOWED, **common)  # type: ignore[arg-type]
 

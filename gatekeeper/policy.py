@@ -121,25 +121,40 @@ class Policy:
 
     def to_json(self) -> str:
         def team(t: Team) -> dict[str, Any]:
-            return {"name": t.name, "members": list(t.members), "require_2fa": t.require_2fa,
-                    "grace_until": _iso(t.grace_until), "mode": t.mode, "line": t.line}
+            return {
+                "name": t.name,
+                "members": list(t.members),
+                "require_2fa": t.require_2fa,
+                "grace_until": _iso(t.grace_until),
+                "mode": t.mode,
+                "line": t.line,
+            }
 
         def rule(r: RepoRule) -> dict[str, Any]:
-            return {"match": r.match, "read": list(r.read), "write": list(r.write),
-                    "public": r.public, "require_2fa": r.require_2fa,
-                    "grace_until": _iso(r.grace_until), "mode": r.mode, "line": r.line}
+            return {
+                "match": r.match,
+                "read": list(r.read),
+                "write": list(r.write),
+                "public": r.public,
+                "require_2fa": r.require_2fa,
+                "grace_until": _iso(r.grace_until),
+                "mode": r.mode,
+                "line": r.line,
+            }
 
         server = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.server).items()}
-        return json.dumps({
-            "format": CACHE_FORMAT,
-            "server": server,
-            "two_factor": dict(vars(self.two_factor)),
-            "teams": [team(t) for t in self.teams.values()],
-            "rules": [rule(r) for r in self.rules],
-            "allow_local_push": self.allow_local_push,
-            "source": self.source,
-            "sha256": self.sha256,
-        })
+        return json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "server": server,
+                "two_factor": dict(vars(self.two_factor)),
+                "teams": [team(t) for t in self.teams.values()],
+                "rules": [rule(r) for r in self.rules],
+                "allow_local_push": self.allow_local_push,
+                "source": self.source,
+                "sha256": self.sha256,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Policy:
@@ -159,8 +174,15 @@ class Policy:
             r["read"], r["write"] = tuple(r["read"]), tuple(r["write"])
             r["grace_until"] = _date(r["grace_until"])
             rules.append(RepoRule(**r))
-        return cls(ServerSettings(**server), TwoFactorSettings(**data["two_factor"]), teams,
-                   tuple(rules), data["allow_local_push"], data["source"], data["sha256"])
+        return cls(
+            ServerSettings(**server),
+            TwoFactorSettings(**data["two_factor"]),
+            teams,
+            tuple(rules),
+            data["allow_local_push"],
+            data["source"],
+            data["sha256"],
+        )
 
 
 def _iso(d: date | None) -> str | None:
@@ -177,17 +199,40 @@ def default_config_path() -> Path:
 
 # -- validation ----------------------------------------------------------------------
 
-SERVER_KEYS = {"host": "string", "port": "port", "user": "name", "repositories": "path",
-               "state_dir": "path", "listen_host": "string", "listen_port": "port"}
-TWO_FACTOR_KEYS = {"issuer": "string", "session_hours": "positive number",
-                   "max_failures": "positive integer", "failure_window_minutes": "positive integer",
-                   "lockout_minutes": "positive integer", "self_enroll": "boolean",
-                   "keyboard_interactive": "boolean"}
+SERVER_KEYS = {
+    "host": "string",
+    "port": "port",
+    "user": "name",
+    "repositories": "path",
+    "state_dir": "path",
+    "listen_host": "string",
+    "listen_port": "port",
+}
+TWO_FACTOR_KEYS = {
+    "issuer": "string",
+    "session_hours": "positive number",
+    "max_failures": "positive integer",
+    "failure_window_minutes": "positive integer",
+    "lockout_minutes": "positive integer",
+    "self_enroll": "boolean",
+    "keyboard_interactive": "boolean",
+}
 HOOKS_KEYS = {"allow_local_push": "boolean"}
-TEAM_KEYS = {"members": "list of names", "require_2fa": "level", "grace_until": "date",
-             "mode": "mode"}
-RULE_KEYS = {"match": "pattern", "read": "list of team names", "write": "list of team names",
-             "public": "boolean", "require_2fa": "level", "grace_until": "date", "mode": "mode"}
+TEAM_KEYS = {
+    "members": "list of names",
+    "require_2fa": "level",
+    "grace_until": "date",
+    "mode": "mode",
+}
+RULE_KEYS = {
+    "match": "pattern",
+    "read": "list of team names",
+    "write": "list of team names",
+    "public": "boolean",
+    "require_2fa": "level",
+    "grace_until": "date",
+    "mode": "mode",
+}
 TOP_KEYS = ("server", "two_factor", "hooks", "teams", "repositories")
 
 
@@ -218,12 +263,17 @@ class _Checker:
                 continue
             key = key_node.value
             if key in out:
-                self.error(key_node, f"duplicate key '{key}' in {where} (first on line "
-                                     f"{out[key][0].start_mark.line + 1})")
+                self.error(
+                    key_node,
+                    f"duplicate key '{key}' in {where} (first on line "
+                    f"{out[key][0].start_mark.line + 1})",
+                )
                 continue
             if allowed is not None and key not in allowed:
-                self.error(key_node, f"unknown key '{key}' in {where} (expected one of: "
-                                     f"{', '.join(allowed)})")
+                self.error(
+                    key_node,
+                    f"unknown key '{key}' in {where} (expected one of: {', '.join(allowed)})",
+                )
                 continue
             out[key] = (key_node, value_node)
         return out
@@ -251,17 +301,20 @@ class _Checker:
                     return number
                 if kind == "positive integer" and number > 0:
                     return number
-            self.error(node, f"{where}: expected {_article(kind)}"
-                             f"{' (1-65535)' if kind == 'port' else ''}, got {value!r}")
+            self.error(
+                node,
+                f"{where}: expected {_article(kind)}"
+                f"{' (1-65535)' if kind == 'port' else ''}, got {value!r}",
+            )
             return None
         if kind == "positive number":
             if tag in (INT_TAG, FLOAT_TAG):
                 try:
-                    number = float(value.replace("_", ""))
+                    real = float(value.replace("_", ""))
                 except ValueError:
-                    number = -1.0
-                if number > 0:
-                    return number
+                    real = -1.0
+                if real > 0 and real != float("inf"):
+                    return real
             self.error(node, f"{where}: expected a positive number, got {value!r}")
             return None
         if kind == "date":
@@ -277,28 +330,39 @@ class _Checker:
             return None
         if kind == "level":
             if value not in LEVELS:
-                self.error(node, f"{where}: unknown level {value!r} (expected one of: "
-                                 f"{', '.join(LEVELS)})")
+                self.error(
+                    node, f"{where}: unknown level {value!r} (expected one of: {', '.join(LEVELS)})"
+                )
                 return None
         elif kind == "mode":
             if value not in MODES:
-                self.error(node, f"{where}: unknown mode {value!r} (expected one of: "
-                                 f"{', '.join(MODES)})")
+                self.error(
+                    node, f"{where}: unknown mode {value!r} (expected one of: {', '.join(MODES)})"
+                )
                 return None
         elif kind == "name":
             if not NAME.match(value):
-                self.error(node, f"{where}: invalid name {value!r} (letters, digits, '_', '.', "
-                                 "'-'; at most 64)")
+                self.error(
+                    node,
+                    f"{where}: invalid name {value!r} (letters, digits, '_', '.', '-'; at most 64)",
+                )
                 return None
         elif kind == "pattern":
             pattern = value.strip("/").removesuffix(".git")
             comps = pattern.split("/")
-            if not pattern or value.startswith("/") or any(
-                c in ("", ".", "..") or not PATTERN_COMPONENT.match(c) or c.startswith("-")
-                for c in comps
+            if (
+                not pattern
+                or value.startswith("/")
+                or any(
+                    c in ("", ".", "..") or not PATTERN_COMPONENT.match(c) or c.startswith("-")
+                    for c in comps
+                )
             ):
-                self.error(node, f"{where}: invalid repository pattern {value!r} (names of "
-                                 "letters, digits, '_.+-', '*' and '**', separated by '/')")
+                self.error(
+                    node,
+                    f"{where}: invalid repository pattern {value!r} (names of "
+                    "letters, digits, '_.+-', '*' and '**', separated by '/')",
+                )
                 return None
             return pattern
         elif kind in ("string", "path") and not value.strip():
@@ -306,24 +370,25 @@ class _Checker:
             return None
         return value
 
-    def names(self, node: Any, where: str, kind: str) -> tuple[str, ...]:
+    def names(self, node: Any, where: str, kind: str) -> list[tuple[str, Any]]:
+        """A list of valid, distinct names, each with its node (for line numbers)."""
         import yaml
 
         if isinstance(node, yaml.ScalarNode) and node.tag == NULL_TAG:
-            return ()
+            return []
         if not isinstance(node, yaml.SequenceNode):
             self.error(node, f"{where}: expected a list of {kind}, like [a, b]")
-            return ()
-        out: list[str] = []
+            return []
+        out: list[tuple[str, Any]] = []
         for item in node.value:
             name = self.scalar(item, "name", where)
             if name is None:
                 continue
-            if name in out:
+            if any(name == seen for seen, _ in out):
                 self.error(item, f"{where}: '{name}' is listed twice")
                 continue
-            out.append(name)
-        return tuple(out)
+            out.append((name, item))
+        return out
 
 
 STR_TAG = "tag:yaml.org,2002:str"
@@ -332,8 +397,16 @@ FLOAT_TAG = "tag:yaml.org,2002:float"
 BOOL_TAG = "tag:yaml.org,2002:bool"
 NULL_TAG = "tag:yaml.org,2002:null"
 TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-STANDARD_TAGS = {STR_TAG, INT_TAG, FLOAT_TAG, BOOL_TAG, NULL_TAG, TIMESTAMP_TAG,
-                 "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+STANDARD_TAGS = {
+    STR_TAG,
+    INT_TAG,
+    FLOAT_TAG,
+    BOOL_TAG,
+    NULL_TAG,
+    TIMESTAMP_TAG,
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+}
 
 
 def _article(kind: str) -> str:
@@ -417,8 +490,12 @@ def check_policy_text(
             where = f"team '{name}'"
             fields = checker.mapping(vnode, where, TEAM_KEYS)
             kwargs: dict[str, Any] = {"name": name, "line": knode.start_mark.line + 1}
-            kwargs["members"] = (checker.names(fields["members"][1], f"{where} members",
-                                               "user names") if "members" in fields else ())
+            members = (
+                checker.names(fields["members"][1], f"{where} members", "user names")
+                if "members" in fields
+                else []
+            )
+            kwargs["members"] = tuple(m for m, _ in members)
             for key in ("require_2fa", "grace_until", "mode"):
                 if key in fields:
                     value = checker.scalar(fields[key][1], TEAM_KEYS[key], f"{where} {key}")
@@ -426,10 +503,13 @@ def check_policy_text(
                         kwargs[key] = value
             teams[name] = Team(**kwargs)
             if known_users is not None:
-                for member, item in zip(kwargs["members"], fields["members"][1].value):
+                for member, item in members:
                     if member not in known_users:
-                        checker.warn(item, f"{where}: member '{member}' is not a user in the "
-                                           "store (gatekeeper user add)")
+                        checker.warn(
+                            item,
+                            f"{where}: member '{member}' is not a user in the "
+                            "store (gatekeeper user add)",
+                        )
 
     rules: list[RepoRule] = []
     if "repositories" in top:
@@ -456,11 +536,14 @@ def check_policy_text(
                 for key in ("read", "write"):
                     if key in fields:
                         listed = checker.names(fields[key][1], f"{where} {key}", "team names")
-                        for team_name, node in zip(listed, fields[key][1].value or []):
+                        for team_name, node in listed:
                             if team_name not in teams:
-                                checker.error(node, f"{where} {key}: unknown team '{team_name}'"
-                                                    f" (teams: {', '.join(teams) or 'none'})")
-                        kwargs[key] = listed
+                                checker.error(
+                                    node,
+                                    f"{where} {key}: unknown team '{team_name}'"
+                                    f" (teams: {', '.join(teams) or 'none'})",
+                                )
+                        kwargs[key] = tuple(t for t, _ in listed)
                 for key in ("public", "require_2fa", "grace_until", "mode"):
                     if key in fields:
                         value = checker.scalar(fields[key][1], RULE_KEYS[key], f"{where} {key}")
@@ -470,11 +553,13 @@ def check_policy_text(
                 if not (rule.read or rule.write or rule.public or rule.require_2fa):
                     checker.warn(item, f"{where} grants nothing and requires nothing")
                 if rule.mode and not rule.require_2fa:
-                    checker.warn(item, f"{where}: mode applies to this rule's require_2fa, "
-                                       "which it does not set")
+                    checker.warn(
+                        item,
+                        f"{where}: mode applies to this rule's require_2fa, which it does not set",
+                    )
                 rules.append(rule)
 
-    problems = sorted(checker.problems, key=lambda p: (p.line or 0))
+    problems = sorted(checker.problems, key=lambda p: p.line or 0)
     if any(p.severity == "error" for p in problems):
         return None, problems
     digest = hashlib.sha256(text.encode()).hexdigest()

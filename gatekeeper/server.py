@@ -904,17 +904,22 @@ def serve(
         port if port is not None else policy.server.listen_port,
         limits,
     )
-    bound_host, bound_port = server.bind()
-    echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user "
-         f"{policy.server.user!r}")
-    echo(f"gatekeeper: host key {key_fingerprint(host_key)} (ED25519)")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server.stopping.is_set():
             server.hard_stop.set()  # a second signal: do not wait for the grace period
         server.stop()
 
+    # Handlers first: a signal that arrives right after the banner still stops cleanly.
     with _signals(on_signal):
+        bound_host, bound_port = server.bind()
+        echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user "
+             f"{policy.server.user!r}")
+        echo(f"gatekeeper: host key {key_fingerprint(host_key)} (ED25519)")
+        public = policy.server
+        port_part = "" if public.port == 22 else f":{public.port}"
+        echo(f"gatekeeper: clone with: git clone ssh://{public.user}@{public.host}{port_part}/"
+             "REPOSITORY.git")
         server.serve_forever()
     echo("gatekeeper: stopped")
     return 0

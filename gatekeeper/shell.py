@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from gatekeeper import decision, sshcmd
+from gatekeeper import decision, logs, sshcmd
 from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.store import ConnectionFacts, Store
@@ -113,18 +113,29 @@ def run(
     now = time.time()
     facts = store.connection_facts(conn.key_id, now)
     if facts is None:
-        store.audit("access", now=now, reason="unknown-key", client=conn.client,
-                    detail={"key_id": conn.key_id})
+        store.audit(
+            "access",
+            now=now,
+            reason="unknown-key",
+            client=conn.client,
+            detail={"key_id": conn.key_id},
+        )
         raise Refused(
             "access refused: this key is not registered (it may have just been removed).",
             hint="ask an administrator to add your public key (`gatekeeper key add`).",
         )
     try:
         request = sshcmd.parse_command(conn.original_command)
-    except InputError as exc:
-        store.audit("access", now=now, user=facts.key.user, key_fp=facts.key.fingerprint,
-                    reason="bad-command", client=conn.client,
-                    detail={"command": (conn.original_command or "")[:200]})
+    except InputError:
+        store.audit(
+            "access",
+            now=now,
+            user=facts.key.user,
+            key_fp=facts.key.fingerprint,
+            reason="bad-command",
+            client=conn.client,
+            detail={"command": (conn.original_command or "")[:200]},
+        )
         raise
     if isinstance(request, sshcmd.UserCommand):
         from gatekeeper import usercmd
@@ -154,8 +165,14 @@ def git_access(
     allowed = path is not None
     # No git without a record: if this write fails, StoreError refuses the connection.
     store.audit(
-        "access", now=now, user=facts.key.user, key_fp=facts.key.fingerprint,
-        repo=request.repo, action=request.action, reason=reason, client=conn.client,
+        "access",
+        now=now,
+        user=facts.key.user,
+        key_fp=facts.key.fingerprint,
+        repo=request.repo,
+        action=request.action,
+        reason=reason,
+        client=conn.client,
         detail={"verb": request.verb, "level": verdict.level, "allowed": allowed},
     )
     if not allowed or path is None:
@@ -183,7 +200,7 @@ def git_access(
     if env.get("GATEKEEPER_DRY_RUN") == "1":
         # For the benchmark: everything up to the exec, but not the exec.
         return 0
-    os.execve(git_binary(), argv, git_env)
+    os.execve(git_binary(), argv, git_env)  # noqa: S606 - argv is built, never a shell
     return 1  # pragma: no cover - execve does not return
 
 
@@ -206,20 +223,14 @@ def git_binary() -> str:
 
 
 def log(message: str) -> None:
-    """To syslog (auth facility): sshd's users never see this, admins do."""
-    try:
-        import syslog
-
-        syslog.openlog("gatekeeper-shell", syslog.LOG_PID, syslog.LOG_AUTH)
-        syslog.syslog(syslog.LOG_WARNING, message)
-    except Exception:  # noqa: BLE001 - logging must never turn a refusal into a traceback
-        pass
+    logs.log("gatekeeper-shell", message)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout,
-                   sys.stderr)
+        return run(
+            sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
+        )
     except GatekeeperError as exc:
         for line in exc.lines():
             sys.stderr.write(PREFIX + line + "\n")

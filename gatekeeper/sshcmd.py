@@ -52,7 +52,7 @@ class GitRequest:
 
 @dataclass(frozen=True)
 class UserCommand:
-    """A gatekeeper command for the person at the other end: `2fa ...`, `info`, `help`, or nothing."""
+    """A command for the person at the other end: `2fa ...`, `info`, `help`, or nothing."""
 
     words: tuple[str, ...]
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gatekeeper import audit
+from gatekeeper import audit as chain
 from gatekeeper.errors import InputError, NotFound, StoreError
 
 SCHEMA_VERSION = 1
@@ -345,19 +345,19 @@ class Store:
         last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if last is None:
             anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
-            prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, audit.GENESIS)
+            prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, chain.GENESIS)
         else:
             prev_seq, prev_hash = last["seq"], last["hash"]
-        record: dict[str, Any] = {f: fields.get(f) for f in audit.FIELDS}
+        record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
         record["event"] = event
         record["detail"] = json.dumps(fields.get("detail") or {}, sort_keys=True)
-        digest = audit.record_hash(prev_hash, record)
+        digest = chain.record_hash(prev_hash, record)
         self._exec(
             "INSERT INTO audit (seq, at, event, actor, user, key_fp, repo, action, reason, client,"
             " detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (*(record[f] for f in audit.FIELDS), prev_hash, digest),
+            (*(record[f] for f in chain.FIELDS), prev_hash, digest),
         )
         # Written while we hold the write lock, so heads are written in chain order.
         self._write_head(record["seq"], digest)
@@ -404,7 +404,8 @@ class Store:
         after_seq: int = 0,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        where, params = ["seq > ?"], [after_seq]
+        where: list[str] = ["seq > ?"]
+        params: list[Any] = [after_seq]
         for column, value in (("user", user), ("repo", repo), ("reason", reason), ("event", event)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -412,7 +413,8 @@ class Store:
         if since is not None:
             where.append("at >= ?")
             params.append(since)
-        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq"
+        # Only fixed column names are joined in; every value is a parameter.
+        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq"  # noqa: S608
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [dict(row) for row in self._read(sql, params)]
@@ -421,9 +423,9 @@ class Store:
         row = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
         return (int(row["seq"]), str(row["hash"])) if row else None
 
-    def verify_audit(self) -> list[audit.ChainProblem]:
+    def verify_audit(self) -> list[chain.ChainProblem]:
         rows = self._read("SELECT * FROM audit ORDER BY rowid")
-        return audit.verify_chain([dict(r) for r in rows], self.read_head(), self.audit_anchor())
+        return chain.verify_chain([dict(r) for r in rows], self.read_head(), self.audit_anchor())
 
     def prune_audit(self, before: str, *, actor: str | None = None) -> int:
         """Delete records older than `before` (ISO time), keeping the chain verifiable
@@ -454,9 +456,7 @@ class Store:
         with self._write():
             if self._read_one("SELECT 1 FROM users WHERE name = ?", (name,)):
                 raise InputError(f"user '{name}' already exists.")
-            cur = self._exec(
-                "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, int(now))
-            )
+            cur = self._exec("INSERT INTO users (name, created_at) VALUES (?, ?)", (name, int(now)))
             self._append_audit("user-add", now, actor=actor, user=name)
         return User(int(cur.lastrowid or 0), name, int(now))
 
@@ -480,7 +480,10 @@ class Store:
             keys = self._read("SELECT fingerprint FROM keys WHERE user_id = ?", (user.id,))
             self._exec("DELETE FROM users WHERE id = ?", (user.id,))
             self._append_audit(
-                "user-remove", now, actor=actor, user=name,
+                "user-remove",
+                now,
+                actor=actor,
+                user=name,
                 detail={"keys": [k["fingerprint"] for k in keys]},
             )
 
@@ -522,7 +525,11 @@ class Store:
                 (user.id, fingerprint, key_type, blob_b64, bits, comment, int(now)),
             )
             self._append_audit(
-                "key-add", now, actor=actor, user=user_name, key_fp=fingerprint,
+                "key-add",
+                now,
+                actor=actor,
+                user=user_name,
+                key_fp=fingerprint,
                 detail={"type": key_type, "bits": bits, "comment": comment},
             )
         return self.key_by_id(int(cur.lastrowid or 0))  # type: ignore[return-value]
@@ -649,8 +656,13 @@ class Store:
             self._exec("DELETE FROM recovery_codes WHERE user_id = ?", (user.id,))
             self._exec("DELETE FROM sessions WHERE user_id = ?", (user.id,))
             self._clear_failures(user.id)
-            self._append_audit(event, now, actor=actor, user=user.name,
-                               detail={"had_enrollment": cur.rowcount == 1})
+            self._append_audit(
+                event,
+                now,
+                actor=actor,
+                user=user.name,
+                detail={"had_enrollment": cur.rowcount == 1},
+            )
         return cur.rowcount == 1
 
     # -- recovery codes --------------------------------------------------------
@@ -668,8 +680,13 @@ class Store:
         now = time.time()
         with self._write():
             self._replace_recovery_codes(user.id, code_hashes)
-            self._append_audit("2fa-recovery-codes", now, actor=actor, user=user.name,
-                               detail={"count": len(code_hashes)})
+            self._append_audit(
+                "2fa-recovery-codes",
+                now,
+                actor=actor,
+                user=user.name,
+                detail={"count": len(code_hashes)},
+            )
 
     def unused_recovery_codes(self, user_id: int) -> list[tuple[int, str]]:
         rows = self._read(
@@ -689,8 +706,13 @@ class Store:
     # -- verified sessions -----------------------------------------------------
 
     def open_session(
-        self, user: User, key: KeyRecord, expires_at: float, source: str | None,
-        *, method: str = "totp",
+        self,
+        user: User,
+        key: KeyRecord,
+        expires_at: float,
+        source: str | None,
+        *,
+        method: str = "totp",
     ) -> None:
         now = time.time()
         with self._write():
@@ -702,7 +724,11 @@ class Store:
             )
             self._clear_failures(user.id)
             self._append_audit(
-                "2fa-verified", now, user=user.name, key_fp=key.fingerprint, client=source,
+                "2fa-verified",
+                now,
+                user=user.name,
+                key_fp=key.fingerprint,
+                client=source,
                 detail={"method": method, "expires": utc_iso(expires_at)},
             )
 
@@ -760,12 +786,20 @@ class Store:
                 (user.id, 0 if locked else count, int(now) if locked else start, locked),
             )
             self._append_audit(
-                "2fa-failure", now, user=user.name, key_fp=key_fp, client=client,
+                "2fa-failure",
+                now,
+                user=user.name,
+                key_fp=key_fp,
+                client=client,
                 detail={"what": what, "count": count},
             )
             if locked:
                 self._append_audit(
-                    "2fa-lockout", now, user=user.name, key_fp=key_fp, client=client,
+                    "2fa-lockout",
+                    now,
+                    user=user.name,
+                    key_fp=key_fp,
+                    client=client,
                     detail={"until": utc_iso(locked), "failures": count},
                 )
         return locked
@@ -793,20 +827,25 @@ class Store:
         )
         out = []
         for r in rows:
-            state = "none" if r["totp_created"] is None else (
-                "enrolled" if r["confirmed_at"] is not None else "pending")
+            state = (
+                "none"
+                if r["totp_created"] is None
+                else ("enrolled" if r["confirmed_at"] is not None else "pending")
+            )
             locked = r["locked_until"] if r["locked_until"] and r["locked_until"] > now else None
-            out.append({
-                "user": r["name"],
-                "state": state,
-                "enrolled_at": r["confirmed_at"],
-                "last_verified": r["last_verified"],
-                "locked_until": locked,
-                "keys": r["keys"],
-                "oldest_key": r["oldest_key"],
-                "newest_key": r["newest_key"],
-                "recovery_codes_left": r["recovery_codes_left"],
-            })
+            out.append(
+                {
+                    "user": r["name"],
+                    "state": state,
+                    "enrolled_at": r["confirmed_at"],
+                    "last_verified": r["last_verified"],
+                    "locked_until": locked,
+                    "keys": r["keys"],
+                    "oldest_key": r["oldest_key"],
+                    "newest_key": r["newest_key"],
+                    "recovery_codes_left": r["recovery_codes_left"],
+                }
+            )
         return out
 
 

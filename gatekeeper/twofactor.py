@@ -59,8 +59,11 @@ def _secret(store: Store, user: User) -> tuple[str, bool, int]:
             f"'{user.name}' has not enrolled in two-step verification.",
             hint="enroll first (`2fa enroll`).",
         )
-    return totp.decrypt_secret(_server_key(store), user.id, record.secret), record.confirmed, \
-        record.last_timestep
+    return (
+        totp.decrypt_secret(_server_key(store), user.id, record.secret),
+        record.confirmed,
+        record.last_timestep,
+    )
 
 
 def _refuse_if_locked(store: Store, user: User, now: float) -> None:
@@ -122,14 +125,23 @@ def confirm(
         raise InputError(f"'{user.name}' is already enrolled; nothing to confirm.")
     step = totp.match_timestep(secret, code, now)
     if step is None:
-        raise _fail(store, policy, user, now, "wrong code: enrollment not confirmed.",
-                    client=client, what="confirm")
+        raise _fail(
+            store,
+            policy,
+            user,
+            now,
+            "wrong code: enrollment not confirmed.",
+            client=client,
+            what="confirm",
+        )
     codes = totp.new_recovery_codes()
     if not store.confirm_enrollment(
         user, step, [totp.hash_recovery_code(c) for c in codes], actor=actor
     ):
-        raise Refused("enrollment was not confirmed: it changed meanwhile or the code was reused.",
-                      hint="start again with `2fa enroll`.")
+        raise Refused(
+            "enrollment was not confirmed: it changed meanwhile or the code was reused.",
+            hint="start again with `2fa enroll`.",
+        )
     return codes
 
 
@@ -154,11 +166,20 @@ def check_code(
     if allow_recovery and totp.looks_like_recovery_code(code):
         for code_id, hashed in store.unused_recovery_codes(user.id):
             if totp.check_recovery_code(code, hashed) and store.use_recovery_code(code_id):
-                store.audit("2fa-recovery-code-used", now=now, user=user.name, key_fp=key_fp,
-                            client=client)
+                store.audit(
+                    "2fa-recovery-code-used", now=now, user=user.name, key_fp=key_fp, client=client
+                )
                 return "recovery-code"
-        raise _fail(store, policy, user, now, "wrong or already used recovery code.",
-                    key_fp=key_fp, client=client, what="recovery-code")
+        raise _fail(
+            store,
+            policy,
+            user,
+            now,
+            "wrong or already used recovery code.",
+            key_fp=key_fp,
+            client=client,
+            what="recovery-code",
+        )
     code = totp.normalize_code(code)
     secret, confirmed, _ = _secret(store, user)
     if not confirmed:
@@ -170,9 +191,16 @@ def check_code(
     if step is None:
         raise _fail(store, policy, user, now, "wrong code.", key_fp=key_fp, client=client)
     if not store.accept_timestep(user.id, step):
-        raise _fail(store, policy, user, now,
-                    "that code was already used; wait for the next one.",
-                    key_fp=key_fp, client=client, what="replay")
+        raise _fail(
+            store,
+            policy,
+            user,
+            now,
+            "that code was already used; wait for the next one.",
+            key_fp=key_fp,
+            client=client,
+            what="replay",
+        )
     return "totp"
 
 
@@ -196,8 +224,14 @@ def verify(
 
 
 def disable(
-    store: Store, policy: Policy, user_name: str, code: str, *, actor: str | None,
-    key_fp: str | None = None, client: str | None = None,
+    store: Store,
+    policy: Policy,
+    user_name: str,
+    code: str,
+    *,
+    actor: str | None,
+    key_fp: str | None = None,
+    client: str | None = None,
 ) -> None:
     """A user turning 2FA off: needs a current code (or a recovery code)."""
     user = store.get_user(user_name)

@@ -1,12 +1,12 @@
 """What a person can run over SSH: `help`, `info` (or nothing), and `2fa ...`.
 
-    ssh git@HOST                     who you are, your 2FA state, what you can reach
-    ssh git@HOST 2fa enroll          start enrollment: otpauth URI and a QR code
-    ssh git@HOST 2fa confirm CODE    finish it; prints recovery codes once
-    ssh git@HOST 2fa verify [CODE]   open a verified session for this key
-    ssh git@HOST 2fa status
-    ssh git@HOST 2fa disable CODE
-    ssh git@HOST 2fa recovery-codes CODE
+ssh git@HOST                     who you are, your 2FA state, what you can reach
+ssh git@HOST 2fa enroll          start enrollment: otpauth URI and a QR code
+ssh git@HOST 2fa confirm CODE    finish it; prints recovery codes once
+ssh git@HOST 2fa verify [CODE]   open a verified session for this key
+ssh git@HOST 2fa status
+ssh git@HOST 2fa disable CODE
+ssh git@HOST 2fa recovery-codes CODE
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def run(
         stdout.write(help_text(policy))
         return 0
     if words[0] != "2fa" or len(words) < 2:
-        raise InputError("usage: 2fa enroll|confirm|verify|status|disable|recovery-codes",
-                         hint=f"`{decision.ssh_command_prefix(policy)} help` lists the commands.")
+        raise InputError(
+            "usage: 2fa enroll|confirm|verify|status|disable|recovery-codes",
+            hint=f"`{decision.ssh_command_prefix(policy)} help` lists the commands.",
+        )
     sub, args = words[1], list(words[2:])
     ssh = decision.ssh_command_prefix(policy)
     user = facts.key.user
@@ -85,11 +87,15 @@ def run(
     if sub == "enroll":
         _no_args(sub, args)
         if not policy.two_factor.self_enroll:
-            raise Refused("self-enrollment is turned off on this server.",
-                          hint=f"ask an administrator: gatekeeper 2fa enroll {user}")
+            raise Refused(
+                "self-enrollment is turned off on this server.",
+                hint=f"ask an administrator: gatekeeper 2fa enroll {user}",
+            )
         if facts.enrolled:
-            raise Refused("you are already enrolled in two-step verification.",
-                          hint=f"to move to a new app: {ssh} 2fa disable CODE, then enroll again.")
+            raise Refused(
+                "you are already enrolled in two-step verification.",
+                hint=f"to move to a new app: {ssh} 2fa disable CODE, then enroll again.",
+            )
         enrollment = twofactor.enroll(store, policy, user, actor=user)
         stdout.write(
             "Scan this QR code with your authenticator app, or add the key by hand.\n\n"
@@ -108,21 +114,33 @@ def run(
     if sub == "verify":
         code = _one_code(sub, args, stdin, stderr)
         until = twofactor.verify(store, policy, facts.key, code, client=client)
-        stdout.write(f"Verified: this key may reach repositories that need a verified session "
-                     f"until {_fmt(until)}.\n")
+        stdout.write(
+            f"Verified: this key may reach repositories that need a verified session "
+            f"until {_fmt(until)}.\n"
+        )
         return 0
     if sub == "disable":
         code = _one_code(sub, args, stdin, stderr)
-        twofactor.disable(store, policy, user, code, actor=user, key_fp=facts.key.fingerprint,
-                          client=client)
-        stdout.write("Two-step verification is now disabled. Repositories that require it will "
-                     "refuse you until you enroll again.\n")
+        twofactor.disable(
+            store, policy, user, code, actor=user, key_fp=facts.key.fingerprint, client=client
+        )
+        stdout.write(
+            "Two-step verification is now disabled. Repositories that require it will "
+            "refuse you until you enroll again.\n"
+        )
         return 0
     if sub == "recovery-codes":
         code = _one_code(sub, args, stdin, stderr)
         record = store.get_user(user)
-        twofactor.check_code(store, policy, record, code, key_fp=facts.key.fingerprint,
-                             client=client, allow_recovery=False)
+        twofactor.check_code(
+            store,
+            policy,
+            record,
+            code,
+            key_fp=facts.key.fingerprint,
+            client=client,
+            allow_recovery=False,
+        )
         stdout.write(recovery_text(twofactor.new_recovery_codes(store, user, actor=user)))
         return 0
     raise InputError(f"unknown 2fa command '{sub}'.", hint=f"`{ssh} help` lists the commands.")
@@ -167,8 +185,13 @@ def status_text(store: Store, facts: ConnectionFacts) -> str:
     ]
     if facts.enrolled:
         until = facts.verified_until
-        session = (f"verified until {_fmt(until)}" if until and until > now
-                   else "not verified" if until is None else f"expired at {_fmt(until)}")
+        session = (
+            f"verified until {_fmt(until)}"
+            if until and until > now
+            else "not verified"
+            if until is None
+            else f"expired at {_fmt(until)}"
+        )
         lines.append(f"this key: {session}")
         lines.append(f"last verified (any key): {_fmt(store.last_verified(user.id))}")
         left = len(store.unused_recovery_codes(user.id))

@@ -20,16 +20,21 @@ GATEKEEPER = str(BIN / "gatekeeper")
 GATEKEEPER_SHELL = str(BIN / "gatekeeper-shell")
 
 
-def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def git(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     base = {
-        "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com",
-        "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(cwd or ROOT),
+        "GIT_AUTHOR_NAME": "Test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "Test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(cwd or ROOT),
     }
     full = {**os.environ, **base, **(env or {})}
-    return subprocess.run(["git", *args], cwd=cwd, env=full, capture_output=True, text=True,
-                          check=check, timeout=120)
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=full, capture_output=True, text=True, check=check, timeout=120
+    )
 
 
 def make_bare_repo(root: Path, name: str, files: dict[str, str] | None = None) -> Path:
@@ -70,8 +75,14 @@ repositories:
 class Installation:
     """One gatekeeper: policy file, state directory, repositories root."""
 
-    def __init__(self, base: Path, policy: str = DEFAULT_POLICY, host: str = "git.example.com",
-                 port: int = 22, user: str = "git") -> None:
+    def __init__(
+        self,
+        base: Path,
+        policy: str = DEFAULT_POLICY,
+        host: str = "git.example.com",
+        port: int = 22,
+        user: str = "git",
+    ) -> None:
         self.base = base
         self.config = base / "config.yaml"
         self.repos = base / "repositories"
@@ -79,12 +90,22 @@ class Installation:
         self.keys = base / "keys"
         self.repos.mkdir(parents=True, exist_ok=True)
         self.keys.mkdir(exist_ok=True)
-        self.env = {**os.environ, "GATEKEEPER_CONFIG": str(self.config),
-                    "GATEKEEPER_CACHE_DIR": str(base / "cache")}
+        self.env = {
+            **os.environ,
+            "GATEKEEPER_CONFIG": str(self.config),
+            "GATEKEEPER_CACHE_DIR": str(base / "cache"),
+        }
         self.write_policy(policy, host=host, port=port, user=user)
 
-    def write_policy(self, body: str, *, host: str = "git.example.com", port: int = 22,
-                     user: str = "git", two_factor: str = "") -> None:
+    def write_policy(
+        self,
+        body: str,
+        *,
+        host: str = "git.example.com",
+        port: int = 22,
+        user: str = "git",
+        two_factor: str = "",
+    ) -> None:
         server = textwrap.dedent(f"""\
             server:
               host: {host}
@@ -96,13 +117,26 @@ class Installation:
         tf = two_factor or "two_factor:\n  max_failures: 3\n"
         self.config.write_text(server + tf + body)
 
-    def gk(self, *args: str, input: str | None = None, check: bool = True,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([GATEKEEPER, *args], input=input, capture_output=True, text=True,
-                                env={**self.env, **(env or {})}, timeout=60)
+    def gk(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [GATEKEEPER, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=60,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"gatekeeper {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"gatekeeper {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def init(self) -> Installation:
@@ -114,8 +148,21 @@ class Installation:
         self.gk("user", "add", name)
         private = self.keys / name
         if not private.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", f"{name}@test",
-                            "-f", str(private)], check=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    key_type,
+                    "-N",
+                    "",
+                    "-C",
+                    f"{name}@test",
+                    "-f",
+                    str(private),
+                ],
+                check=True,
+            )
         self.gk("key", "add", name, str(private) + ".pub")
         return private, self.key_id(name)
 
@@ -128,16 +175,28 @@ class Installation:
     def repo(self, name: str, files: dict[str, str] | None = None) -> Path:
         return make_bare_repo(self.repos, name, files)
 
-    def shell(self, key_id: int, command: str | None, *, stdin: str = "",
-              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def shell(
+        self,
+        key_id: int,
+        command: str | None,
+        *,
+        stdin: str = "",
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run gatekeeper-shell as sshd would for `key_id` with SSH_ORIGINAL_COMMAND."""
         env = {k: v for k, v in self.env.items() if not k.startswith("SSH_")}
         env["SSH_CONNECTION"] = "127.0.0.1 50000 127.0.0.1 22"
         if command is not None:
             env["SSH_ORIGINAL_COMMAND"] = command
         env.update(extra_env or {})
-        return subprocess.run([GATEKEEPER_SHELL, "--config", str(self.config), str(key_id)],
-                              input=stdin, capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.run(
+            [GATEKEEPER_SHELL, "--config", str(self.config), str(key_id)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
 
     def secret(self, user: str) -> str:
         """Read a user's TOTP secret back from the store (tests play the phone)."""
@@ -148,8 +207,9 @@ class Installation:
             record = store.get_user(user)
             row = store.get_totp(record.id)
             assert row is not None
-            return totp.decrypt_secret(totp.load_server_key(store.server_key_path), record.id,
-                                       row.secret)
+            return totp.decrypt_secret(
+                totp.load_server_key(store.server_key_path), record.id, row.secret
+            )
 
     def code(self, user: str, offset_steps: int = 0) -> str:
         from gatekeeper import totp

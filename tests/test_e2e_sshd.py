@@ -97,15 +97,15 @@ def test_an_enrolled_member_clones_pushes_fetches_and_archives(site: Site, tmp_p
     assert remote.returncode == 0, remote.stderr
     local = bob.git("rev-parse", "HEAD", cwd=work).stdout.strip()
     assert f"{local}\trefs/heads/main" in remote.stdout
-    archive = bob.git("archive", "--remote", bob.url("platform/api"), "-o",
-                      str(tmp_path / "a.tar"), "main")
+    archive = bob.git(
+        "archive", "--remote", bob.url("platform/api"), "-o", str(tmp_path / "a.tar"), "main"
+    )
     assert archive.returncode == 0, archive.stderr
     assert (tmp_path / "a.tar").stat().st_size > 0
     records = site.inst.audit(event="access", user="bob")
     assert {r["reason"] for r in records} == {"allowed"}
     assert {r["action"] for r in records} == {"read", "write"}
-    assert all(r["client"] == "127.0.0.1" and r["key_fp"].startswith("SHA256:")
-               for r in records)
+    assert all(r["client"] == "127.0.0.1" and r["key_fp"].startswith("SHA256:") for r in records)
 
 
 def test_protocol_v2_reaches_git(ak_site: Site, tmp_path: Path) -> None:
@@ -115,16 +115,18 @@ def test_protocol_v2_reaches_git(ak_site: Site, tmp_path: Path) -> None:
     env["GIT_TRACE_PACKET"] = "1"
     import subprocess
 
-    result = subprocess.run(["git", "-c", "protocol.version=2", "ls-remote",
-                             bob.url("platform/api")], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["git", "-c", "protocol.version=2", "ls-remote", bob.url("platform/api")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "version 2" in result.stderr
 
 
-def test_an_unenrolled_member_is_refused_and_told_how_to_enroll(
-    site: Site, tmp_path: Path
-) -> None:
+def test_an_unenrolled_member_is_refused_and_told_how_to_enroll(site: Site, tmp_path: Path) -> None:
     rc, err = site.clone("bob", "platform/api", tmp_path / "w")
     assert rc != 0
     port = site.server.port
@@ -166,8 +168,7 @@ def test_a_developer_enrolls_and_verifies_over_ssh(site: Site, tmp_path: Path) -
     assert "verified until" in status.stdout
 
 
-def test_the_verified_session_belongs_to_the_key_and_expires(ak_site: Site,
-                                                            tmp_path: Path) -> None:
+def test_the_verified_session_belongs_to_the_key_and_expires(ak_site: Site, tmp_path: Path) -> None:
     site = ak_site
     site.inst.enroll("alice")
     alice = site.client("alice")
@@ -175,8 +176,14 @@ def test_the_verified_session_belongs_to_the_key_and_expires(ak_site: Site,
     assert site.clone("alice", "platform/secrets", tmp_path / "one")[0] == 0
     # a second key of alice's has no session of its own
     second, _ = sshd.generate_user_key(tmp_path, "alice2")
-    site.inst.gk("key", "add", "alice", str(second) + ".pub", "--authorized-keys",
-                 str(site.inst.base / "authorized_keys"))
+    site.inst.gk(
+        "key",
+        "add",
+        "alice",
+        str(second) + ".pub",
+        "--authorized-keys",
+        str(site.inst.base / "authorized_keys"),
+    )
     other = site.server.client(second)
     res = other.git("clone", other.url("platform/secrets"), str(tmp_path / "two"))
     assert res.returncode != 0 and "no verified session" in res.stderr
@@ -189,8 +196,7 @@ def test_the_verified_session_belongs_to_the_key_and_expires(ak_site: Site,
     assert rc != 0 and "expired at" in err and "2fa verify" in err
 
 
-def test_public_repository_reads_without_2fa_but_writes_need_it(site: Site,
-                                                                 tmp_path: Path) -> None:
+def test_public_repository_reads_without_2fa_but_writes_need_it(site: Site, tmp_path: Path) -> None:
     rc, err = site.clone("carol", "docs", tmp_path / "d")
     assert rc == 0, err
     carol = site.client("carol")
@@ -208,8 +214,11 @@ def test_missing_and_forbidden_repositories_look_the_same(site: Site, tmp_path: 
     _, forbidden = site.clone("carol", "elsewhere", tmp_path / "f")
 
     def gatekeeper_lines(text: str) -> list[str]:
-        return [line.replace("platform/nope", "X").replace("elsewhere", "X")
-                for line in text.splitlines() if line.startswith("gatekeeper:")]
+        return [
+            line.replace("platform/nope", "X").replace("elsewhere", "X")
+            for line in text.splitlines()
+            if line.startswith("gatekeeper:")
+        ]
 
     assert gatekeeper_lines(missing) == gatekeeper_lines(forbidden) != []
     reasons = [r["reason"] for r in site.inst.audit(event="access", user="carol")]
