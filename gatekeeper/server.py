@@ -641,6 +641,9 @@ class Connection(paramiko.ServerInterface):
             env["SSH_ORIGINAL_COMMAND"] = sess.command
         if sess.git_protocol is not None:
             env["GIT_PROTOCOL"] = sess.git_protocol
+        cache = os.environ.get("GATEKEEPER_CACHE_DIR")
+        if cache:
+            env["GATEKEEPER_CACHE_DIR"] = cache  # the admin's setting, never the client's
         return env
 
     def _run_forced_command(self, sess: Session) -> int:
