@@ -21,10 +21,11 @@ Semantics (DESIGN.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING
 
+from gatekeeper.record import record
+
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from gatekeeper.policy import Policy
 
@@ -42,7 +43,7 @@ NOT_VERIFIED = "2fa-not-verified"
 LOCKED = "2fa-locked"
 
 
-@dataclass(frozen=True)
+@record
 class UserFacts:
     """What the store knows about a user (and the connecting key) at decision time."""
 
@@ -67,7 +68,7 @@ class UserFacts:
         return True
 
 
-@dataclass(frozen=True)
+@record
 class Requirement:
     """One rule or team asking for a level of two-step verification."""
 
@@ -85,7 +86,7 @@ class Requirement:
         return self.mode == "report"
 
 
-@dataclass(frozen=True)
+@record
 class Decision:
     allowed: bool
     reason: str
@@ -100,7 +101,7 @@ class Decision:
     """The teams (or `public`) through which access was granted."""
     message: tuple[str, ...] = ()
     """For a refusal: what was refused, why, and the exact command that fixes it."""
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
     """For a soft allow (grace or report mode): shown to the user, then git runs."""
 
     @property

@@ -13,12 +13,15 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 from gatekeeper.errors import PolicyError
+from gatekeeper.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 LEVELS = ("none", "enrolled", "verified")
 MODES = ("enforce", "report")
@@ -27,7 +30,7 @@ PATTERN_COMPONENT = re.compile(r"(\*\*|[A-Za-z0-9_.+*-]+)\Z")
 CACHE_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@record
 class Team:
     name: str
     members: tuple[str, ...]
@@ -37,7 +40,7 @@ class Team:
     line: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class RepoRule:
     match: str
     read: tuple[str, ...] = ()
@@ -47,14 +50,17 @@ class RepoRule:
     grace_until: date | None = None
     mode: str | None = None
     line: int = 0
-    _regex: list[re.Pattern[str]] = field(default_factory=list, compare=False, repr=False)
 
     def matches(self, repo: str) -> bool:
         if "*" not in self.match:
             return repo == self.match
-        if not self._regex:
-            self._regex.append(glob_regex(self.match))
-        return self._regex[0].match(repo) is not None
+        regex = _GLOBS.get(self.match)
+        if regex is None:
+            regex = _GLOBS[self.match] = glob_regex(self.match)
+        return regex.match(repo) is not None
+
+
+_GLOBS: dict[str, re.Pattern[str]] = {}
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -73,7 +79,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-@dataclass(frozen=True)
+@record
 class ServerSettings:
     host: str = "localhost"
     port: int = 22
@@ -84,7 +90,7 @@ class ServerSettings:
     listen_port: int = 2222
 
 
-@dataclass(frozen=True)
+@record
 class TwoFactorSettings:
     issuer: str = "gatekeeper"
     session_hours: float = 12
@@ -95,7 +101,7 @@ class TwoFactorSettings:
     keyboard_interactive: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     line: int | None
     message: str
@@ -106,7 +112,7 @@ class Problem:
         return f"{where}: {self.severity}: {self.message}"
 
 
-@dataclass(frozen=True)
+@record
 class Policy:
     server: ServerSettings
     two_factor: TwoFactorSettings

@@ -16,15 +16,18 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
 
 from gatekeeper import decision, logs, sshcmd
 from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
 from gatekeeper.policy import Policy, load_policy
+from gatekeeper.record import record
 from gatekeeper.store import ConnectionFacts, Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 KEY_ID = re.compile(r"[0-9]{1,12}\Z")
 GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}\Z")
@@ -32,7 +35,7 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 PREFIX = "gatekeeper: "
 
 
-@dataclass(frozen=True)
+@record
 class Connection:
     """Who is connecting and from where, as sshd (or the embedded server) told us."""
 

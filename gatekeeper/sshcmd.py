@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 from gatekeeper.errors import InputError
+from gatekeeper.record import record
 
 MAX_COMMAND_LENGTH = 1024
 MAX_REPO_NAME_LENGTH = 200
@@ -34,7 +34,7 @@ _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z")
 _USER_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
-@dataclass(frozen=True)
+@record
 class GitRequest:
     verb: str
     """`git-upload-pack`, `git-receive-pack` or `git-upload-archive`."""
@@ -50,7 +50,7 @@ class GitRequest:
         return self.verb.removeprefix("git-")
 
 
-@dataclass(frozen=True)
+@record
 class UserCommand:
     """A command for the person at the other end: `2fa ...`, `info`, `help`, or nothing."""
 

@@ -18,13 +18,16 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from gatekeeper import audit as chain
 from gatekeeper.errors import InputError, NotFound, StoreError
+from gatekeeper.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SCHEMA_VERSION = 1
 DB_NAME = "gatekeeper.db"
@@ -106,14 +109,14 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class User:
     id: int
     name: str
     created_at: int
 
 
-@dataclass(frozen=True)
+@record
 class KeyRecord:
     id: int
     user_id: int
@@ -126,7 +129,7 @@ class KeyRecord:
     added_at: int
 
 
-@dataclass(frozen=True)
+@record
 class Totp:
     user_id: int
     secret: bytes
@@ -139,7 +142,7 @@ class Totp:
         return self.confirmed_at is not None
 
 
-@dataclass(frozen=True)
+@record
 class ConnectionFacts:
     """Everything the git-access path needs about a key, read in one query."""
 
