@@ -42,15 +42,24 @@ def test_without_ssh_connection_it_refuses(site: tuple[Installation, int]) -> No
     gk, key = site
     env = {k: v for k, v in gk.env.items() if not k.startswith("SSH_")}
     env["SSH_ORIGINAL_COMMAND"] = "git-upload-pack 'platform/api'"
-    result = subprocess.run([GATEKEEPER_SHELL, "--config", str(gk.config), str(key)],
-                            capture_output=True, text=True, env=env, timeout=30)
+    result = subprocess.run(
+        [GATEKEEPER_SHELL, "--config", str(gk.config), str(key)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert_clean_refusal(result, "only SSH is supported")
 
 
 def test_ssh_connection_unknown_from_sshd_i_is_accepted(site: tuple[Installation, int]) -> None:
     gk, key = site
-    result = gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000",
-                      extra_env={"SSH_CONNECTION": "UNKNOWN 65535 UNKNOWN 65535"})
+    result = gk.shell(
+        key,
+        "git-upload-pack 'platform/api'",
+        stdin="0000",
+        extra_env={"SSH_CONNECTION": "UNKNOWN 65535 UNKNOWN 65535"},
+    )
     assert result.returncode == 0, result.stderr
     assert gk.audit(event="access")[-1]["client"] == "UNKNOWN"
 
@@ -58,8 +67,9 @@ def test_ssh_connection_unknown_from_sshd_i_is_accepted(site: tuple[Installation
 @pytest.mark.parametrize("argv", [[], ["abc"], ["1", "2"], ["-1"], ["1;id"]])
 def test_a_bad_key_id_argument_is_refused(gk: Installation, argv: list[str]) -> None:
     env = {**gk.env, "SSH_CONNECTION": "127.0.0.1 1 127.0.0.1 22"}
-    result = subprocess.run([GATEKEEPER_SHELL, *argv], capture_output=True, text=True, env=env,
-                            timeout=30)
+    result = subprocess.run(
+        [GATEKEEPER_SHELL, *argv], capture_output=True, text=True, env=env, timeout=30
+    )
     assert_clean_refusal(result, "one key id argument")
 
 
@@ -74,8 +84,10 @@ def test_a_key_that_does_not_exist_or_was_just_removed(site: tuple[Installation,
 
 def test_a_user_removed_from_every_team_is_refused(site: tuple[Installation, int]) -> None:
     gk, key = site
-    gk.write_policy("teams:\n  platform:\n    members: [alice]\nrepositories:\n"
-                    "  - match: platform/*\n    write: [platform]\n")
+    gk.write_policy(
+        "teams:\n  platform:\n    members: [alice]\nrepositories:\n"
+        "  - match: platform/*\n    write: [platform]\n"
+    )
     result = gk.shell(key, "git-upload-pack 'platform/api'")
     assert_clean_refusal(result, "not found, or you do not have access")
 
@@ -122,8 +134,9 @@ def test_a_symlink_in_the_root_pointing_outside_is_treated_as_missing(
     assert_clean_refusal(result, "not found, or you do not have access")
 
 
-def test_client_environment_never_reaches_git(site: tuple[Installation, int],
-                                              tmp_path: Path) -> None:
+def test_client_environment_never_reaches_git(
+    site: tuple[Installation, int], tmp_path: Path
+) -> None:
     gk, key = site
     decoy = tmp_path / "decoy.git"
     subprocess.run(["git", "init", "-q", "--bare", str(decoy)], check=True)
@@ -135,8 +148,7 @@ def test_client_environment_never_reaches_git(site: tuple[Installation, int],
         "GIT_CONFIG_PARAMETERS": "'uploadpack.packobjectshook'='touch /tmp/pwned'",
         "GIT_PROTOCOL": "version=2\nx",
     }
-    result = gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000",
-                      extra_env=hostile)
+    result = gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000", extra_env=hostile)
     assert result.returncode == 0, result.stderr
     assert "refs/heads/main" in result.stdout, "served the real repository, not GIT_DIR"
     assert not trace.exists(), "GIT_TRACE reached git"
@@ -147,8 +159,9 @@ def test_client_environment_never_reaches_git(site: tuple[Installation, int],
 
 def test_git_protocol_v2_is_passed_when_valid(site: tuple[Installation, int]) -> None:
     gk, key = site
-    result = gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000",
-                      extra_env={"GIT_PROTOCOL": "version=2"})
+    result = gk.shell(
+        key, "git-upload-pack 'platform/api'", stdin="0000", extra_env={"GIT_PROTOCOL": "version=2"}
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("000eversion 2")
 
@@ -180,8 +193,9 @@ def test_a_missing_database_fails_closed(site: tuple[Installation, int]) -> None
     gk, key = site
     for path in gk.state.glob(f"{DB_NAME}*"):
         path.unlink()
-    assert_clean_refusal(gk.shell(key, "git-upload-pack 'platform/api'"),
-                         "cannot read its 2FA state")
+    assert_clean_refusal(
+        gk.shell(key, "git-upload-pack 'platform/api'"), "cannot read its 2FA state"
+    )
 
 
 def test_a_locked_database_refuses_rather_than_hangs(site: tuple[Installation, int]) -> None:
@@ -212,8 +226,9 @@ def test_info_lists_what_the_user_can_reach(site: tuple[Installation, int]) -> N
 
 def test_self_enrollment_can_be_turned_off(gk: Installation) -> None:
     _, key = gk.add_user("alice")
-    gk.write_policy("teams:\n  t:\n    members: [alice]\n",
-                    two_factor="two_factor:\n  self_enroll: false\n")
+    gk.write_policy(
+        "teams:\n  t:\n    members: [alice]\n", two_factor="two_factor:\n  self_enroll: false\n"
+    )
     result = gk.shell(key, "2fa enroll")
     assert_clean_refusal(result, "self-enrollment is turned off", "gatekeeper 2fa enroll alice")
 
@@ -253,8 +268,9 @@ def test_a_recovery_code_works_once(gk: Installation) -> None:
 
 
 @pytest.mark.parametrize("code", ["12345", "1234567", "12a456", "abc", "\u0661\u0662\u0663456"])
-def test_malformed_codes_are_refused_without_counting(site: tuple[Installation, int],
-                                                      code: str) -> None:
+def test_malformed_codes_are_refused_without_counting(
+    site: tuple[Installation, int], code: str
+) -> None:
     gk, key = site
     result = gk.shell(key, f"2fa verify {code}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
