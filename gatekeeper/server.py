@@ -575,6 +575,9 @@ class Connection(paramiko.ServerInterface):
         transport.start_server(event=threading.Event(), server=self)
         while not transport.is_authenticated():
             if not transport.is_active():
+                if self.key is not None and not self.needs_code:
+                    self.note("closed without a session")
+                    return
                 exc = transport.get_exception()
                 why = (str(exc) or type(exc).__name__) if exc else "by the client"
                 self.note(f"closed before authenticating ({why})")
