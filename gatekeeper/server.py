@@ -790,7 +790,7 @@ class GatekeeperServer:
             sock.bind(address)
         except OSError as exc:
             sock.close()
-            raise StoreError(
+            raise GatekeeperError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror}",
                 hint="choose another --port, or stop what is using it.",
             ) from exc
