@@ -239,10 +239,7 @@ class _AuthHandler(_StockAuthHandler):
 
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
         super()._send_auth_result(username, method, result)
-        if (
-            self.auth_fail_count >= self._conn.limits.max_auth_tries
-            and self.transport.is_active()
-        ):
+        if self.auth_fail_count >= self._conn.limits.max_auth_tries and self.transport.is_active():
             self._conn.note("too many authentication attempts")
             self._disconnect_no_more_auth()
 
@@ -439,9 +436,7 @@ class Connection(paramiko.ServerInterface):
             "authenticator app (or a recovery code),"
         )
         lines.append("or press Enter to go on without (repositories that need it will refuse).")
-        return InteractiveQuery(
-            "gatekeeper", "\n".join(lines), (KBD_PROMPT, False)
-        )
+        return InteractiveQuery("gatekeeper", "\n".join(lines), (KBD_PROMPT, False))
 
     def check_auth_interactive(self, username: str, submethods: str) -> Any:
         if self.key is None or not self.needs_code or not self._user_ok(username):
@@ -603,7 +598,9 @@ class Connection(paramiko.ServerInterface):
                     return
                 continue
             t = threading.Thread(
-                target=self._serve_channel, args=(channel,), daemon=True,
+                target=self._serve_channel,
+                args=(channel,),
+                daemon=True,
                 name=f"gatekeeper-session-{self.number}-{channel.get_id()}",
             )
             t.start()
@@ -654,11 +651,23 @@ class Connection(paramiko.ServerInterface):
         assert self.key is not None and self.transport is not None
         channel = sess.channel
         channel.settimeout(self.limits.stall_timeout)
-        argv = [sys.executable, "-m", "gatekeeper.shell", "--config",
-                str(self.server.config_path), str(self.key.id)]
+        argv = [
+            sys.executable,
+            "-m",
+            "gatekeeper.shell",
+            "--config",
+            str(self.server.config_path),
+            str(self.key.id),
+        ]
         child = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self._child_env(sess), cwd="/", close_fds=True, start_new_session=True,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self._child_env(sess),
+            cwd="/",
+            close_fds=True,
+            start_new_session=True,
             bufsize=0,
         )
         assert child.stdin is not None and child.stdout is not None and child.stderr is not None
@@ -704,7 +713,12 @@ class Connection(paramiko.ServerInterface):
             events = "; ".join(self.events)
         log.info(
             "connection %d from %s:%d: %s, 2fa=%s, %.2fs%s",
-            self.number, self.peer[0], self.peer[1], who, self.second_factor, elapsed,
+            self.number,
+            self.peer[0],
+            self.peer[1],
+            who,
+            self.second_factor,
+            elapsed,
             f": {events}" if events else "",
         )
 
@@ -781,8 +795,9 @@ class GatekeeperServer:
 
     def bind(self) -> tuple[str, int]:
         """Open the listening socket; return the address actually bound."""
-        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -806,8 +821,11 @@ class GatekeeperServer:
 
     def unauthenticated_from(self, address: str) -> int:
         with self._lock:
-            return sum(1 for t, c in self._connections.items()
-                       if t.is_alive() and c.peer[0] == address and not c.authenticated)
+            return sum(
+                1
+                for t, c in self._connections.items()
+                if t.is_alive() and c.peer[0] == address and not c.authenticated
+            )
 
     def serve_forever(self) -> None:
         """Accept until `stop()`; then give open sessions `grace` seconds and close them."""
@@ -831,8 +849,13 @@ class GatekeeperServer:
     def _accept(self, sock: socket.socket, peer: Any) -> None:
         self._count += 1
         if self.active() >= self.limits.max_connections:
-            log.warning("connection %d from %s:%d: refused: %d connections open",
-                        self._count, peer[0], peer[1], self.limits.max_connections)
+            log.warning(
+                "connection %d from %s:%d: refused: %d connections open",
+                self._count,
+                peer[0],
+                peer[1],
+                self.limits.max_connections,
+            )
             with contextlib.suppress(OSError):
                 sock.close()
             return
@@ -840,15 +863,22 @@ class GatekeeperServer:
         if per_source is None:
             per_source = max(1, self.limits.max_connections // 2)
         if self.unauthenticated_from(str(peer[0])) >= per_source:
-            log.warning("connection %d from %s:%d: refused: %d connections from there are "
-                        "not authenticated yet", self._count, peer[0], peer[1], per_source)
+            log.warning(
+                "connection %d from %s:%d: refused: %d connections from there are "
+                "not authenticated yet",
+                self._count,
+                peer[0],
+                peer[1],
+                per_source,
+            )
             with contextlib.suppress(OSError):
                 sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, sock, (str(peer[0]), int(peer[1])), self._count)
-        t = threading.Thread(target=conn.run, daemon=True,
-                             name=f"gatekeeper-connection-{self._count}")
+        t = threading.Thread(
+            target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
+        )
         with self._lock:
             self._connections[t] = conn
         t.start()
@@ -858,8 +888,9 @@ class GatekeeperServer:
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.active():
-            log.info("closing %d connection(s) still open after %gs", self.active(),
-                     self.limits.grace)
+            log.info(
+                "closing %d connection(s) still open after %gs", self.active(), self.limits.grace
+            )
             self.hard_stop.set()
             end = time.monotonic() + 5
             while self.active() and time.monotonic() < end:
@@ -905,7 +936,8 @@ def serve(
     Store.open(state_dir).close()  # refuse to start without a store: `gatekeeper init`
     host_key = load_host_key(state_dir)
     server = GatekeeperServer(
-        config_path.absolute(), host_key,
+        config_path.absolute(),
+        host_key,
         host if host is not None else policy.server.listen_host,
         port if port is not None else policy.server.listen_port,
         limits,
@@ -919,13 +951,14 @@ def serve(
     # Handlers first: a signal that arrives right after the banner still stops cleanly.
     with _signals(on_signal):
         bound_host, bound_port = server.bind()
-        echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user "
-             f"{policy.server.user!r}")
+        echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user {policy.server.user!r}")
         echo(f"gatekeeper: host key {key_fingerprint(host_key)} (ED25519)")
         public = policy.server
         port_part = "" if public.port == 22 else f":{public.port}"
-        echo(f"gatekeeper: clone with: git clone ssh://{public.user}@{public.host}{port_part}/"
-             "REPOSITORY.git")
+        echo(
+            f"gatekeeper: clone with: git clone ssh://{public.user}@{public.host}{port_part}/"
+            "REPOSITORY.git"
+        )
         server.serve_forever()
     echo("gatekeeper: stopped")
     return 0

@@ -75,7 +75,10 @@ class Served:
         self.log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [GATEKEEPER, "--config", str(inst.config), "serve", "--port", str(port), *args],
-            stdout=subprocess.PIPE, stderr=self.log_file, env=inst.env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=self.log_file,
+            env=inst.env,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -119,29 +122,60 @@ class Served:
 
 
 def ssh_argv(key: Path, port: int, *extra: str, batch: bool = True) -> list[str]:
-    return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "-o", f"BatchMode={'yes' if batch else 'no'}",
-            "-p", str(port), *extra]
+    return [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        f"BatchMode={'yes' if batch else 'no'}",
+        "-p",
+        str(port),
+        *extra,
+    ]
 
 
 def client_env(inst: Installation, key: Path, port: int, *extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SSH_", "GIT_"))}
-    env["GIT_SSH_COMMAND"] = shlex.join(ssh_argv(key, port, "-o", "SendEnv=GIT_PROTOCOL",
-                                                 *extra))
-    env.update({"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com",
-                "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.com",
-                "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(inst.base)})
+    env["GIT_SSH_COMMAND"] = shlex.join(ssh_argv(key, port, "-o", "SendEnv=GIT_PROTOCOL", *extra))
+    env.update(
+        {
+            "GIT_AUTHOR_NAME": "T",
+            "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "T",
+            "GIT_COMMITTER_EMAIL": "t@example.com",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "HOME": str(inst.base),
+        }
+    )
     return env
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=timeout,
-                            input=input)
-    return subprocess.CompletedProcess(result.args, result.returncode,
-                                       result.stdout.decode(errors="replace"),
-                                       result.stderr.decode(errors="replace"))
+def run(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        argv, env=env, cwd=cwd, capture_output=True, timeout=timeout, input=input
+    )
+    return subprocess.CompletedProcess(
+        result.args,
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
+    )
 
 
 def url(port: int, repo: str, user: str = "git") -> str:
@@ -155,8 +189,9 @@ class Site:
         self.port = free_port()
         self.inst = Installation(base, POLICY, host=HOST, port=self.port, user="git")
         if two_factor:
-            self.inst.write_policy(POLICY, host=HOST, port=self.port, user="git",
-                                   two_factor=two_factor)
+            self.inst.write_policy(
+                POLICY, host=HOST, port=self.port, user="git", two_factor=two_factor
+            )
         self.inst.init()
         self.keys: dict[str, Path] = {}
         self.key_ids: dict[str, int] = {}
@@ -170,8 +205,14 @@ class Site:
     def env(self, user: str, *extra: str) -> dict[str, str]:
         return client_env(self.inst, self.keys[user], self.port, *extra)
 
-    def ssh(self, user: str, *command: str, extra: tuple[str, ...] = (),
-            login: str = "git", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self,
+        user: str,
+        *command: str,
+        extra: tuple[str, ...] = (),
+        login: str = "git",
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
         argv = ssh_argv(self.keys[user], self.port, *extra, f"{login}@{HOST}", *command)
         return run(argv, timeout=timeout)
 
@@ -265,8 +306,9 @@ def test_clone_push_and_fetch_through_the_embedded_server(site: Site, tmp_path: 
 
 def test_ls_remote_speaks_protocol_v2(site: Site) -> None:
     env = {**site.env("alice"), "GIT_TRACE_PACKET": "1"}
-    result = run(["git", "-c", "protocol.version=2", "ls-remote", url(site.port, "project")],
-                 env=env)
+    result = run(
+        ["git", "-c", "protocol.version=2", "ls-remote", url(site.port, "project")], env=env
+    )
     assert result.returncode == 0, result.stderr
     assert "refs/heads/main" in result.stdout
     assert "version 2" in result.stderr  # the server answered in v2: GIT_PROTOCOL got through
@@ -275,28 +317,35 @@ def test_ls_remote_speaks_protocol_v2(site: Site) -> None:
 
 def test_archive_over_the_embedded_server(site: Site, tmp_path: Path) -> None:
     tarball = tmp_path / "project.tar"
-    result = run(["git", "archive", f"--remote={url(site.port, 'project')}", "-o",
-                  str(tarball), "main"], env=site.env("alice"))
+    result = run(
+        ["git", "archive", f"--remote={url(site.port, 'project')}", "-o", str(tarball), "main"],
+        env=site.env("alice"),
+    )
     assert result.returncode == 0, result.stderr
     listing = run(["tar", "tf", str(tarball)])
     assert listing.stdout.split() == ["README.md"]
 
 
 def test_refused_user_sees_the_refusal_text(site: Site, tmp_path: Path) -> None:
-    result = run(["git", "clone", url(site.port, "project"), str(tmp_path / "x")],
-                 env=site.env("carol"))
+    result = run(
+        ["git", "clone", url(site.port, "project"), str(tmp_path / "x")], env=site.env("carol")
+    )
     assert result.returncode != 0
-    assert "gatekeeper: repository 'project' not found, or you do not have access to it." \
+    assert (
+        "gatekeeper: repository 'project' not found, or you do not have access to it."
         in result.stderr
+    )
     assert not (tmp_path / "x").exists()
     records = site.inst.audit(event="access", user="carol")
     assert records and records[-1]["reason"] == "not-authorized"
 
 
-def test_verified_repository_refuses_an_unverified_key_with_the_fix(site: Site,
-                                                                   tmp_path: Path) -> None:
-    result = run(["git", "clone", url(site.port, "vault"), str(tmp_path / "v")],
-                 env=site.env("olga"))
+def test_verified_repository_refuses_an_unverified_key_with_the_fix(
+    site: Site, tmp_path: Path
+) -> None:
+    result = run(
+        ["git", "clone", url(site.port, "vault"), str(tmp_path / "v")], env=site.env("olga")
+    )
     assert result.returncode != 0
     assert "read 'vault' refused" in result.stderr
     assert "2fa enroll" in result.stderr or "enroll" in result.stderr
@@ -312,8 +361,7 @@ def test_rsa_and_ecdsa_keys_work_too(site: Site, key_type: str) -> None:
 
 def test_unknown_key_and_wrong_login_are_refused(site: Site, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
-                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     result = run(ssh_argv(stranger, site.port, f"git@{HOST}", "info"))
     assert result.returncode == 255
     assert "Permission denied (publickey)" in result.stderr
@@ -335,8 +383,9 @@ def test_no_command_prints_the_info_text_and_pty_is_refused(site: Site) -> None:
     # session still runs (without a terminal) and prints the same text.
     primary, secondary = pty.openpty()
     argv = ssh_argv(site.keys["alice"], site.port, f"git@{HOST}")
-    proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True
+    )
     os.close(secondary)
     output = b""
     try:
@@ -368,8 +417,11 @@ def test_subsystems_forwarding_and_other_environment_are_refused(site: Site) -> 
         with pytest.raises(paramiko.SSHException):
             t.request_port_forward("127.0.0.1", 0)
         # paramiko closes a channel whose request failed: one channel per refusal.
-        refusals = [lambda c: c.get_pty(), lambda c: c.invoke_subsystem("sftp"),
-                    lambda c: c.request_x11()]
+        refusals = [
+            lambda c: c.get_pty(),
+            lambda c: c.invoke_subsystem("sftp"),
+            lambda c: c.request_x11(),
+        ]
         for refuse in refusals:
             with pytest.raises(paramiko.SSHException):
                 refuse(t.open_session())
@@ -420,10 +472,12 @@ class _Recorder(AuthHandler):  # type: ignore[misc]
                     self.authenticated = True
                     self.transport._auth_trigger()
                 self.replies.put(ptype)
+
             return handle
 
-        return {p: record(p) for p in (MSG_USERAUTH_SUCCESS, MSG_USERAUTH_FAILURE,
-                                       MSG_USERAUTH_PK_OK)}
+        return {
+            p: record(p) for p in (MSG_USERAUTH_SUCCESS, MSG_USERAUTH_FAILURE, MSG_USERAUTH_PK_OK)
+        }
 
 
 class HandCrafted:
@@ -448,8 +502,12 @@ class HandCrafted:
         m.add_string(blob)
         return m.asbytes()
 
-    def request(self, key: paramiko.PKey, signer: paramiko.PKey | None = None,
-                signed_blob: bytes | None = None) -> int:
+    def request(
+        self,
+        key: paramiko.PKey,
+        signer: paramiko.PKey | None = None,
+        signed_blob: bytes | None = None,
+    ) -> int:
         """Send a publickey request for `key`, signed by `signer` (None: a query)."""
         algorithm = key.get_name()
         m = Message()
@@ -544,8 +602,7 @@ def answer(code: str) -> Any:
     return handler
 
 
-def test_keyboard_interactive_code_opens_a_verified_session(kbd_site: Site,
-                                                            tmp_path: Path) -> None:
+def test_keyboard_interactive_code_opens_a_verified_session(kbd_site: Site, tmp_path: Path) -> None:
     site = kbd_site
     site.inst.enroll("olga")
     avoid_step_boundary()
@@ -566,8 +623,9 @@ def test_keyboard_interactive_code_opens_a_verified_session(kbd_site: Site,
     assert verified[0]["key_fp"] in site.server.wait_log("2fa=verified")
 
     # The session is bound to the key, so plain git (no prompt: BatchMode) now works.
-    result = run(["git", "clone", url(site.port, "vault"), str(tmp_path / "vault")],
-                 env=site.env("olga"))
+    result = run(
+        ["git", "clone", url(site.port, "vault"), str(tmp_path / "vault")], env=site.env("olga")
+    )
     assert result.returncode == 0, result.stderr
     site.server.wait_log("2fa=session")
 
@@ -580,8 +638,9 @@ def test_keyboard_interactive_wrong_code_is_refused_and_counted(kbd_site: Site) 
     try:
         t.auth_publickey("git", site.pkey("olga"))
         with pytest.raises(paramiko.AuthenticationException):
-            t.auth_interactive("git", answer("000000" if site.inst.code("olga") != "000000"
-                                             else "111111"))
+            t.auth_interactive(
+                "git", answer("000000" if site.inst.code("olga") != "000000" else "111111")
+            )
         assert not t.is_authenticated()
         # The next prompt says why; the right code still works on the same connection.
         handler = answer(site.inst.code("olga", 1))
@@ -615,7 +674,8 @@ def test_keyboard_interactive_empty_answer_goes_on_without_a_session(kbd_site: S
 
 
 def test_keyboard_interactive_is_asked_only_when_a_reachable_repository_needs_it(
-        kbd_site: Site) -> None:
+    kbd_site: Site,
+) -> None:
     kbd_site.inst.enroll("alice")  # enrolled, but nothing alice reaches needs `verified`
     for user in ("alice", "bob"):  # bob is not enrolled at all
         t = connect(kbd_site.port)
@@ -633,13 +693,33 @@ def test_keyboard_interactive_with_openssh_and_askpass(kbd_site: Site, tmp_path:
     askpass = tmp_path / "askpass"
     askpass.write_text(f"#!/bin/sh\necho '{site.inst.code('olga', 1)}'\n")
     askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
-           "DISPLAY": ":0"}
-    argv = ssh_argv(site.keys["olga"], site.port, "-o", "KbdInteractiveAuthentication=yes",
-                    "-o", "PreferredAuthentications=publickey,keyboard-interactive",
-                    f"git@{HOST}", "2fa", "status", batch=False)
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "SSH_ASKPASS": str(askpass),
+        "SSH_ASKPASS_REQUIRE": "force",
+        "DISPLAY": ":0",
+    }
+    argv = ssh_argv(
+        site.keys["olga"],
+        site.port,
+        "-o",
+        "KbdInteractiveAuthentication=yes",
+        "-o",
+        "PreferredAuthentications=publickey,keyboard-interactive",
+        f"git@{HOST}",
+        "2fa",
+        "status",
+        batch=False,
+    )
+    result = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     assert result.returncode == 0, result.stderr
     assert site.inst.audit(event="2fa-verified", user="olga")
     assert "olga" in result.stdout
@@ -756,8 +836,9 @@ def test_host_key_is_created_once_and_its_fingerprint_printed(site: Site) -> Non
     key = site.inst.state / "ssh_host_ed25519_key"
     assert key.stat().st_mode & 0o777 == 0o600
     printed = site.server.banner[1].split("host key ")[1].split()[0]
-    listed = subprocess.run(["ssh-keygen", "-lf", str(key) + ".pub"], capture_output=True,
-                            text=True, check=True).stdout.split()[1]
+    listed = subprocess.run(
+        ["ssh-keygen", "-lf", str(key) + ".pub"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
     assert printed == listed
     scanned = run(["ssh-keyscan", "-p", str(site.port), "-t", "ed25519", HOST]).stdout
     assert (key.with_name(key.name + ".pub")).read_text().split()[1] in scanned
@@ -836,8 +917,9 @@ def big_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
 
 
 @pytest.mark.slow
-def test_twenty_concurrent_clones_of_a_50_mb_repository(site: Site, tmp_path: Path,
-                                                        big_repository: tuple[Path, str]) -> None:
+def test_twenty_concurrent_clones_of_a_50_mb_repository(
+    site: Site, tmp_path: Path, big_repository: tuple[Path, str]
+) -> None:
     source, digest = big_repository
     shutil.copytree(source, site.inst.repos / "big.git")
     expected = git("rev-parse", "main", cwd=site.inst.repos / "big.git").stdout.strip()
@@ -846,8 +928,11 @@ def test_twenty_concurrent_clones_of_a_50_mb_repository(site: Site, tmp_path: Pa
     def clone(i: int) -> tuple[int, str, str, float]:
         target = tmp_path / f"clone{i}"
         start = time.monotonic()
-        result = run(["git", "clone", "-q", "--bare", url(site.port, "big"), str(target)],
-                     env=env, timeout=180)
+        result = run(
+            ["git", "clone", "-q", "--bare", url(site.port, "big"), str(target)],
+            env=env,
+            timeout=180,
+        )
         elapsed = time.monotonic() - start
         head = git("rev-parse", "main", cwd=target, check=False).stdout.strip()
         return result.returncode, result.stderr, head, elapsed
@@ -863,31 +948,45 @@ def test_twenty_concurrent_clones_of_a_50_mb_repository(site: Site, tmp_path: Pa
     # check one clone's blobs byte for byte anyway.
     content = hashlib.sha256()
     for i in range(10):
-        blob = subprocess.run(["git", "cat-file", "blob", f"main:blob{i}.bin"],
-                              cwd=tmp_path / "clone7", capture_output=True, check=True).stdout
+        blob = subprocess.run(
+            ["git", "cat-file", "blob", f"main:blob{i}.bin"],
+            cwd=tmp_path / "clone7",
+            capture_output=True,
+            check=True,
+        ).stdout
         content.update(blob)
     assert content.hexdigest() == digest
     # Streamed, not buffered: 1 GB went through a server that never held much of it.
     status = Path(f"/proc/{site.server.proc.pid}/status").read_text()
     peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    print(f"20 clones of 50 MB: {wall:.1f}s wall, slowest {max(r[3] for r in results):.1f}s, "
-          f"server peak RSS {peak_mb:.0f} MB")
+    print(
+        f"20 clones of 50 MB: {wall:.1f}s wall, slowest {max(r[3] for r in results):.1f}s, "
+        f"server peak RSS {peak_mb:.0f} MB"
+    )
     assert wall < 60
     assert peak_mb < 300
 
 
 @pytest.mark.slow
-def test_pushing_50_mb_streams_into_the_server(site: Site, tmp_path: Path,
-                                               big_repository: tuple[Path, str]) -> None:
+def test_pushing_50_mb_streams_into_the_server(
+    site: Site, tmp_path: Path, big_repository: tuple[Path, str]
+) -> None:
     source, _ = big_repository
     git("init", "-q", "--bare", "-b", "main", str(site.inst.repos / "big.git"))
-    site.inst.write_policy(POLICY.replace("  - match: big\n    read: [dev]\n",
-                                          "  - match: big\n    write: [dev]\n"),
-                           host=HOST, port=site.port, user="git")
+    site.inst.write_policy(
+        POLICY.replace("  - match: big\n    read: [dev]\n", "  - match: big\n    write: [dev]\n"),
+        host=HOST,
+        port=site.port,
+        user="git",
+    )
     expected = git("rev-parse", "main", cwd=source).stdout.strip()
     start = time.monotonic()
-    result = run(["git", "push", url(site.port, "big"), "main"], env=site.env("alice"),
-                 cwd=source, timeout=120)
+    result = run(
+        ["git", "push", url(site.port, "big"), "main"],
+        env=site.env("alice"),
+        cwd=source,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert git("rev-parse", "main", cwd=site.inst.repos / "big.git").stdout.strip() == expected
@@ -896,19 +995,27 @@ def test_pushing_50_mb_streams_into_the_server(site: Site, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_clone_killed_halfway_stops_git_on_the_server(site: Site, tmp_path: Path,
-                                                        big_repository: tuple[Path, str]) -> None:
+def test_a_clone_killed_halfway_stops_git_on_the_server(
+    site: Site, tmp_path: Path, big_repository: tuple[Path, str]
+) -> None:
     source, _ = big_repository
     shutil.copytree(source, site.inst.repos / "big.git")
     target = tmp_path / "half"
-    proc = subprocess.Popen(["git", "clone", "-q", "--bare", url(site.port, "big"),
-                             str(target)], env=site.env("alice"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["git", "clone", "-q", "--bare", url(site.port, "big"), str(target)],
+        env=site.env("alice"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     end = time.monotonic() + 30
     received = 0
     while time.monotonic() < end and received < 5 * 1024 * 1024:
-        received = sum(p.stat().st_size for p in (target / "objects" / "pack").glob("tmp_pack_*")
-                       ) if (target / "objects" / "pack").exists() else 0
+        received = (
+            sum(p.stat().st_size for p in (target / "objects" / "pack").glob("tmp_pack_*"))
+            if (target / "objects" / "pack").exists()
+            else 0
+        )
         time.sleep(0.01)
     assert received >= 5 * 1024 * 1024
     os.killpg(proc.pid, signal.SIGKILL)
