@@ -1,10 +1,14 @@
 """The YAML policy: loading, validation with line numbers, and a compiled cache.
 
-Validation walks the YAML node tree (not the constructed objects) so every problem
-carries its line, and reports all problems at once. Only plain YAML is accepted:
-any tag (`!!python/object`, `!custom`) is an error, and nothing is constructed from
-one. On the per-connection path `load_policy` hashes the file and reads a compiled
-JSON copy keyed by that hash, so yaml is imported only when the file changed.
+Validation walks the YAML node tree (not constructed objects), so every problem
+carries its line, and all problems are reported at once. Only plain YAML is
+accepted: any tag outside the standard scalar/list/mapping set (`!!python/object`,
+`!custom`, `!!binary`) is an error and nothing is ever constructed from one.
+
+On the per-connection path `load_policy` hashes the file and reads a compiled JSON
+copy keyed by that hash, so `yaml` is imported only when the file has changed. This
+module imports only light standard-library modules at the top, and compiles no
+regular expression at import time.
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-LEVELS = ("none", "enrolled", "verified")
+LEVELS = ("none", "enrolled", "verified")  # ordered, weakest first
 MODES = ("enforce", "report")
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-PATTERN_COMPONENT = re.compile(r"(\*\*|[A-Za-z0-9_.+*-]+)\Z")
-CACHE_FORMAT = 1
+
+# Plain strings: `re` caches what it compiles, and only validation ever needs them.
+NAME_RE = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z"
+PATTERN_COMPONENT_RE = r"[A-Za-z0-9_.+*-]+\Z"
+HOST_RE = r"[A-Za-z0-9_.:\[\]%-]{1,253}\Z"
+DATE_RE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z"
+DECIMAL_RE = r"[-+]?(?:0|[1-9][0-9_]*)\Z"
+CONTROL_RE = r"[\x00-\x1f\x7f]"
+MAX_NUMBER = 1_000_000  # minutes, hours and counts beyond this are mistakes (and overflow)
+
+# Bump whenever validation or the JSON layout changes: older caches are then ignored.
+CACHE_FORMAT = 2
 
 
 @record
@@ -52,6 +65,7 @@ class RepoRule:
     line: int = 0
 
     def matches(self, repo: str) -> bool:
+        """Whether `repo` (like "platform/api", without .git) is covered by this rule."""
         if "*" not in self.match:
             return repo == self.match
         regex = _GLOBS.get(self.match)
@@ -60,12 +74,13 @@ class RepoRule:
         return regex.match(repo) is not None
 
 
+# Compiled globs, by pattern: built on first use, shared by every rule with that pattern.
 _GLOBS: dict[str, re.Pattern[str]] = {}
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
-    """`*` stays within one path component; `**` crosses `/` (and matches zero components
-    when it stands alone between slashes)."""
+    """`*` stays within one path component; `**` (a whole component) crosses '/', and
+    between slashes it also matches no component at all (`a/**/b` matches `a/b`)."""
     out = []
     parts = pattern.split("/")
     for i, part in enumerate(parts):
@@ -105,7 +120,7 @@ class TwoFactorSettings:
 class Problem:
     line: int | None
     message: str
-    severity: str = "error"
+    severity: str = "error"  # "error" | "warning"
 
     def format(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
@@ -120,42 +135,59 @@ class Policy:
     rules: tuple[RepoRule, ...]
     allow_local_push: bool = False
     source: str = ""
-    sha256: str = ""
+    sha256: str = ""  # of the policy file's bytes
 
     def teams_of(self, user: str) -> tuple[Team, ...]:
+        """The teams that list `user`, in file order."""
         return tuple(t for t in self.teams.values() if user in t.members)
 
     def to_json(self) -> str:
-        def team(t: Team) -> dict[str, Any]:
-            return {
-                "name": t.name,
-                "members": list(t.members),
-                "require_2fa": t.require_2fa,
-                "grace_until": _iso(t.grace_until),
-                "mode": t.mode,
-                "line": t.line,
-            }
-
-        def rule(r: RepoRule) -> dict[str, Any]:
-            return {
-                "match": r.match,
-                "read": list(r.read),
-                "write": list(r.write),
-                "public": r.public,
-                "require_2fa": r.require_2fa,
-                "grace_until": _iso(r.grace_until),
-                "mode": r.mode,
-                "line": r.line,
-            }
-
-        server = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.server).items()}
+        s, tf = self.server, self.two_factor
         return json.dumps(
             {
                 "format": CACHE_FORMAT,
-                "server": server,
-                "two_factor": dict(vars(self.two_factor)),
-                "teams": [team(t) for t in self.teams.values()],
-                "rules": [rule(r) for r in self.rules],
+                "server": {
+                    "host": s.host,
+                    "port": s.port,
+                    "user": s.user,
+                    "repositories": str(s.repositories),
+                    "state_dir": str(s.state_dir),
+                    "listen_host": s.listen_host,
+                    "listen_port": s.listen_port,
+                },
+                "two_factor": {
+                    "issuer": tf.issuer,
+                    "session_hours": tf.session_hours,
+                    "max_failures": tf.max_failures,
+                    "failure_window_minutes": tf.failure_window_minutes,
+                    "lockout_minutes": tf.lockout_minutes,
+                    "self_enroll": tf.self_enroll,
+                    "keyboard_interactive": tf.keyboard_interactive,
+                },
+                "teams": [
+                    {
+                        "name": t.name,
+                        "members": list(t.members),
+                        "require_2fa": t.require_2fa,
+                        "grace_until": _iso(t.grace_until),
+                        "mode": t.mode,
+                        "line": t.line,
+                    }
+                    for t in self.teams.values()
+                ],
+                "rules": [
+                    {
+                        "match": r.match,
+                        "read": list(r.read),
+                        "write": list(r.write),
+                        "public": r.public,
+                        "require_2fa": r.require_2fa,
+                        "grace_until": _iso(r.grace_until),
+                        "mode": r.mode,
+                        "line": r.line,
+                    }
+                    for r in self.rules
+                ],
                 "allow_local_push": self.allow_local_push,
                 "source": self.source,
                 "sha256": self.sha256,
@@ -164,39 +196,111 @@ class Policy:
 
     @classmethod
     def from_json(cls, text: str) -> Policy:
-        data = json.loads(text)
-        if data.get("format") != CACHE_FORMAT:
-            raise ValueError("unknown compiled policy format")
-        server = data["server"]
-        server["repositories"] = Path(server["repositories"])
-        server["state_dir"] = Path(server["state_dir"])
-        teams = {}
-        for t in data["teams"]:
-            t["members"] = tuple(t["members"])
-            t["grace_until"] = _date(t["grace_until"])
-            teams[t["name"]] = Team(**t)
-        rules = []
-        for r in data["rules"]:
-            r["read"], r["write"] = tuple(r["read"]), tuple(r["write"])
-            r["grace_until"] = _date(r["grace_until"])
-            rules.append(RepoRule(**r))
-        return cls(
-            ServerSettings(**server),
-            TwoFactorSettings(**data["two_factor"]),
-            teams,
-            tuple(rules),
-            data["allow_local_push"],
-            data["source"],
-            data["sha256"],
-        )
+        """The policy `to_json` wrote. Raises ValueError for anything else (a corrupt
+        or foreign file): every field is type-checked, so a damaged cache can never
+        become a different policy."""
+        try:
+            data = _obj(json.loads(text), _POLICY_FIELDS)
+            if data.get("format") != CACHE_FORMAT:
+                raise ValueError("unknown compiled policy format")
+            s = _obj(data["server"], _SERVER_FIELDS)
+            tf = _obj(data["two_factor"], _TWO_FACTOR_FIELDS)
+            server = ServerSettings(
+                host=_typed(s["host"], str),
+                port=_typed(s["port"], int),
+                user=_typed(s["user"], str),
+                repositories=Path(_typed(s["repositories"], str)),
+                state_dir=Path(_typed(s["state_dir"], str)),
+                listen_host=_typed(s["listen_host"], str),
+                listen_port=_typed(s["listen_port"], int),
+            )
+            two_factor = TwoFactorSettings(
+                issuer=_typed(tf["issuer"], str),
+                session_hours=_typed(tf["session_hours"], (int, float)),
+                max_failures=_typed(tf["max_failures"], int),
+                failure_window_minutes=_typed(tf["failure_window_minutes"], int),
+                lockout_minutes=_typed(tf["lockout_minutes"], int),
+                self_enroll=_typed(tf["self_enroll"], bool),
+                keyboard_interactive=_typed(tf["keyboard_interactive"], bool),
+            )
+            teams: dict[str, Team] = {}
+            for raw in _typed(data["teams"], list):
+                t = _obj(raw, _TEAM_FIELDS)
+                team = Team(
+                    name=_typed(t["name"], str),
+                    members=_names(t["members"]),
+                    require_2fa=_choice(t["require_2fa"], LEVELS),
+                    grace_until=_date(t["grace_until"]),
+                    mode=_choice(t["mode"], MODES),
+                    line=_typed(t["line"], int),
+                )
+                teams[team.name] = team
+            rules = []
+            for raw in _typed(data["rules"], list):
+                r = _obj(raw, _RULE_FIELDS)
+                rules.append(
+                    RepoRule(
+                        match=_typed(r["match"], str),
+                        read=_names(r["read"]),
+                        write=_names(r["write"]),
+                        public=_typed(r["public"], bool),
+                        require_2fa=None
+                        if r["require_2fa"] is None
+                        else _choice(r["require_2fa"], LEVELS),
+                        grace_until=_date(r["grace_until"]),
+                        mode=None if r["mode"] is None else _choice(r["mode"], MODES),
+                        line=_typed(r["line"], int),
+                    )
+                )
+            return cls(
+                server,
+                two_factor,
+                teams,
+                tuple(rules),
+                _typed(data["allow_local_push"], bool),
+                _typed(data["source"], str),
+                _typed(data["sha256"], str),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a compiled policy: {exc!r}") from None
+
+
+def _obj(value: Any, keys: frozenset[str] | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict) or (keys is not None and value.keys() != keys):
+        raise ValueError("expected a JSON object with other keys")
+    return value
+
+
+_POLICY_FIELDS = frozenset({"format", *Policy.__annotations__})
+_SERVER_FIELDS = frozenset(ServerSettings.__annotations__)
+_TWO_FACTOR_FIELDS = frozenset(TwoFactorSettings.__annotations__)
+_TEAM_FIELDS = frozenset(Team.__annotations__)
+_RULE_FIELDS = frozenset(RepoRule.__annotations__)
+
+
+def _typed(value: Any, kind: Any) -> Any:
+    # bool is an int in Python: never accept one for the other.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"unexpected value {value!r}")
+    return value
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(_typed(v, str) for v in _typed(value, list))
+
+
+def _choice(value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unexpected value {value!r}")
+    return str(value)
 
 
 def _iso(d: date | None) -> str | None:
     return d.isoformat() if d else None
 
 
-def _date(s: str | None) -> date | None:
-    return date.fromisoformat(s) if s else None
+def _date(s: Any) -> date | None:
+    return None if s is None else date.fromisoformat(_typed(s, str))
 
 
 def default_config_path() -> Path:
@@ -206,12 +310,12 @@ def default_config_path() -> Path:
 # -- validation ----------------------------------------------------------------------
 
 SERVER_KEYS = {
-    "host": "string",
+    "host": "host",
     "port": "port",
     "user": "name",
     "repositories": "path",
     "state_dir": "path",
-    "listen_host": "string",
+    "listen_host": "host",
     "listen_port": "port",
 }
 TWO_FACTOR_KEYS = {
@@ -225,7 +329,7 @@ TWO_FACTOR_KEYS = {
 }
 HOOKS_KEYS = {"allow_local_push": "boolean"}
 TEAM_KEYS = {
-    "members": "list of names",
+    "members": "list of user names",
     "require_2fa": "level",
     "grace_until": "date",
     "mode": "mode",
@@ -241,38 +345,114 @@ RULE_KEYS = {
 }
 TOP_KEYS = ("server", "two_factor", "hooks", "teams", "repositories")
 
+EXPECTED = {
+    "string": "a string",
+    "host": "a host name or address",
+    "port": "a port number (1-65535)",
+    "name": "a name (letters, digits, '_', '.', '-'; at most 64 characters)",
+    "path": "a path",
+    "positive integer": f"a positive integer (at most {MAX_NUMBER})",
+    "positive number": f"a positive number (at most {MAX_NUMBER})",
+    "boolean": "true or false",
+    "date": "a date like 2027-01-31",
+    "level": f"one of: {', '.join(LEVELS)}",
+    "mode": f"one of: {', '.join(MODES)}",
+    "pattern": "a repository name or glob, like platform/* or web/**",
+}
+# Kinds whose value is text: a number written for them is taken as its text.
+TEXT_KINDS = ("string", "host", "name", "path", "pattern")
+
+YAML_TAG = "tag:yaml.org,2002:"
+STR_TAG = YAML_TAG + "str"
+INT_TAG = YAML_TAG + "int"
+FLOAT_TAG = YAML_TAG + "float"
+BOOL_TAG = YAML_TAG + "bool"
+NULL_TAG = YAML_TAG + "null"
+TIMESTAMP_TAG = YAML_TAG + "timestamp"
+MERGE_TAG = YAML_TAG + "merge"  # what the resolver gives a plain `<<`
+VALUE_TAG = YAML_TAG + "value"  # ... and a plain `=`
+MAP_TAG = YAML_TAG + "map"
+SEQ_TAG = YAML_TAG + "seq"
+STANDARD_TAGS = {
+    STR_TAG,
+    INT_TAG,
+    FLOAT_TAG,
+    BOOL_TAG,
+    NULL_TAG,
+    TIMESTAMP_TAG,
+    MERGE_TAG,
+    VALUE_TAG,
+    MAP_TAG,
+    SEQ_TAG,
+}
+BOOL_VALUES = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(YAML_TAG) :] if tag.startswith(YAML_TAG) else tag
+
+
+def _line(node: Any) -> int | None:
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def _shown(node: Any) -> str:
+    """How a value is described in a message: its text, or what it is."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag == NULL_TAG and node.value in ("", "~"):
+        return "nothing"
+    return repr(node.value)
+
 
 class _Checker:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
     def error(self, node: Any, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(Problem(line, message))
+        self.problems.append(Problem(_line(node), message))
 
     def warn(self, node: Any, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(Problem(line, message, "warning"))
+        self.problems.append(Problem(_line(node), message, "warning"))
 
-    def mapping(self, node: Any, where: str, allowed: Any) -> dict[str, tuple[Any, Any]]:
-        """The keys of a mapping node: {key: (key node, value node)}; flags duplicates
-        and unknown keys."""
+    def section(self, top: dict[str, tuple[Any, Any]], name: str) -> Any:
+        """The value node of a top-level section; None when absent or left empty."""
+        if name not in top:
+            return None
+        node = top[name][1]
+        return None if node.tag == NULL_TAG and node.value in ("", "~", "null") else node
+
+    def mapping(
+        self, node: Any, where: str, allowed: Any, noun: str = "key"
+    ) -> dict[str, tuple[Any, Any]]:
+        """The keys of a mapping node as {key: (key node, value node)}. Flags duplicate
+        keys (YAML itself keeps the last one silently) and, when `allowed` is given,
+        unknown keys."""
         import yaml
 
         if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{where} must be a mapping of keys to values")
+            self.error(node, f"{where} must be a mapping of keys to values, got {_shown(node)}")
             return {}
         out: dict[str, tuple[Any, Any]] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != STR_TAG:
-                self.error(key_node, f"{where}: keys must be plain names")
+            if key_node.tag == MERGE_TAG:
+                self.error(key_node, f"{where}: merge keys ('<<') are not supported")
+                continue
+            text_key = key_node.tag == STR_TAG or (allowed is None and key_node.tag == INT_TAG)
+            if not isinstance(key_node, yaml.ScalarNode) or not text_key:
+                self.error(key_node, f"{where}: keys must be plain names, got {_shown(key_node)}")
                 continue
             key = key_node.value
             if key in out:
+                # The duplicate is reported and skipped: YAML would silently keep the last.
+                twice = f": {noun} '{key}' is defined twice" if noun != "key" else ""
+                first = _line(out[key][0])
                 self.error(
-                    key_node,
-                    f"duplicate key '{key}' in {where} (first on line "
-                    f"{out[key][0].start_mark.line + 1})",
+                    key_node, f"duplicate key '{key}' in {where}{twice} (first on line {first})"
                 )
                 continue
             if allowed is not None and key not in allowed:
@@ -284,106 +464,122 @@ class _Checker:
             out[key] = (key_node, value_node)
         return out
 
-    def scalar(self, node: Any, kind: str, where: str) -> Any:
-        """Construct and check one scalar of the given kind; None (and a problem) if wrong."""
+    def scalar(self, node: Any, kind: str, where: str, nullable: bool = False) -> Any:
+        """One checked value of `kind`; None (after recording a problem) when it is
+        wrong, and None without one when it is empty and `nullable`."""
         import yaml
 
+        expected = EXPECTED[kind]
         if not isinstance(node, yaml.ScalarNode):
-            self.error(node, f"{where}: expected {_article(kind)}")
+            self.error(node, f"{where}: expected {expected}, got {_shown(node)}")
             return None
         tag, value = node.tag, node.value
+        if tag in (MERGE_TAG, VALUE_TAG):
+            tag = STR_TAG  # a bare `<<` or `=` as a value is just text
+        if tag == NULL_TAG and nullable:
+            return None
+        if re.search(CONTROL_RE, value):
+            self.error(node, f"{where}: control characters are not allowed, got {value!r}")
+            return None
         if kind == "boolean":
-            if tag == BOOL_TAG:
-                return value.lower() in ("true", "yes", "on", "y")
-            self.error(node, f"{where}: expected true or false, got {value!r}")
+            if tag == BOOL_TAG and value.lower() in BOOL_VALUES:
+                return BOOL_VALUES[value.lower()]
+            self.error(node, f"{where}: expected true or false, got {_shown(node)}")
             return None
         if kind in ("port", "positive integer"):
-            if tag == INT_TAG:
-                try:
-                    number = int(value.replace("_", ""), 0)
-                except ValueError:
-                    number = -1
-                if kind == "port" and 1 <= number <= 65535:
-                    return number
-                if kind == "positive integer" and number > 0:
-                    return number
-            self.error(
-                node,
-                f"{where}: expected {_article(kind)}"
-                f"{' (1-65535)' if kind == 'port' else ''}, got {value!r}",
-            )
+            number = int(value.replace("_", "")) if re.match(DECIMAL_RE, value) else 0
+            top = 65535 if kind == "port" else MAX_NUMBER
+            if tag == INT_TAG and 0 < number <= top:
+                return number
+            self.error(node, f"{where}: expected {expected}, got {_shown(node)}")
             return None
         if kind == "positive number":
+            real = 0.0
             if tag in (INT_TAG, FLOAT_TAG):
                 try:
                     real = float(value.replace("_", ""))
                 except ValueError:
-                    real = -1.0
-                if real > 0 and real != float("inf"):
-                    return real
-            self.error(node, f"{where}: expected a positive number, got {value!r}")
+                    real = 0.0  # .inf, .nan, sexagesimal: not wanted here
+            if 0 < real <= MAX_NUMBER:
+                return real
+            self.error(node, f"{where}: expected {expected}, got {_shown(node)}")
             return None
         if kind == "date":
-            if tag in (TIMESTAMP_TAG, STR_TAG):
+            if tag in (TIMESTAMP_TAG, STR_TAG) and re.match(DATE_RE, value.strip()):
                 try:
                     return date.fromisoformat(value.strip())
                 except ValueError:
                     pass
-            self.error(node, f"{where}: expected a date like 2027-01-31, got {value!r}")
+            self.error(node, f"{where}: expected {expected}, got {_shown(node)}")
             return None
-        if tag != STR_TAG and not (tag == INT_TAG and kind in ("name", "string")):
-            self.error(node, f"{where}: expected {_article(kind)}, got {value!r}")
+        if tag != STR_TAG and not (tag == INT_TAG and kind in TEXT_KINDS):
+            quote = " (quote it if it is meant as text)" if kind in TEXT_KINDS else ""
+            self.error(node, f"{where}: expected {expected}, got {_shown(node)}{quote}")
             return None
         if kind == "level":
             if value not in LEVELS:
-                self.error(
-                    node, f"{where}: unknown level {value!r} (expected one of: {', '.join(LEVELS)})"
-                )
+                self.error(node, f"{where}: unknown level {value!r} (expected {expected})")
                 return None
         elif kind == "mode":
             if value not in MODES:
-                self.error(
-                    node, f"{where}: unknown mode {value!r} (expected one of: {', '.join(MODES)})"
-                )
+                self.error(node, f"{where}: unknown mode {value!r} (expected {expected})")
                 return None
         elif kind == "name":
-            if not NAME.match(value):
-                self.error(
-                    node,
-                    f"{where}: invalid name {value!r} (letters, digits, '_', '.', '-'; at most 64)",
-                )
+            if not re.match(NAME_RE, value):
+                self.error(node, f"{where}: invalid name {value!r} (expected {expected[2:]})")
+                return None
+        elif kind == "host":
+            if not re.match(HOST_RE, value) or value.startswith("-"):
+                self.error(node, f"{where}: expected {expected}, got {value!r}")
                 return None
         elif kind == "pattern":
-            pattern = value.strip("/").removesuffix(".git")
-            comps = pattern.split("/")
-            if (
-                not pattern
-                or value.startswith("/")
-                or any(
-                    c in ("", ".", "..") or not PATTERN_COMPONENT.match(c) or c.startswith("-")
-                    for c in comps
-                )
-            ):
-                self.error(
-                    node,
-                    f"{where}: invalid repository pattern {value!r} (names of "
-                    "letters, digits, '_.+-', '*' and '**', separated by '/')",
-                )
-                return None
-            return pattern
-        elif kind in ("string", "path") and not value.strip():
-            self.error(node, f"{where}: must not be empty")
+            return self.pattern(node, value, where)
+        elif not value.strip():
+            self.error(node, f"{where}: expected {expected}, got an empty string")
             return None
         return value
 
-    def names(self, node: Any, where: str, kind: str) -> list[tuple[str, Any]]:
+    def pattern(self, node: Any, value: str, where: str) -> str | None:
+        """A repository name or glob, with a trailing `.git` dropped; None if invalid."""
+        pattern = value.removesuffix(".git")
+        reason = ""
+        if not pattern:
+            reason = "it is empty"
+        elif pattern.startswith("/"):
+            reason = "it must not start with '/'"
+        else:
+            for comp in pattern.split("/"):
+                if not comp:
+                    reason = "it has an empty path component"
+                elif comp in (".", ".."):
+                    reason = f"'{comp}' is not allowed as a path component"
+                elif comp.startswith("-"):
+                    reason = f"component {comp!r} starts with '-'"
+                elif "**" in comp and comp != "**":
+                    reason = f"'**' must be a whole path component, not part of {comp!r}"
+                elif not re.match(PATTERN_COMPONENT_RE, comp):
+                    reason = (
+                        f"component {comp!r} has characters other than letters, digits, '_.+-*'"
+                    )
+                if reason:
+                    break
+        if reason:
+            self.error(
+                node,
+                f"{where}: invalid repository pattern {value!r}: {reason} (expected "
+                "names of letters, digits and '_.+-', with '*' and '**', separated by '/')",
+            )
+            return None
+        return pattern
+
+    def names(self, node: Any, where: str, what: str) -> list[tuple[str, Any]]:
         """A list of valid, distinct names, each with its node (for line numbers)."""
         import yaml
 
         if isinstance(node, yaml.ScalarNode) and node.tag == NULL_TAG:
             return []
         if not isinstance(node, yaml.SequenceNode):
-            self.error(node, f"{where}: expected a list of {kind}, like [a, b]")
+            self.error(node, f"{where}: expected a list of {what}, like [a, b], got {_shown(node)}")
             return []
         out: list[tuple[str, Any]] = []
         for item in node.value:
@@ -397,230 +593,298 @@ class _Checker:
         return out
 
 
-STR_TAG = "tag:yaml.org,2002:str"
-INT_TAG = "tag:yaml.org,2002:int"
-FLOAT_TAG = "tag:yaml.org,2002:float"
-BOOL_TAG = "tag:yaml.org,2002:bool"
-NULL_TAG = "tag:yaml.org,2002:null"
-TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-STANDARD_TAGS = {
-    STR_TAG,
-    INT_TAG,
-    FLOAT_TAG,
-    BOOL_TAG,
-    NULL_TAG,
-    TIMESTAMP_TAG,
-    "tag:yaml.org,2002:map",
-    "tag:yaml.org,2002:seq",
-}
-
-
-def _article(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
-
-
-def _tags_ok(node: Any, checker: _Checker) -> bool:
-    """Refuse any explicit tag (`!!python/object`, `!x`): never construct from one."""
+def _tags_ok(root: Any, checker: _Checker) -> bool:
+    """Refuse every non-standard tag (`!!python/object`, `!x`, `!!binary`): nothing is
+    ever constructed from one. Aliases share nodes, so each node is visited once
+    (an alias of its own anchor, or a "billion laughs" file, stays cheap)."""
     import yaml
 
     ok = True
-    stack = [node]
+    seen: set[int] = set()
+    stack = [root]
     while stack:
-        n = stack.pop()
-        if n.tag not in STANDARD_TAGS:
-            checker.error(n, f"tags are not allowed (found {n.tag!r})")
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in STANDARD_TAGS:
+            checker.error(node, f"tags are not allowed (found {_short_tag(node.tag)!r})")
             ok = False
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                stack.extend((k, v))
-        elif isinstance(n, yaml.SequenceNode):
-            stack.extend(n.value)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
     return ok
+
+
+def _malformed(exc: Exception, text: str) -> Problem:
+    import yaml
+
+    if isinstance(exc, yaml.reader.ReaderError):
+        where = text[: exc.position]
+        line, column = where.count("\n") + 1, exc.position - (where.rfind("\n") + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return Problem(
+            line, f"malformed YAML at column {column}: unacceptable character #x{char:04x}"
+        )
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            what = f"{what} ({exc.context} from line {exc.context_mark.line + 1})"
+        if mark is not None:
+            return Problem(mark.line + 1, f"malformed YAML at column {mark.column + 1}: {what}")
+        return Problem(None, f"malformed YAML: {what}")
+    return Problem(None, f"malformed YAML: {exc}")
 
 
 def check_policy_text(
     text: str, source: str, known_users: set[str] | None = None
 ) -> tuple[Policy | None, list[Problem]]:
-    """Validate a policy; never raises. Returns (policy or None if any error, problems)."""
+    """Validate a policy and report every problem; never raises.
+
+    Returns (policy, problems); the policy is None when there is any error. Warnings
+    are given for rules that grant nothing and, when `known_users` is given, for team
+    members who are not users in the store.
+    """
     import yaml
 
-    checker = _Checker()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        column = f", column {mark.column + 1}" if mark else ""
-        what = exc.problem or exc.context or "invalid YAML"
-        return None, [Problem(line, f"malformed YAML{column}: {what}")]
     except yaml.YAMLError as exc:
-        return None, [Problem(None, f"malformed YAML: {exc}")]
+        return None, [_malformed(exc, text)]
+    except RecursionError:
+        return None, [Problem(None, "malformed YAML: nested too deeply")]
     if root is None:
-        return None, [Problem(None, "the policy file is empty (see config/example.yaml)")]
+        return None, [
+            Problem(
+                None,
+                "the policy file is empty (expected a mapping with some of: "
+                f"{', '.join(TOP_KEYS)}; see config/example.yaml)",
+            )
+        ]
+    checker = _Checker()
     if not _tags_ok(root, checker):
         return None, sorted(checker.problems, key=lambda p: p.line or 0)
-    top = checker.mapping(root, "the policy", TOP_KEYS)
-    base = Path(source).resolve().parent if source else Path.cwd()
+    policy = _check(root, text, source, known_users, checker)
+    problems = sorted(checker.problems, key=lambda p: p.line or 0)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    return policy, problems
 
+
+def _check(
+    root: Any, text: str, source: str, known_users: set[str] | None, checker: _Checker
+) -> Policy:
+    import yaml
+
+    top = checker.mapping(root, "the policy", TOP_KEYS)
+    base = Path(source).absolute().parent if source else Path.cwd()
+
+    # server
     server_kwargs: dict[str, Any] = {}
-    if "server" in top:
-        for key, (_, vnode) in checker.mapping(top["server"][1], "server", SERVER_KEYS).items():
+    path_nodes: dict[str, Any] = {}
+    node = checker.section(top, "server")
+    if node is not None:
+        for key, (_, vnode) in checker.mapping(node, "server", SERVER_KEYS).items():
             value = checker.scalar(vnode, SERVER_KEYS[key], f"server.{key}")
             if value is not None:
                 server_kwargs[key] = value
+                path_nodes[key] = vnode
     for key in ("repositories", "state_dir"):
         raw = server_kwargs.get(key, str(getattr(ServerSettings, key)))
-        server_kwargs[key] = (base / Path(raw).expanduser()).resolve()
+        try:
+            server_kwargs[key] = (base / Path(raw).expanduser()).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:
+            checker.error(path_nodes.get(key), f"server.{key}: cannot resolve {raw!r}: {exc}")
+            server_kwargs[key] = Path(raw)
     server = ServerSettings(**server_kwargs)
 
+    # two_factor
     tf_kwargs: dict[str, Any] = {}
-    if "two_factor" in top:
-        section = checker.mapping(top["two_factor"][1], "two_factor", TWO_FACTOR_KEYS)
-        for key, (_, vnode) in section.items():
+    node = checker.section(top, "two_factor")
+    if node is not None:
+        for key, (_, vnode) in checker.mapping(node, "two_factor", TWO_FACTOR_KEYS).items():
             value = checker.scalar(vnode, TWO_FACTOR_KEYS[key], f"two_factor.{key}")
             if value is not None:
                 tf_kwargs[key] = value
     two_factor = TwoFactorSettings(**tf_kwargs)
 
+    # hooks
     allow_local_push = False
-    if "hooks" in top:
-        for key, (_, vnode) in checker.mapping(top["hooks"][1], "hooks", HOOKS_KEYS).items():
-            allow_local_push = bool(checker.scalar(vnode, "boolean", f"hooks.{key}"))
+    node = checker.section(top, "hooks")
+    if node is not None:
+        for key, (_, vnode) in checker.mapping(node, "hooks", HOOKS_KEYS).items():
+            allow_local_push = checker.scalar(vnode, "boolean", f"hooks.{key}") is True
 
+    # teams
     teams: dict[str, Team] = {}
-    if "teams" in top:
-        for name, (knode, vnode) in checker.mapping(top["teams"][1], "teams", None).items():
-            if not NAME.match(name):
-                checker.error(knode, f"invalid team name {name!r}")
-                continue
+    invalid_teams: set[str] = set()  # named wrongly: reported once, not again where used
+    node = checker.section(top, "teams")
+    if node is not None:
+        for name, (knode, vnode) in checker.mapping(node, "teams", None, noun="team").items():
             where = f"team '{name}'"
+            if not re.match(NAME_RE, name):
+                checker.error(
+                    knode, f"invalid team name {name!r} (expected {EXPECTED['name'][2:]})"
+                )
+                invalid_teams.add(name)
             fields = checker.mapping(vnode, where, TEAM_KEYS)
-            kwargs: dict[str, Any] = {"name": name, "line": knode.start_mark.line + 1}
             members = (
                 checker.names(fields["members"][1], f"{where} members", "user names")
                 if "members" in fields
                 else []
             )
+            kwargs: dict[str, Any] = {"name": name, "line": _line(knode)}
             kwargs["members"] = tuple(m for m, _ in members)
             for key in ("require_2fa", "grace_until", "mode"):
                 if key in fields:
-                    value = checker.scalar(fields[key][1], TEAM_KEYS[key], f"{where} {key}")
+                    nullable = key == "grace_until"
+                    value = checker.scalar(
+                        fields[key][1], TEAM_KEYS[key], f"{where} {key}", nullable
+                    )
                     if value is not None:
                         kwargs[key] = value
-            teams[name] = Team(**kwargs)
+            team = Team(**kwargs)
+            if name not in invalid_teams:
+                teams[name] = team
+            if team.require_2fa == "none":
+                for key in ("grace_until", "mode"):
+                    if key in fields and kwargs.get(key) is not None:
+                        checker.warn(
+                            fields[key][0],
+                            f"{where}: {key} has no effect while require_2fa is none",
+                        )
             if known_users is not None:
                 for member, item in members:
                     if member not in known_users:
                         checker.warn(
                             item,
-                            f"{where}: member '{member}' is not a user in the "
-                            "store (gatekeeper user add)",
+                            f"{where}: member '{member}' is not a user in the store "
+                            "(add it with `gatekeeper user add`)",
                         )
 
+    # repositories
     rules: list[RepoRule] = []
-    if "repositories" in top:
-        import yaml
-
-        seq = top["repositories"][1]
-        if not isinstance(seq, yaml.SequenceNode):
-            checker.error(seq, "repositories must be a list of rules (- match: NAME ...)")
-        else:
-            for item in seq.value:
-                fields = checker.mapping(item, "repository rule", RULE_KEYS)
-                if not fields and isinstance(item, yaml.MappingNode):
-                    continue
-                where = "repository rule"
-                if "match" not in fields:
-                    if isinstance(item, yaml.MappingNode):
-                        checker.error(item, "repository rule: 'match' is required")
-                    continue
-                match = checker.scalar(fields["match"][1], "pattern", "repository rule match")
-                if match is None:
-                    continue
-                where = f"repository rule '{match}'"
-                kwargs = {"match": match, "line": item.start_mark.line + 1}
-                for key in ("read", "write"):
-                    if key in fields:
-                        listed = checker.names(fields[key][1], f"{where} {key}", "team names")
-                        for team_name, node in listed:
-                            if team_name not in teams:
-                                checker.error(
-                                    node,
-                                    f"{where} {key}: unknown team '{team_name}'"
-                                    f" (teams: {', '.join(teams) or 'none'})",
-                                )
-                        kwargs[key] = tuple(t for t, _ in listed)
-                for key in ("public", "require_2fa", "grace_until", "mode"):
-                    if key in fields:
-                        value = checker.scalar(fields[key][1], RULE_KEYS[key], f"{where} {key}")
-                        if value is not None:
-                            kwargs[key] = value
-                rule = RepoRule(**kwargs)
-                if not (rule.read or rule.write or rule.public or rule.require_2fa):
-                    checker.warn(item, f"{where} grants nothing and requires nothing")
-                if rule.mode and not rule.require_2fa:
-                    checker.warn(
-                        item,
-                        f"{where}: mode applies to this rule's require_2fa, which it does not set",
+    node = checker.section(top, "repositories")
+    if node is not None and not isinstance(node, yaml.SequenceNode):
+        checker.error(
+            node, f"repositories must be a list of rules (- match: NAME ...), got {_shown(node)}"
+        )
+    elif node is not None:
+        for index, item in enumerate(node.value, 1):
+            where = f"repository rule #{index}"
+            fields = checker.mapping(item, where, RULE_KEYS)
+            if not isinstance(item, yaml.MappingNode):
+                continue
+            match = None
+            if "match" not in fields:
+                checker.error(item, f"{where}: 'match' is required (a repository name or glob)")
+            else:
+                match = checker.scalar(fields["match"][1], "pattern", f"{where} match")
+                if match is not None:
+                    where = f"repository rule '{match}'"
+            kwargs = {"match": match or "", "line": _line(item)}
+            for key in ("read", "write"):
+                if key in fields:
+                    listed = checker.names(fields[key][1], f"{where} {key}", "team names")
+                    for team_name, name_node in listed:
+                        if team_name not in teams and team_name not in invalid_teams:
+                            checker.error(
+                                name_node,
+                                f"{where} {key}: unknown team '{team_name}'"
+                                f" (teams: {', '.join(teams) or 'none defined'})",
+                            )
+                    kwargs[key] = tuple(t for t, _ in listed)
+            for key in ("public", "require_2fa", "grace_until", "mode"):
+                if key in fields:
+                    nullable = key != "public"
+                    value = checker.scalar(
+                        fields[key][1], RULE_KEYS[key], f"{where} {key}", nullable
                     )
+                    if value is not None:
+                        kwargs[key] = value
+            rule = RepoRule(**kwargs)
+            requires = rule.require_2fa not in (None, "none")
+            if match is not None and not (rule.read or rule.write or rule.public or requires):
+                checker.warn(item, f"{where} grants nothing and requires nothing")
+            for key in ("grace_until", "mode"):
+                if getattr(rule, key) is not None and not requires:
+                    checker.warn(
+                        fields[key][0],
+                        f"{where}: {key} applies only to this rule's own require_2fa, "
+                        "which it does not set",
+                    )
+            if match is not None:
                 rules.append(rule)
 
-    problems = sorted(checker.problems, key=lambda p: p.line or 0)
-    if any(p.severity == "error" for p in problems):
-        return None, problems
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    policy = Policy(server, two_factor, teams, tuple(rules), allow_local_push, source, digest)
-    return policy, problems
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Policy(server, two_factor, teams, tuple(rules), allow_local_push, source, digest)
 
 
 def compile_policy_text(text: str, source: str) -> Policy:
+    """The policy in `text`; raises PolicyError listing every error otherwise."""
     policy, problems = check_policy_text(text, source)
     if policy is None:
         errors = [p.format(source) for p in problems if p.severity == "error"]
         raise PolicyError(
             f"invalid policy file {source}: {len(errors)} problem(s)",
-            hint="run `gatekeeper policy check` for the details.",
+            hint="fix the lines listed; `gatekeeper policy check` shows every problem.",
             problems=errors,
         )
     return policy
 
 
+# -- loading, with a compiled cache -----------------------------------------------
+
+
 def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None) -> Policy:
-    """The policy at `path`, from the compiled cache when the file has not changed."""
+    """The policy at `path` (default: `default_config_path()`).
+
+    This runs on every connection: it hashes the file and, when a compiled copy for
+    that hash exists in the cache directory, returns it without importing yaml.
+    Otherwise it compiles the file and caches the result (best effort)."""
     path = Path(path) if path is not None else default_config_path()
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise PolicyError(
             f"policy file not found: {path}",
-            hint="set --config or GATEKEEPER_CONFIG, or create it from config/example.yaml.",
+            hint="set --config or GATEKEEPER_CONFIG, or create it from config/example.yaml",
+        ) from None
+    except PermissionError:
+        raise PolicyError(
+            f"cannot read policy file {path}: permission denied",
+            hint="the policy must be readable by the account gatekeeper runs as "
+            "(the git user): check its owner, group and mode, and its directories'.",
         ) from None
     except OSError as exc:
         raise PolicyError(
-            f"cannot read policy file {path}: {exc.strerror}",
-            hint="it must be readable by the git user.",
+            f"cannot read policy file {path}: {exc.strerror or exc}",
+            hint="--config or GATEKEEPER_CONFIG must name a readable YAML file.",
         ) from None
     digest = hashlib.sha256(data).hexdigest()
     source = str(path.absolute())
-    cache = _cache_file(cache_dir, hashlib.sha256(f"{source}\0{digest}".encode()).hexdigest())
+    cache = _cache_file(cache_dir, digest)
     if cache is not None:
-        try:
-            return Policy.from_json(cache.read_text())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a corrupt cache is ignored and rewritten
+        cached = _read_cache(cache, source, digest)
+        if cached is not None:
+            return cached
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError(f"policy file {path} is not UTF-8 text.") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"policy file {path} is not UTF-8 text (byte {exc.start})",
+            hint="save it as UTF-8.",
+        ) from None
     policy = compile_policy_text(text, source)
     if cache is not None:
         _write_cache(cache, policy.to_json())
     return policy
 
 
-def _cache_file(cache_dir: Path | None, key: str) -> Path | None:
+def _cache_file(cache_dir: Path | None, digest: str) -> Path | None:
     if cache_dir is None:
         env = os.environ.get("GATEKEEPER_CACHE_DIR")
         home = os.environ.get("HOME")
@@ -630,16 +894,44 @@ def _cache_file(cache_dir: Path | None, key: str) -> Path | None:
             cache_dir = Path(home) / ".cache" / "gatekeeper"
         else:
             return None
-    return cache_dir / f"policy-{key}.json"
+    return cache_dir / f"policy-{digest}.json"
+
+
+def _read_cache(cache: Path, source: str, digest: str) -> Policy | None:
+    """The cached policy, or None when it is missing, corrupt, compiled from this
+    content at another path, or not a file this account wrote and alone can write."""
+    try:
+        with open(cache, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
+            policy = Policy.from_json(fh.read().decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if policy.sha256 != digest or policy.source != source:
+        return None
+    return policy
 
 
 def _write_cache(cache: Path, text: str) -> None:
+    """Write atomically (a temporary file in the same directory, then rename), mode
+    0600. Any failure only means no cache: slower, still correct."""
+    import tempfile
+
+    tmp = None
     try:
         cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".policy-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, cache)
+        tmp = None
     except OSError:
-        pass  # no cache: slower, still correct
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
