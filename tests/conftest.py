@@ -90,6 +90,7 @@ class Installation:
         self.keys = base / "keys"
         self.repos.mkdir(parents=True, exist_ok=True)
         self.keys.mkdir(exist_ok=True)
+        self._last_step: dict[str, int] = {}
         self.env = {
             **os.environ,
             "GATEKEEPER_CONFIG": str(self.config),
@@ -211,19 +212,31 @@ class Installation:
                 totp.load_server_key(store.server_key_path), record.id, row.secret
             )
 
-    def code(self, user: str, offset_steps: int = 0) -> str:
+    def code(self, user: str, offset_steps: int | None = None) -> str:
+        """A code for `user`, as their phone would show it.
+
+        With no offset: a code the server has not seen yet, from the current step or
+        later (waiting if needed), so each call can be used once. The step it picks
+        stays inside the server's +-1 window for at least 30 seconds, so a loaded
+        machine cannot turn it stale. With an offset: the raw code that many steps away.
+        """
         from gatekeeper import totp
 
-        return totp.current_code(self.secret(user), time.time() + 30 * offset_steps)
+        secret = self.secret(user)
+        if offset_steps is not None:
+            return totp.current_code(secret, time.time() + 30 * offset_steps)
+        now_step = int(time.time() // 30)
+        step = max(self._last_step.get(user, now_step - 1) + 1, now_step)
+        if step > now_step + 1:
+            time.sleep((step - 1) * 30 - time.time() + 0.05)
+        self._last_step[user] = step
+        return totp.current_code(secret, step * 30)
 
     def enroll(self, user: str) -> None:
-        """Enroll and confirm `user` with the admin CLI, as an admin would.
-
-        Confirms with the previous step's code (inside the +-1 window), so the current
-        and the next step's codes are still fresh for the test that follows."""
+        """Enroll and confirm `user` with the admin CLI, as an admin would."""
         self.gk("2fa", "enroll", user, "--no-qr")
-        avoid_step_boundary()
-        self.gk("2fa", "confirm", user, self.code(user, -1))
+        self._last_step.pop(user, None)
+        self.gk("2fa", "confirm", user, self.code(user))
 
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         from gatekeeper.store import Store
