@@ -759,6 +759,57 @@ class Store:
             return None
         return int(row["locked_until"])
 
+    def reserve_attempt(
+        self,
+        user: User,
+        now: float,
+        *,
+        max_failures: int,
+        window_seconds: int,
+        lockout_seconds: int,
+    ) -> tuple[int, int | None]:
+        """Count a code check *before* it is evaluated against the secret.
+
+        The lock check and the count are one `BEGIN IMMEDIATE` transaction, so parallel
+        connections cannot evaluate more than `max_failures` codes per window (checking
+        the lock, evaluating, then recording lets every connection that checked before
+        the first record through). The attempt that reaches `max_failures` sets the lock
+        at once. Returns (the attempt's number in the window, None), or (0, lock end)
+        when verification is locked. Settle the attempt with `record_failure(...,
+        attempt=n)` or `release_attempt`; one never settled stays counted as a failure.
+        """
+        with self._write():
+            row = self._read_one(
+                "SELECT count, window_start, locked_until FROM failures WHERE user_id = ?",
+                (user.id,),
+            )
+            if row is not None and row["locked_until"] is not None:
+                if row["locked_until"] > now:
+                    return 0, int(row["locked_until"])
+                row = None  # the lock is over: a new window
+            if row is None or now - row["window_start"] > window_seconds:
+                count, start = 1, int(now)
+            else:
+                count, start = row["count"] + 1, row["window_start"]
+            locked = int(now + lockout_seconds) if count >= max_failures else None
+            self._exec(
+                "INSERT INTO failures (user_id, count, window_start, locked_until)"
+                " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
+                " window_start = excluded.window_start, locked_until = excluded.locked_until",
+                (user.id, count, start, locked),
+            )
+        return count, None
+
+    def release_attempt(self, user: User, attempt: int, *, max_failures: int) -> None:
+        """A reserved attempt succeeded: only failures count, so uncount it (and lift the
+        lock it set if it was the last one allowed)."""
+        with self._write():
+            self._exec(
+                "UPDATE failures SET count = max(count - 1, 0), locked_until ="
+                " CASE WHEN ? THEN NULL ELSE locked_until END WHERE user_id = ?",
+                (attempt >= max_failures, user.id),
+            )
+
     def record_failure(
         self,
         user: User,
@@ -770,24 +821,44 @@ class Store:
         key_fp: str | None = None,
         client: str | None = None,
         what: str = "totp",
+        attempt: int | None = None,
     ) -> int | None:
-        """Count a failed code; return the lockout end if this failure locked the user."""
+        """Audit a failed code; return the lockout end if this failure locked the user.
+
+        With `attempt` (from `reserve_attempt`) the failure was already counted; without
+        it, it is counted here. Either way an active lock is never shortened."""
         with self._write():
             row = self._read_one(
                 "SELECT count, window_start, locked_until FROM failures WHERE user_id = ?",
                 (user.id,),
             )
-            if row is None or now - row["window_start"] > window_seconds:
-                count, start = 1, int(now)
-            else:
-                count, start = row["count"] + 1, row["window_start"]
-            locked = int(now + lockout_seconds) if count >= max_failures else None
-            self._exec(
-                "INSERT INTO failures (user_id, count, window_start, locked_until)"
-                " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
-                " window_start = excluded.window_start, locked_until = excluded.locked_until",
-                (user.id, 0 if locked else count, int(now) if locked else start, locked),
+            active = (
+                row["locked_until"]
+                if row is not None and row["locked_until"] is not None and row["locked_until"] > now
+                else None
             )
+            if attempt is not None:
+                count = attempt
+                locked = active if attempt >= max_failures else None
+            else:
+                if row is None or now - row["window_start"] > window_seconds:
+                    count, start = 1, int(now)
+                else:
+                    count, start = row["count"] + 1, row["window_start"]
+                locked = int(now + lockout_seconds) if count >= max_failures else None
+                if active is not None:
+                    locked = max(active, locked or 0) if locked else None
+                self._exec(
+                    "INSERT INTO failures (user_id, count, window_start, locked_until)"
+                    " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
+                    " window_start = excluded.window_start, locked_until = excluded.locked_until",
+                    (
+                        user.id,
+                        0 if locked else count,
+                        int(now) if locked else start,
+                        locked or active,
+                    ),
+                )
             self._append_audit(
                 "2fa-failure",
                 now,

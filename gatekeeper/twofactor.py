@@ -66,14 +66,39 @@ def _secret(store: Store, user: User) -> tuple[str, bool, int]:
     )
 
 
+def _locked(user: User, until: float) -> Refused:
+    return Refused(
+        f"verification is locked for '{user.name}' until {_fmt(until)} after repeated wrong codes.",
+        hint="wait, or ask an administrator (`gatekeeper 2fa reset`) if the app is lost.",
+    )
+
+
 def _refuse_if_locked(store: Store, user: User, now: float) -> None:
     until = store.locked_until(user.id, now)
     if until is not None:
-        raise Refused(
-            f"verification is locked for '{user.name}' until {_fmt(until)} after repeated "
-            "wrong codes.",
-            hint="wait, or ask an administrator (`gatekeeper 2fa reset`) if the app is lost.",
-        )
+        raise _locked(user, until)
+
+
+def _limits(policy: Policy) -> dict[str, int]:
+    tf = policy.two_factor
+    return {
+        "max_failures": tf.max_failures,
+        "window_seconds": tf.failure_window_minutes * 60,
+        "lockout_seconds": tf.lockout_minutes * 60,
+    }
+
+
+def _reserve(store: Store, policy: Policy, user: User, now: float) -> int:
+    """Count this attempt before the code is compared with anything (see
+    `Store.reserve_attempt`): parallel guesses cannot exceed `max_failures`."""
+    attempt, until = store.reserve_attempt(user, now, **_limits(policy))
+    if until is not None:
+        raise _locked(user, until)
+    return attempt
+
+
+def _succeeded(store: Store, policy: Policy, user: User, attempt: int) -> None:
+    store.release_attempt(user, attempt, max_failures=policy.two_factor.max_failures)
 
 
 def _fail(
@@ -83,20 +108,19 @@ def _fail(
     now: float,
     message: str,
     *,
+    attempt: int,
     key_fp: str | None = None,
     client: str | None = None,
     what: str = "totp",
 ) -> Refused:
-    tf = policy.two_factor
     locked = store.record_failure(
         user,
         now,
-        max_failures=tf.max_failures,
-        window_seconds=tf.failure_window_minutes * 60,
-        lockout_seconds=tf.lockout_minutes * 60,
+        **_limits(policy),
         key_fp=key_fp,
         client=client,
         what=what,
+        attempt=attempt,
     )
     if locked is not None:
         return Refused(
@@ -123,6 +147,7 @@ def confirm(
     secret, confirmed, _ = _secret(store, user)
     if confirmed:
         raise InputError(f"'{user.name}' is already enrolled; nothing to confirm.")
+    attempt = _reserve(store, policy, user, now)
     step = totp.match_timestep(secret, code, now)
     if step is None:
         raise _fail(
@@ -131,6 +156,7 @@ def confirm(
             user,
             now,
             "wrong code: enrollment not confirmed.",
+            attempt=attempt,
             client=client,
             what="confirm",
         )
@@ -164,11 +190,13 @@ def check_code(
     now = time.time() if now is None else now
     _refuse_if_locked(store, user, now)
     if allow_recovery and totp.looks_like_recovery_code(code):
+        attempt = _reserve(store, policy, user, now)
         for code_id, hashed in store.unused_recovery_codes(user.id):
             if totp.check_recovery_code(code, hashed) and store.use_recovery_code(code_id):
                 store.audit(
                     "2fa-recovery-code-used", now=now, user=user.name, key_fp=key_fp, client=client
                 )
+                _succeeded(store, policy, user, attempt)
                 return "recovery-code"
         raise _fail(
             store,
@@ -176,6 +204,7 @@ def check_code(
             user,
             now,
             "wrong or already used recovery code.",
+            attempt=attempt,
             key_fp=key_fp,
             client=client,
             what="recovery-code",
@@ -187,9 +216,12 @@ def check_code(
             f"'{user.name}' has a pending enrollment; confirm it first.",
             hint="`2fa confirm CODE` with the code your app shows.",
         )
+    attempt = _reserve(store, policy, user, now)
     step = totp.match_timestep(secret, code, now)
     if step is None:
-        raise _fail(store, policy, user, now, "wrong code.", key_fp=key_fp, client=client)
+        raise _fail(
+            store, policy, user, now, "wrong code.", attempt=attempt, key_fp=key_fp, client=client
+        )
     if not store.accept_timestep(user.id, step):
         raise _fail(
             store,
@@ -197,10 +229,12 @@ def check_code(
             user,
             now,
             "that code was already used; wait for the next one.",
+            attempt=attempt,
             key_fp=key_fp,
             client=client,
             what="replay",
         )
+    _succeeded(store, policy, user, attempt)
     return "totp"
 
 
