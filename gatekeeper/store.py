@@ -174,6 +174,9 @@ class Store:
     def __init__(self, state_dir: Path, conn: sqlite3.Connection) -> None:
         self.state_dir = state_dir
         self.conn = conn
+        # The head file as it was before this transaction wrote it (see `_write_head`):
+        # None when not written yet, a hard link to the old head, or False if there was none.
+        self._head_before: Path | bool | None = None
 
     # -- opening ---------------------------------------------------------------
 
@@ -261,6 +264,7 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
+            conn.close()
             raise _store_error(exc, path) from exc
         return conn
 
@@ -317,13 +321,23 @@ class Store:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            self.conn.execute("ROLLBACK")
+            # A full disk makes COMMIT fail after the audit head file was written.
+            self._rollback()
             raise _store_error(exc, self.path) from exc
+        self._settle_head(keep=True)
+
+    def _rollback(self) -> None:
+        try:
+            # SQLite rolls back by itself on some errors (SQLITE_FULL at COMMIT).
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self._settle_head(keep=False)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -369,15 +383,41 @@ class Store:
     def _write_head(self, seq: int, digest: str) -> None:
         tmp = self.head_path.with_name(f".{HEAD_NAME}.{os.getpid()}")
         try:
+            if self._head_before is None:
+                # Keep the old head (a hard link: no space needed to put it back) until
+                # the transaction commits, so a failed COMMIT does not leave a head that
+                # names a record the database does not have ("records were cut off").
+                before = self.head_path.with_name(f".{HEAD_NAME}.{os.getpid()}.before")
+                before.unlink(missing_ok=True)
+                try:
+                    os.link(self.head_path, before)
+                    self._head_before = before
+                except FileNotFoundError:
+                    self._head_before = False
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{seq} {digest}\n")
             os.replace(tmp, self.head_path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise StoreError(
                 f"cannot write the audit head file {self.head_path}: {exc.strerror}",
                 hint="the state directory must be writable by the git user (and not full).",
             ) from exc
+
+    def _settle_head(self, *, keep: bool) -> None:
+        """After COMMIT drop the old head; after ROLLBACK put it back."""
+        before, self._head_before = self._head_before, None
+        try:
+            if isinstance(before, Path):
+                if keep:
+                    before.unlink()
+                else:
+                    os.replace(before, self.head_path)
+            elif before is False and not keep:
+                self.head_path.unlink(missing_ok=True)
+        except OSError:
+            pass  # best effort: `gatekeeper audit verify` reports a head that is off
 
     def read_head(self) -> tuple[int, str] | None:
         try:
