@@ -105,7 +105,12 @@ def load_server_key(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise StoreError(f"server key {path} does not exist.", hint=_INIT_HINT) from None
+        raise StoreError(
+            f"server key {path} does not exist.",
+            # `gatekeeper init` makes a new key, which cannot decrypt the stored secrets.
+            hint="restore it from a backup if anyone is enrolled; on a new installation run "
+            "`gatekeeper init` to create it.",
+        ) from None
     except PermissionError:
         raise StoreError(
             f"cannot read server key {path}: permission denied.",
