@@ -29,7 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "gatekeeper.db"
 SERVER_KEY_NAME = "server.key"
 HEAD_NAME = "audit.head"
@@ -106,6 +106,22 @@ MIGRATIONS: dict[int, str] = {
         hash TEXT NOT NULL
     );
     """,
+    # Per-connection identities for the git hooks: the forced command records one for
+    # each git request it allows (only the token's SHA-256 is stored).
+    2: """
+    CREATE TABLE hook_tokens (
+        token_hash TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        key_id INTEGER NOT NULL,
+        key_fp TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        action TEXT NOT NULL,
+        client TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX hook_tokens_expires ON hook_tokens(expires_at);
+    """,
 }
 
 
@@ -140,6 +156,27 @@ class Totp:
     @property
     def confirmed(self) -> bool:
         return self.confirmed_at is not None
+
+
+@record
+class HookToken:
+    """What the forced command allowed one connection to do, for its git hooks to check."""
+
+    user: str
+    key_id: int
+    key_fp: str
+    repo: str
+    action: str
+    client: str | None
+    created_at: int
+    expires_at: int
+
+
+def token_digest(token: str) -> str:
+    """How a hook token is stored: its SHA-256, so reading the database forges nothing."""
+    import hashlib
+
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @record
@@ -357,8 +394,11 @@ class Store:
 
     # -- audit -----------------------------------------------------------------
 
-    def _append_audit(self, event: str, now: float, **fields: Any) -> int:
-        """Append one chained record; must run inside `_write()`."""
+    def _append_audit(
+        self, event: str, now: float, *, write_head: bool = True, **fields: Any
+    ) -> int:
+        """Append one chained record; must run inside `_write()`. A batch writes the
+        head file once, with its last record (`write_head=False` for the others)."""
         last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if last is None:
             anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
@@ -377,7 +417,8 @@ class Store:
             (*(record[f] for f in chain.FIELDS), prev_hash, digest),
         )
         # Written while we hold the write lock, so heads are written in chain order.
-        self._write_head(record["seq"], digest)
+        if write_head:
+            self._write_head(record["seq"], digest)
         return int(record["seq"])
 
     def _write_head(self, seq: int, digest: str) -> None:
@@ -435,6 +476,48 @@ class Store:
         """Append a record on its own (decisions, failures, policy changes)."""
         with self._write():
             return self._append_audit(event, time.time() if now is None else now, **fields)
+
+    def audit_with_token(
+        self, event: str, token_hash: str, token: HookToken, *, now: float, **fields: Any
+    ) -> int:
+        """Append a record and store a hook token in the same transaction (the forced
+        command's allow); expired tokens are deleted on the way."""
+        with self._write():
+            self._exec("DELETE FROM hook_tokens WHERE expires_at <= ?", (int(now),))
+            self._exec(
+                "INSERT INTO hook_tokens (token_hash, user, key_id, key_fp, repo, action, client,"
+                " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    token_hash,
+                    token.user,
+                    token.key_id,
+                    token.key_fp,
+                    token.repo,
+                    token.action,
+                    token.client,
+                    token.created_at,
+                    token.expires_at,
+                ),
+            )
+            return self._append_audit(event, now, **fields)
+
+    def hook_token(self, token_hash: str, now: float) -> HookToken | None:
+        """The unexpired token with this digest, or None."""
+        row = self._read_one(
+            "SELECT user, key_id, key_fp, repo, action, client, created_at, expires_at"
+            " FROM hook_tokens WHERE token_hash = ? AND expires_at > ?",
+            (token_hash, int(now)),
+        )
+        return HookToken(**dict(row)) if row else None
+
+    def audit_many(self, event: str, records: Sequence[dict[str, Any]], *, now: float) -> int:
+        """Append several records in one transaction: all of them or none (a push's ref
+        updates). Returns the last sequence number."""
+        seq = 0
+        with self._write():
+            for i, fields in enumerate(records, 1):
+                seq = self._append_audit(event, now, write_head=i == len(records), **fields)
+        return seq
 
     def audit_records(
         self,
