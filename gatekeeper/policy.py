@@ -392,6 +392,11 @@ def _short_tag(tag: str) -> str:
     return "!!" + tag[len(YAML_TAG) :] if tag.startswith(YAML_TAG) else tag
 
 
+def _quoted(text: str) -> str:
+    """A key or name from the file, quoted for a one-line message (escaped if need be)."""
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
 def _line(node: Any) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
@@ -449,16 +454,18 @@ class _Checker:
             key = key_node.value
             if key in out:
                 # The duplicate is reported and skipped: YAML would silently keep the last.
-                twice = f": {noun} '{key}' is defined twice" if noun != "key" else ""
+                twice = f": {noun} {_quoted(key)} is defined twice" if noun != "key" else ""
                 first = _line(out[key][0])
                 self.error(
-                    key_node, f"duplicate key '{key}' in {where}{twice} (first on line {first})"
+                    key_node,
+                    f"duplicate key {_quoted(key)} in {where}{twice} (first on line {first})",
                 )
                 continue
             if allowed is not None and key not in allowed:
                 self.error(
                     key_node,
-                    f"unknown key '{key}' in {where} (expected one of: {', '.join(allowed)})",
+                    f"unknown key {_quoted(key)} in {where} (expected one of: "
+                    f"{', '.join(allowed)})",
                 )
                 continue
             out[key] = (key_node, value_node)
@@ -487,7 +494,9 @@ class _Checker:
             self.error(node, f"{where}: expected true or false, got {_shown(node)}")
             return None
         if kind in ("port", "positive integer"):
-            number = int(value.replace("_", "")) if re.match(DECIMAL_RE, value) else 0
+            # Length first: int() refuses more than 4300 digits with a ValueError.
+            decimal = len(value) <= 32 and re.match(DECIMAL_RE, value)
+            number = int(value.replace("_", "")) if decimal else 0
             top = 65535 if kind == "port" else MAX_NUMBER
             if tag == INT_TAG and 0 < number <= top:
                 return number
@@ -724,7 +733,7 @@ def _check(
     node = checker.section(top, "teams")
     if node is not None:
         for name, (knode, vnode) in checker.mapping(node, "teams", None, noun="team").items():
-            where = f"team '{name}'"
+            where = f"team {_quoted(name)}"
             if not re.match(NAME_RE, name):
                 checker.error(
                     knode, f"invalid team name {name!r} (expected {EXPECTED['name'][2:]})"
