@@ -408,6 +408,16 @@ class Store:
             prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, chain.GENESIS)
         else:
             prev_seq, prev_hash = last["seq"], last["hash"]
+        if self._head_before is None:
+            # First head of this transaction: a head file ahead of the database means
+            # records were cut off (or the newest replaced). Chain on from the head, so
+            # the new record keeps that visible to `log verify` instead of covering it.
+            try:
+                head = self.read_head()
+            except StoreError:
+                head = None
+            if head is not None and head[0] >= prev_seq and head != (prev_seq, prev_hash):
+                prev_seq, prev_hash = head
         record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
@@ -1019,6 +1029,7 @@ class Store:
             " (SELECT min(added_at) FROM keys k WHERE k.user_id = u.id) AS oldest_key,"
             " (SELECT max(added_at) FROM keys k WHERE k.user_id = u.id) AS newest_key,"
             " (SELECT max(created_at) FROM sessions s WHERE s.user_id = u.id) AS last_verified,"
+            " (SELECT max(expires_at) FROM sessions s WHERE s.user_id = u.id) AS verified_until,"
             " (SELECT count(*) FROM recovery_codes r WHERE r.user_id = u.id"
             "   AND r.used_at IS NULL) AS recovery_codes_left,"
             " f.locked_until"
@@ -1039,6 +1050,10 @@ class Store:
                     "state": state,
                     "enrolled_at": r["confirmed_at"],
                     "last_verified": r["last_verified"],
+                    # The end of the latest session on any key, while it lasts.
+                    "verified_until": r["verified_until"]
+                    if r["verified_until"] and r["verified_until"] > now
+                    else None,
                     "locked_until": locked,
                     "keys": r["keys"],
                     "oldest_key": r["oldest_key"],
