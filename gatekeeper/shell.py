@@ -23,7 +23,7 @@ from gatekeeper import decision, logs, sshcmd
 from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.record import record
-from gatekeeper.store import ConnectionFacts, Store
+from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ KEY_ID = re.compile(r"[0-9]{1,12}\Z")
 GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}\Z")
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 PREFIX = "gatekeeper: "
+HOOK_TOKEN_SECONDS = 6 * 3600  # how long the hooks accept a connection's token
 
 
 @record
@@ -166,19 +167,35 @@ def git_access(
         if path is None:
             reason, message = "not-found", decision.not_found_message(policy, request.repo)
     allowed = path is not None
+    fields = {
+        "user": facts.key.user,
+        "key_fp": facts.key.fingerprint,
+        "repo": request.repo,
+        "action": request.action,
+        "reason": reason,
+        "client": conn.client,
+        "detail": {"verb": request.verb, "level": verdict.level, "allowed": allowed},
+    }
     # No git without a record: if this write fails, StoreError refuses the connection.
-    store.audit(
-        "access",
-        now=now,
-        user=facts.key.user,
-        key_fp=facts.key.fingerprint,
-        repo=request.repo,
-        action=request.action,
-        reason=reason,
-        client=conn.client,
-        detail={"verb": request.verb, "level": verdict.level, "allowed": allowed},
-    )
-    if not allowed or path is None:
+    token = None
+    if allowed:
+        # The hooks' proof that this connection came through here (see hooks.py):
+        # the same CSPRNG as `secrets`, without its imports on this path.
+        token = os.urandom(32).hex()
+        grant = HookToken(
+            facts.key.user,
+            facts.key.id,
+            facts.key.fingerprint,
+            request.repo,
+            request.action,
+            conn.client,
+            int(now),
+            int(now + HOOK_TOKEN_SECONDS),
+        )
+        store.audit_with_token("access", token_digest(token), grant, now=now, **fields)
+    else:
+        store.audit("access", now=now, **fields)
+    if not allowed or path is None or token is None:
         for line in message:
             stderr.write(PREFIX + line + "\n")
         stderr.flush()
@@ -187,7 +204,8 @@ def git_access(
         stderr.write(PREFIX + line + "\n")
     stderr.flush()
     store.close()
-    argv = git_argv(request, path)
+    config = conn.config.resolve()
+    argv = git_argv(request, path, config)
     git_env = {
         "PATH": SAFE_PATH,
         "HOME": env.get("HOME", "/"),
@@ -196,8 +214,12 @@ def git_access(
         "GATEKEEPER_KEY_ID": str(facts.key.id),
         "GATEKEEPER_REPO": request.repo,
         "GATEKEEPER_ACTION": request.action,
-        "GATEKEEPER_CONFIG": str(conn.config.resolve()),
+        "GATEKEEPER_CONFIG": str(config),
+        "GATEKEEPER_TOKEN": token,
     }
+    if env.get("GATEKEEPER_CACHE_DIR"):
+        # The admin's compiled-policy cache, so the hooks find it too.
+        git_env["GATEKEEPER_CACHE_DIR"] = env["GATEKEEPER_CACHE_DIR"]
     if conn.git_protocol:
         git_env["GIT_PROTOCOL"] = conn.git_protocol
     if env.get("GATEKEEPER_DRY_RUN") == "1":
@@ -207,14 +229,29 @@ def git_access(
     return 1  # pragma: no cover - execve does not return
 
 
-def git_argv(request: sshcmd.GitRequest, path: Path) -> list[str]:
+def git_argv(request: sshcmd.GitRequest, path: Path, config: Path | None = None) -> list[str]:
     sub = request.git_subcommand
     if sub == "upload-archive":
         # upload-archive takes no options; the absolute path cannot look like one.
         return ["git", sub, str(path)]
     if sub == "upload-pack":
-        return ["git", sub, "--strict", "--", str(path)]
+        if config is None:
+            return ["git", sub, "--strict", "--", str(path)]
+        # The fetch-side check (hooks.py): git honours this only from protected
+        # configuration, which the command line is.
+        hook = f"uploadpack.packObjectsHook={pack_objects_hook(config)}"
+        return ["git", "-c", hook, sub, "--strict", "--", str(path)]
     return ["git", sub, "--", str(path)]
+
+
+def pack_objects_hook(config: Path) -> str:
+    """The shell command upload-pack runs instead of `git pack-objects` (it appends the
+    pack-objects command line): this interpreter, isolated (`-I`: no PYTHON* variables,
+    no current directory on sys.path), re-checking the read before packing."""
+    from shlex import quote
+
+    python = quote(sys.executable)
+    return f"{python} -I -m gatekeeper.hooks pack-objects --config {quote(str(config))}"
 
 
 def git_binary() -> str:
