@@ -558,6 +558,11 @@ def serve(
     )
 
 
+from gatekeeper.hooks import cli_group as hooks_group  # noqa: E402 - registers `hooks`
+
+cli.add_command(hooks_group())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
