@@ -563,6 +563,9 @@ from gatekeeper.hooks import cli_group as hooks_group  # noqa: E402 - registers 
 cli.add_command(hooks_group())
 
 
+__import__("gatekeeper.cli_audit").cli_audit.register(cli)  # `audit`, `log` (it imports us)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
