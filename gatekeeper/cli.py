@@ -563,7 +563,9 @@ from gatekeeper.hooks import cli_group as hooks_group  # noqa: E402 - registers 
 cli.add_command(hooks_group())
 
 
-__import__("gatekeeper.cli_audit").cli_audit.register(cli)  # `audit`, `log` (it imports us)
+from gatekeeper.cli_audit import register as register_audit  # noqa: E402 - it imports us
+
+register_audit(cli)  # `audit`, `log`
 
 
 def main(argv: list[str] | None = None) -> int:
