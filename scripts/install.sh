@@ -1,0 +1,982 @@
+#!/usr/bin/env bash
+# Install gatekeeper on a git box behind OpenSSH, idempotently.
+#
+#   sudo scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
+#                           [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
+#                           [--ssh-port N] [--extra-sshd-option 'Keyword value']...
+#                           [--root DIR] [--dry-run] [--uninstall [--purge]]
+#
+# What it does (each step only when something is missing or out of date):
+#   - creates the git system user (login shell /bin/sh, no password, not locked);
+#   - a virtualenv in the prefix with gatekeeper installed (non-editable) from this checkout;
+#   - the policy file from config/example.yaml (server.user, repositories, state_dir, host and
+#     port filled in) if there is none: an existing one is never touched;
+#   - the state directory (owned by the git user, 0700) and `gatekeeper init` as the git user;
+#   - the git hooks in every repository under the root, if this gatekeeper has `hooks`;
+#   - in authorized-keys mode, the git user's ~/.ssh/authorized_keys with gatekeeper's block;
+#   - an sshd_config.d drop-in (Match User <git>) for the chosen mode, validated with
+#     `sshd -t` and rolled back if sshd rejects it, then sshd is reloaded.
+# Everything it created is listed in a manifest (PREFIX/install-manifest); --uninstall removes
+# exactly that (the state directory and a policy edited since only with --purge). Running it
+# again changes nothing and says so.
+#
+# --root DIR is a staging root: every path above lives under DIR, no system user is created
+# (the user must exist), sshd is not reloaded, and DIR/etc/ssh/sshd_config is written (if
+# missing) as a complete configuration for an sshd on 127.0.0.1:--ssh-port (default 2222).
+set -euo pipefail
+umask 022
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+PROG=install.sh
+DROPIN_NAME=10-gatekeeper.conf
+MANIFEST_NAME=install-manifest
+# shellcheck disable=SC2016 # the backquotes are literal: the marker line gatekeeper writes
+AK_BEGIN='# BEGIN gatekeeper: managed by `gatekeeper authorized-keys`; edits here are lost'
+AK_END='# END gatekeeper'
+
+# -- options ----------------------------------------------------------------------------------
+
+MODE=authorized-keys
+GIT_USER=git
+PREFIX=/opt/gatekeeper
+CONFIG=/etc/gatekeeper/config.yaml
+REPOS=/srv/git
+STATE=/var/lib/gatekeeper
+HOST=
+SSH_PORT=
+ROOT=
+PYTHON=
+SOURCE=$(dirname "${SCRIPT_DIR}")
+SSHD=
+DRY_RUN=0
+UNINSTALL=0
+PURGE=0
+EXTRA_OPTIONS=()
+
+usage() {
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    cat <<'EOF'
+Options:
+  --mode MODE              authorized-keys (default) or keys-command (AuthorizedKeysCommand)
+  --user NAME              the git account (default git)
+  --prefix DIR             the virtualenv (default /opt/gatekeeper)
+  --config FILE            the policy file (default /etc/gatekeeper/config.yaml)
+  --repos DIR              repositories root for a new policy file (default /srv/git)
+  --state-dir DIR          state directory for a new policy file (default /var/lib/gatekeeper)
+  --host NAME              host name users connect to, for a new policy file (default: hostname -f)
+  --ssh-port N             port users connect to, for a new policy file (default 22; 2222 with
+                           --root, where the staged sshd listens on 127.0.0.1:N)
+  --extra-sshd-option LINE an extra line for the Match block, e.g. 'MaxSessions 4' (repeatable)
+  --python PATH            interpreter for the virtualenv (default /usr/bin/python3)
+  --source DIR             the gatekeeper checkout to install (default: this script's checkout)
+  --sshd PATH              the sshd binary used to validate (default /usr/sbin/sshd)
+  --root DIR               staging root: everything lives under DIR
+  --dry-run                print every change without making it
+  --uninstall              remove what the install created (keeps the state directory and an
+                           edited policy file)
+  --purge                  with --uninstall: also the state directory, the policy file and the
+                           git user if the install created them
+EOF
+}
+
+die() {
+    printf '%s: error: %s\n' "${PROG}" "$*" >&2
+    exit 1
+}
+
+need_value() {
+    [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
+}
+
+while [[ $# -gt 0 ]]; do
+    opt=$1
+    case ${opt} in
+    --*=*)
+        set -- "${opt%%=*}" "${opt#*=}" "${@:2}"
+        continue
+        ;;
+    esac
+    case ${opt} in
+    --mode) need_value "$@"; MODE=$2; shift ;;
+    --user) need_value "$@"; GIT_USER=$2; shift ;;
+    --prefix) need_value "$@"; PREFIX=$2; shift ;;
+    --config) need_value "$@"; CONFIG=$2; shift ;;
+    --repos) need_value "$@"; REPOS=$2; shift ;;
+    --state-dir) need_value "$@"; STATE=$2; shift ;;
+    --host) need_value "$@"; HOST=$2; shift ;;
+    --ssh-port) need_value "$@"; SSH_PORT=$2; shift ;;
+    --root) need_value "$@"; ROOT=$2; shift ;;
+    --python) need_value "$@"; PYTHON=$2; shift ;;
+    --source) need_value "$@"; SOURCE=$2; shift ;;
+    --sshd) need_value "$@"; SSHD=$2; shift ;;
+    --extra-sshd-option) need_value "$@"; EXTRA_OPTIONS+=("$2"); shift ;;
+    --dry-run) DRY_RUN=1 ;;
+    --uninstall) UNINSTALL=1 ;;
+    --purge) PURGE=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown argument: ${opt} (see --help)" ;;
+    esac
+    shift
+done
+
+# -- checking the options ---------------------------------------------------------------------
+
+# Paths end up in authorized_keys command="..." lines and in sshd_config: letters, digits and
+# ./_+- only (gatekeeper refuses anything else there too), absolute, no "." or ".." components.
+check_path() {
+    local name=$1 value=$2
+    [[ ${value} =~ ^/[A-Za-z0-9_./+-]*$ ]] ||
+        die "${name} ${value@Q}: use an absolute path of letters, digits and ./_+- only"
+    [[ /${value}/ != */../* && /${value}/ != */./* ]] ||
+        die "${name} ${value@Q}: no '.' or '..' components, please"
+}
+
+case ${MODE} in
+authorized-keys | keys-command) ;;
+*) die "--mode must be authorized-keys or keys-command, not ${MODE@Q}" ;;
+esac
+[[ ${GIT_USER} =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+    die "--user ${GIT_USER@Q}: a system user name (lower-case letters, digits, _ and -)"
+for pair in "--prefix:${PREFIX}" "--config:${CONFIG}" "--repos:${REPOS}" "--state-dir:${STATE}"; do
+    check_path "${pair%%:*}" "${pair#*:}"
+done
+[[ ${PREFIX} != / && ${CONFIG} != */ ]] || die "--prefix and --config need real paths"
+if [[ -n ${ROOT} ]]; then
+    [[ -d ${ROOT} ]] || die "--root ${ROOT@Q} is not a directory (create it first)"
+    ROOT=$(cd "${ROOT}" && pwd -P)
+    [[ ${ROOT} == / ]] && ROOT=
+    [[ -z ${ROOT} ]] || check_path --root "${ROOT}"
+fi
+if [[ -n ${SSH_PORT} ]]; then
+    if ! [[ ${SSH_PORT} =~ ^[0-9]{1,5}$ ]] || ((SSH_PORT < 1 || SSH_PORT > 65535)); then
+        die "--ssh-port ${SSH_PORT@Q} is not a port number"
+    fi
+else
+    SSH_PORT=22
+    [[ -z ${ROOT} ]] || SSH_PORT=2222
+fi
+if [[ -z ${HOST} ]]; then
+    HOST=$(hostname -f 2>/dev/null || hostname 2>/dev/null || echo localhost)
+    [[ -z ${ROOT} ]] || HOST=127.0.0.1
+fi
+[[ ${HOST} =~ ^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$ ]] || die "--host ${HOST@Q}: a host name or address"
+for line in "${EXTRA_OPTIONS[@]}"; do
+    [[ ${line} =~ ^[A-Za-z][A-Za-z0-9]*[[:blank:]]+[^[:cntrl:]]+$ ]] ||
+        die "--extra-sshd-option ${line@Q}: one 'Keyword value' line"
+    case ${line%%[[:blank:]]*} in
+    [Ff][Oo][Rr][Cc][Ee][Cc][Oo][Mm][Mm][Aa][Nn][Dd])
+        die "ForceCommand would override gatekeeper's per-key command= (see README)" ;;
+    [Mm][Aa][Tt][Cc][Hh] | [Ii][Nn][Cc][Ll][Uu][Dd][Ee])
+        die "--extra-sshd-option ${line@Q}: Match and Include are not options for a Match block" ;;
+    esac
+done
+((PURGE == 0 || UNINSTALL == 1)) || die "--purge goes with --uninstall"
+[[ ${EUID} -eq 0 ]] || die "run it as root (sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
+
+if [[ -z ${SSHD} ]]; then
+    for candidate in /usr/sbin/sshd /usr/local/sbin/sshd "$(command -v sshd || true)"; do
+        if [[ -n ${candidate} && -x ${candidate} ]]; then
+            SSHD=${candidate}
+            break
+        fi
+    done
+fi
+[[ -n ${SSHD} && -x ${SSHD} ]] || die "sshd not found (install openssh-server, or pass --sshd PATH)"
+
+# Where everything is (under the staging root, if any).
+P_PREFIX=${ROOT}${PREFIX}
+P_CONFIG=${ROOT}${CONFIG}
+P_REPOS=${ROOT}${REPOS}
+P_STATE=${ROOT}${STATE}
+SSH_DIR=${ROOT}/etc/ssh
+MAIN_CFG=${SSH_DIR}/sshd_config
+DROPIN_DIR=${SSH_DIR}/sshd_config.d
+DROPIN=${DROPIN_DIR}/${DROPIN_NAME}
+MANIFEST=${P_PREFIX}/${MANIFEST_NAME}
+GK=${P_PREFIX}/bin/gatekeeper
+SAFE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# -- output and bookkeeping -------------------------------------------------------------------
+
+CHANGES=0
+WARNINGS=()
+declare -A PLANNED=()   # dry run: directories that would have been created
+PENDING_MANIFEST=()     # entries recorded before the prefix (home of the manifest) exists
+
+say() { printf '%s\n' "$*"; }
+dry() { ((DRY_RUN == 1)); }
+ok() { printf '  ok       %s\n' "$*"; }
+change() {
+    CHANGES=$((CHANGES + 1))
+    if dry; then
+        printf '  would    %s\n' "$*"
+    else
+        printf '  change   %s\n' "$*"
+    fi
+}
+warn() {
+    WARNINGS+=("$*")
+    printf '  WARNING  %s\n' "$*" >&2
+}
+
+manifest_add() {
+    dry && return 0
+    local entry="$*"
+    if [[ ! -d ${P_PREFIX} ]]; then
+        PENDING_MANIFEST+=("${entry}")
+        return 0
+    fi
+    if [[ ! -f ${MANIFEST} ]]; then
+        printf '# gatekeeper install.sh manifest: what the install created (KIND PATH [DATA])\n' >"${MANIFEST}"
+        chmod 0644 "${MANIFEST}"
+    fi
+    local pending
+    for pending in "${PENDING_MANIFEST[@]}" "${entry}"; do
+        grep -qxF -- "${pending}" "${MANIFEST}" || printf '%s\n' "${pending}" >>"${MANIFEST}"
+    done
+    PENDING_MANIFEST=()
+}
+
+manifest_has() {
+    [[ -f ${MANIFEST} ]] && grep -qxF -- "$*" "${MANIFEST}"
+}
+
+# The DATA of the first manifest entry "KIND PATH DATA", or nothing.
+manifest_data() {
+    [[ -f ${MANIFEST} ]] || return 0
+    awk -v k="$1" -v p="$2" '$1 == k && $2 == p { print $3; exit }' "${MANIFEST}"
+}
+
+manifest_set() {   # KIND PATH DATA: replace that entry's DATA
+    dry && return 0
+    local tmp=${MANIFEST}.new
+    awk -v k="$1" -v p="$2" '!($1 == k && $2 == p)' "${MANIFEST}" >"${tmp}"
+    printf '%s %s %s\n' "$1" "$2" "$3" >>"${tmp}"
+    chmod 0644 "${tmp}"
+    mv -f "${tmp}" "${MANIFEST}"
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+mode_of() { stat -c '%a' "$1"; }
+owner_of() { stat -c '%U:%G' "$1"; }
+
+# Create a directory (and its missing parents, root:root 0755), recorded in the manifest.
+ensure_dir() {
+    local path=$1 owner=$2 mode=$3
+    if [[ -d ${path} || -n ${PLANNED[${path}]:-} ]]; then
+        return 0
+    fi
+    [[ ! -e ${path} ]] || die "${path} exists and is not a directory"
+    ensure_dir "$(dirname "${path}")" root:root 755
+    change "create directory ${path} (${owner} ${mode})"
+    if dry; then
+        PLANNED[${path}]=1
+        return 0
+    fi
+    mkdir -m "${mode}" "${path}"
+    chown "${owner}" "${path}"
+    manifest_add dir "${path}"
+}
+
+# Write CONTENT (from stdin) to PATH atomically, with owner and mode.
+write_file() {
+    local path=$1 owner=$2 mode=$3 tmp
+    tmp=$(dirname "${path}")/.$(basename "${path}").gatekeeper-new.$$
+    cat >"${tmp}"
+    chown "${owner}" "${tmp}"
+    chmod "${mode}" "${tmp}"
+    mv -f "${tmp}" "${path}"
+}
+
+# Run a command as the git user, with a clean environment (no HOME: nothing written there).
+as_git() {
+    (cd / && runuser -u "${GIT_USER}" -- env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "$@")
+}
+
+# Run the installed gatekeeper CLI as root without touching the store (policy reads only).
+gk_root() {
+    env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "${GK}" "$@"
+}
+
+has_hooks_command() {
+    [[ -x ${GK} ]] && gk_root hooks --help >/dev/null 2>&1
+}
+
+# sshd runs the command and checks that it and every directory above it are root-owned and
+# not writable by group or others (OpenSSH's safe_path()).
+unsafe_command_reason() {
+    local path dir
+    path=$(readlink -m -- "$1")   # the real path, even if it does not exist yet
+    if [[ -e ${path} ]]; then
+        [[ $(stat -c '%u' "${path}") == 0 && $((8#$(mode_of "${path}") & 8#022)) == 0 ]] ||
+            { echo "bad ownership or modes for ${path}"; return 0; }
+    fi
+    dir=$(dirname "${path}")
+    while :; do
+        if [[ -e ${dir} ]]; then
+            if [[ $(stat -c '%u' "${dir}") != 0 || $((8#$(mode_of "${dir}") & 8#022)) != 0 ]]; then
+                echo "directory ${dir} is not root-owned or is writable by group or others"
+                return 0
+            fi
+        fi
+        [[ ${dir} == / || ${dir} == . ]] && break
+        dir=$(dirname "${dir}")
+    done
+}
+
+# -- the git user -----------------------------------------------------------------------------
+
+user_home() {
+    local home
+    home=$(getent passwd "${GIT_USER}" | cut -d: -f6)
+    if [[ -n ${ROOT} && ${home} != "${ROOT}"/* ]]; then
+        home=${ROOT}${home}
+    fi
+    printf '%s\n' "${home}"
+}
+
+# -- uninstall --------------------------------------------------------------------------------
+
+remove_path() {   # PATH DESCRIPTION
+    change "remove $2 $1"
+    dry || rm -rf -- "$1"
+}
+
+reload_sshd() {
+    if [[ -n ${ROOT} ]]; then
+        say "  note     staging root: sshd not reloaded (start it with: ${SSHD} -D -e -f ${MAIN_CFG})"
+        return 0
+    fi
+    dry && { say "  would    reload sshd"; return 0; }
+    if command -v systemctl >/dev/null 2>&1 && systemctl reload ssh 2>/dev/null; then
+        say "  change   reloaded sshd (systemctl reload ssh)"
+    elif command -v systemctl >/dev/null 2>&1 && systemctl reload sshd 2>/dev/null; then
+        say "  change   reloaded sshd (systemctl reload sshd)"
+    elif [[ -f /run/sshd.pid ]] && kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null; then
+        say "  change   reloaded sshd (SIGHUP to $(cat /run/sshd.pid))"
+    else
+        warn "sshd does not seem to run: start it to apply the configuration"
+    fi
+}
+
+remove_ak_block() {   # FILE CREATED(yes|no)
+    local file=$1 created=$2 rest
+    [[ -f ${file} ]] || return 0
+    if ! grep -qxF -- "${AK_BEGIN}" "${file}"; then
+        return 0
+    fi
+    rest=$(awk -v b="${AK_BEGIN}" -v e="${AK_END}" '$0 == b { skip = 1 } !skip { print } $0 == e { skip = 0 }' "${file}")
+    if [[ ${created} == yes && -z ${rest//[[:space:]]/} ]]; then
+        remove_path "${file}" "authorized_keys"
+    else
+        change "remove gatekeeper's block from ${file} (other lines kept)"
+        dry || printf '%s\n' "${rest}" | write_file "${file}" "$(owner_of "${file}")" "$(mode_of "${file}")"
+    fi
+}
+
+# Would DIR be empty once the uninstall has removed what it removes? Exact when not a dry
+# run (only the manifest may be left in it); in a dry run, judged from the manifest.
+would_be_empty() {
+    local dir=$1 child kind path data removable
+    while IFS= read -r child; do
+        [[ ${child} == "${MANIFEST}" ]] && continue
+        dry || return 1
+        removable=0
+        while read -r kind path data; do
+            if [[ ${kind} == venv && ${dir} == "${path}" ]]; then
+                removable=1
+            elif [[ ${kind} == cache && ${child} == "$(dirname "${path}")" ]]; then
+                # ~/.cache, if it holds only gatekeeper's cache and the install made the home
+                [[ $(ls -A "${child}") == gatekeeper ]] && manifest_has dir "${dir}" && removable=1
+            elif [[ ${path} == "${child}" ]]; then
+                case ${kind} in
+                dropin | cache) removable=1 ;;
+                file) [[ $(sha256_of "${child}") == "${data}" || ${PURGE} == 1 ]] && removable=1 ;;
+                state) ((PURGE == 0)) || removable=1 ;;
+                authkeys) [[ ${data} == yes ]] && removable=1 ;;
+                dir) would_be_empty "${child}" && removable=1 ;;
+                esac
+            fi
+        done < <(grep -v '^#' "${MANIFEST}")
+        ((removable == 1)) || return 1
+    done < <(find "${dir}" -mindepth 1 -maxdepth 1)
+    return 0
+}
+
+uninstall() {
+    say "gatekeeper uninstall$(dry && echo ' (dry run)')${ROOT:+ in staging root ${ROOT}}"
+    if [[ ! -f ${MANIFEST} ]]; then
+        say "nothing to uninstall: no manifest ${MANIFEST} (not installed by install.sh with this --prefix)"
+        return 0
+    fi
+    local -a entries=()
+    mapfile -t entries < <(grep -v '^#' "${MANIFEST}")
+    local kind path data entry out i
+    # 1. sshd stops sending the git user to gatekeeper first.
+    for entry in "${entries[@]}"; do
+        read -r kind path data <<<"${entry}"
+        [[ ${kind} == dropin && -f ${path} ]] || continue
+        remove_path "${path}" "sshd drop-in"
+        if dry; then
+            reload_sshd
+            continue
+        fi
+        if out=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1); then
+            reload_sshd
+        else
+            warn "sshd -t fails without the drop-in too (not put back, sshd not reloaded): ${out}"
+        fi
+    done
+    # 2. What points into the virtualenv (authorized_keys lines, hooks), and the policy cache.
+    for entry in "${entries[@]}"; do
+        read -r kind path data <<<"${entry}"
+        case ${kind} in
+        authkeys) remove_ak_block "${path}" "${data}" ;;
+        hooks)
+            if has_hooks_command && gk_root hooks uninstall --help >/dev/null 2>&1; then
+                change "run gatekeeper hooks uninstall --all as ${GIT_USER} (repositories under ${path})"
+                if ! dry && ! as_git "${GK}" --config "${P_CONFIG}" hooks uninstall --all; then
+                    warn "gatekeeper hooks uninstall --all failed: check the hooks under ${path}"
+                fi
+            else
+                warn "git hooks under ${path} not removed: this gatekeeper has no 'hooks uninstall'"
+            fi
+            ;;
+        cache)
+            [[ -e ${path} ]] || continue
+            remove_path "${path}" "policy cache"
+            # gatekeeper made ~/.cache for it; remove that too if the install made the home.
+            if ! dry && manifest_has dir "$(dirname "$(dirname "${path}")")" &&
+                [[ -z $(ls -A "$(dirname "${path}")") ]]; then
+                rmdir "$(dirname "${path}")"
+            fi
+            ;;
+        esac
+    done
+    # 3. In reverse order of creation: files, the virtualenv, the state directory and the
+    #    user (--purge), directories once empty. The prefix and the directories above it
+    #    come last: the prefix holds the manifest, kept if anything else is kept.
+    local kept=0
+    local -a remaining=() prefix_dirs=()
+    for ((i = ${#entries[@]} - 1; i >= 0; i--)); do
+        read -r kind path data <<<"${entries[i]}"
+        case ${kind} in
+        file)
+            [[ -e ${path} ]] || continue
+            if [[ $(sha256_of "${path}") == "${data}" ]] || ((PURGE == 1)); then
+                remove_path "${path}" "file"
+            else
+                ok "kept ${path}: changed since the install (--purge removes it)"
+                kept=1
+                remaining=("${entries[i]}" "${remaining[@]}")
+            fi
+            ;;
+        venv)
+            [[ -d ${path} ]] || continue
+            change "remove the virtualenv in ${path}"
+            dry || find "${path}" -mindepth 1 -maxdepth 1 ! -name "${MANIFEST_NAME}" -exec rm -rf -- {} +
+            ;;
+        state)
+            [[ -e ${path} ]] || continue
+            if ((PURGE == 1)); then
+                remove_path "${path}" "state directory (users, keys, enrollments, audit log)"
+            else
+                ok "kept the state directory ${path} (--purge removes it)"
+                kept=1
+                remaining=("${entries[i]}" "${remaining[@]}")
+            fi
+            ;;
+        user)
+            getent passwd "${path}" >/dev/null || continue
+            if ((PURGE == 1)); then
+                change "delete user ${path}"
+                dry || userdel "${path}"
+            else
+                ok "kept user ${path} (--purge deletes it)"
+                kept=1
+                remaining=("${entries[i]}" "${remaining[@]}")
+            fi
+            ;;
+        dir)
+            [[ -d ${path} ]] || continue
+            if [[ ${path} == "${P_PREFIX}" || ${P_PREFIX} == "${path}"/* ]]; then
+                prefix_dirs+=("${path}")
+            elif would_be_empty "${path}"; then
+                change "remove directory ${path}"
+                dry || rmdir "${path}"
+            else
+                ok "kept directory ${path}: not empty"
+                kept=1
+                remaining=("${entries[i]}" "${remaining[@]}")
+            fi
+            ;;
+        esac
+    done
+    if ((kept == 1)); then
+        ok "kept ${MANIFEST}: it lists what was kept, for a later --uninstall --purge"
+        if ! dry; then
+            {
+                head -n1 "${MANIFEST}"
+                for ((i = ${#prefix_dirs[@]} - 1; i >= 0; i--)); do
+                    printf 'dir %s\n' "${prefix_dirs[i]}"
+                done
+                printf '%s\n' "${remaining[@]}"
+            } >"${MANIFEST}.new"
+            mv -f "${MANIFEST}.new" "${MANIFEST}"
+        fi
+    else
+        dry || rm -f "${MANIFEST}"
+        for path in "${prefix_dirs[@]}"; do
+            if would_be_empty "${path}"; then
+                change "remove directory ${path}"
+                dry || rmdir "${path}"
+            else
+                ok "kept directory ${path}: not empty"
+            fi
+        done
+    fi
+    finish "uninstall"
+}
+
+finish() {
+    local what=$1
+    if ((CHANGES == 0)); then
+        say "nothing to change: ${what} is already done as asked"
+    elif dry; then
+        say "dry run: ${CHANGES} change(s) would be made; nothing was changed"
+    else
+        say "${what}: ${CHANGES} change(s) made"
+    fi
+    if ((${#WARNINGS[@]} > 0)); then
+        say "${#WARNINGS[@]} warning(s):"
+        printf '  - %s\n' "${WARNINGS[@]}"
+    fi
+}
+
+if ((UNINSTALL == 1)); then
+    uninstall
+    exit 0
+fi
+
+# -- install ----------------------------------------------------------------------------------
+
+say "gatekeeper install$(dry && echo ' (dry run)'): mode ${MODE}, user ${GIT_USER}${ROOT:+, staging root ${ROOT}}"
+
+# Preflight: everything needed, before changing anything.
+if [[ -z ${PYTHON} ]]; then
+    PYTHON=/usr/bin/python3
+    [[ -x ${PYTHON} ]] || PYTHON=$(command -v python3 || true)
+fi
+[[ -n ${PYTHON} && -x ${PYTHON} ]] || die "python3 not found (install python3 and python3-venv, or pass --python)"
+"${PYTHON}" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
+    die "${PYTHON} cannot make a virtualenv with pip, or is older than 3.10 (install python3-venv)"
+[[ -f ${SOURCE}/pyproject.toml && -d ${SOURCE}/gatekeeper && -f ${SOURCE}/config/example.yaml ]] ||
+    die "--source ${SOURCE@Q} is not a gatekeeper checkout"
+command -v runuser >/dev/null 2>&1 || die "runuser not found (util-linux)"
+if [[ -z ${ROOT} ]]; then
+    [[ -f ${MAIN_CFG} ]] || die "${MAIN_CFG} not found: install openssh-server first"
+fi
+check_keys_command_path() {
+    local reason
+    [[ ${MODE} == keys-command ]] || return 0
+    reason=$(unsafe_command_reason "${GK}")
+    [[ -z ${reason} ]] ||
+        die "sshd would refuse AuthorizedKeysCommand ${GK}: ${reason} (the command and every directory above it must be root-owned and not group/world-writable)"
+}
+check_keys_command_path
+if [[ -e ${P_PREFIX} && ! -f ${MANIFEST} ]] && [[ -n $(ls -A "${P_PREFIX}" 2>/dev/null) ]]; then
+    die "${P_PREFIX} exists and was not made by install.sh (no ${MANIFEST_NAME}): choose another --prefix"
+fi
+
+# 1. The git user.
+CREATE_USER=0
+if getent passwd "${GIT_USER}" >/dev/null; then
+    ok "user ${GIT_USER} exists"
+elif [[ -n ${ROOT} ]]; then
+    die "user ${GIT_USER} does not exist; with --root no system user is created: create it (useradd) or pass --user of an existing one"
+else
+    CREATE_USER=1
+    change "create system user ${GIT_USER} (home /home/${GIT_USER}, shell /bin/sh, no password)"
+    if ! dry; then
+        # Password "*": no password login, but not "locked" ("!"), which sshd without PAM
+        # refuses even for keys. The shell runs the forced command, so it must be a real one.
+        useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
+            --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}"
+        manifest_add user "${GIT_USER}"
+    fi
+fi
+if ((CREATE_USER == 1)) && dry; then
+    GIT_GROUP=${GIT_USER}
+    GIT_HOME=/home/${GIT_USER}
+else
+    GIT_GROUP=$(id -gn "${GIT_USER}")
+    GIT_HOME=$(user_home)
+    shell=$(getent passwd "${GIT_USER}" | cut -d: -f7)
+    case ${shell} in
+    */nologin | */false | "")
+        warn "user ${GIT_USER}'s login shell is ${shell:-empty}: sshd runs the forced command through it, so every connection fails (usermod -s /bin/sh ${GIT_USER})" ;;
+    esac
+    if [[ $(getent shadow "${GIT_USER}" | cut -d: -f2) == '!'* ]]; then
+        warn "user ${GIT_USER}'s password is locked ('!'): sshd with UsePAM no refuses locked accounts even with keys (usermod -p '*' ${GIT_USER})"
+    fi
+fi
+check_path "home of ${GIT_USER}" "${GIT_HOME}"
+OWNER=${GIT_USER}:${GIT_GROUP}
+ensure_dir "${GIT_HOME}" "${OWNER}" 750
+
+# 2. The virtualenv with gatekeeper in the prefix.
+SOURCE_FILES=(pyproject.toml README.md gatekeeper)
+for extra in setup.py setup.cfg MANIFEST.in LICENSE LICENSE.txt; do
+    if [[ -e ${SOURCE}/${extra} ]]; then
+        SOURCE_FILES+=("${extra}")
+    fi
+done
+source_digest() {
+    (cd "${SOURCE}" && find "${SOURCE_FILES[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 |
+        LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+}
+DIGEST=$(source_digest)
+VENV_UPDATED=0
+installed=$(manifest_data venv "${P_PREFIX}")
+if [[ -x ${P_PREFIX}/bin/python && ${installed} == "${DIGEST}" && -x ${GK} ]]; then
+    ok "virtualenv ${P_PREFIX} has gatekeeper from ${SOURCE} (unchanged)"
+else
+    ensure_dir "${P_PREFIX}" root:root 755
+    if [[ -x ${P_PREFIX}/bin/python ]]; then
+        change "reinstall gatekeeper in ${P_PREFIX} from ${SOURCE} (the source changed)"
+    else
+        change "create virtualenv ${P_PREFIX} (${PYTHON}) and install gatekeeper from ${SOURCE}"
+    fi
+    if ! dry; then
+        VENV_UPDATED=1
+        work=$(mktemp -d)
+        trap 'rm -rf "${work}"' EXIT
+        # Build from a copy: setuptools would write build/ and *.egg-info into the checkout.
+        mkdir "${work}/src"
+        tar -C "${SOURCE}" --exclude=__pycache__ --exclude='*.pyc' -cf - "${SOURCE_FILES[@]}" |
+            tar -C "${work}/src" -xf -
+        reinstall=()
+        if [[ ! -x ${P_PREFIX}/bin/python ]]; then
+            "${PYTHON}" -m venv "${P_PREFIX}"
+        else
+            reinstall=(--force-reinstall --no-deps)
+        fi
+        pip=("${P_PREFIX}/bin/python" -m pip --disable-pip-version-check --no-input)
+        if ! { "${pip[@]}" wheel --no-deps -w "${work}/wheel" "${work}/src" &&
+            wheel=$(find "${work}/wheel" -name 'gatekeeper-*.whl' | head -n1) &&
+            { [[ ${#reinstall[@]} -eq 0 ]] || "${pip[@]}" install "${reinstall[@]}" "${wheel}"; } &&
+            "${pip[@]}" install "${wheel}"; } >"${work}/pip.log" 2>&1; then
+            cat "${work}/pip.log" >&2
+            die "pip could not install gatekeeper into ${P_PREFIX} (its output is above)"
+        fi
+        chmod -R go-w "${P_PREFIX}"
+        if [[ -z ${installed} ]]; then
+            manifest_add venv "${P_PREFIX}" "${DIGEST}"
+        else
+            manifest_set venv "${P_PREFIX}" "${DIGEST}"
+        fi
+        rm -rf "${work}"
+        trap - EXIT
+    fi
+fi
+if [[ -x ${P_PREFIX}/bin/python ]] && ! as_git "${P_PREFIX}/bin/python" -c 'import gatekeeper' 2>/dev/null; then
+    die "user ${GIT_USER} cannot run ${P_PREFIX}/bin/python ($(readlink -f "${P_PREFIX}/bin/python") is not reachable for it?): pass --python /usr/bin/python3 and --uninstall first"
+fi
+
+# 3. The policy file: from the example if there is none; never touched once it exists.
+CONFIG_CREATED=0
+if [[ -f ${P_CONFIG} ]]; then
+    ok "policy file ${P_CONFIG} exists (left as it is)"
+else
+    ensure_dir "$(dirname "${P_CONFIG}")" root:root 755
+    change "create policy file ${P_CONFIG} from config/example.yaml (user ${GIT_USER}, repositories ${P_REPOS}, state_dir ${P_STATE}, host ${HOST}, port ${SSH_PORT})"
+    if ! dry; then
+        CONFIG_CREATED=1
+        # Only the server section's values; the comments after them stay.
+        sed -e "/^server:/,/^[^[:space:]#]/{
+s|^\(  host:[[:space:]]*\)[^[:space:]#]*|\1${HOST}|
+s|^\(  port:[[:space:]]*\)[^[:space:]#]*|\1${SSH_PORT}|
+s|^\(  user:[[:space:]]*\)[^[:space:]#]*|\1${GIT_USER}|
+s|^\(  repositories:[[:space:]]*\)[^[:space:]#]*|\1${P_REPOS}|
+s|^\(  state_dir:[[:space:]]*\)[^[:space:]#]*|\1${P_STATE}|
+}" "${SOURCE}/config/example.yaml" | {
+            printf '# Written by gatekeeper scripts/install.sh from config/example.yaml; yours to edit:\n'
+            printf '# install.sh never overwrites it. Check it with: %s --config %s policy check\n' "${GK}" "${P_CONFIG}"
+            cat
+        } | write_file "${P_CONFIG}" "root:${GIT_GROUP}" 640
+        manifest_add file "${P_CONFIG}" "$(sha256_of "${P_CONFIG}")"
+        if ! out=$(as_git "${GK}" --config "${P_CONFIG}" policy check 2>&1); then
+            die "the new policy file does not check: ${out}"
+        fi
+    fi
+fi
+
+# The settings that count are the policy file's (it may be an older, edited one).
+if [[ -x ${GK} && -f ${P_CONFIG} ]]; then
+    settings=$(env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "${P_PREFIX}/bin/python" - "${P_CONFIG}" <<'PY'
+import sys
+from gatekeeper.errors import GatekeeperError
+from gatekeeper.policy import load_policy
+
+try:
+    server = load_policy(sys.argv[1]).server
+except GatekeeperError as exc:
+    sys.exit(f"{exc.message}")
+print(server.user, server.repositories, server.state_dir)
+PY
+    ) || die "cannot read ${P_CONFIG}: ${settings:-see above}"
+    read -r cfg_user P_REPOS P_STATE <<<"${settings}"
+    [[ ${cfg_user} == "${GIT_USER}" ]] ||
+        die "${P_CONFIG} says server.user: ${cfg_user}, but --user is ${GIT_USER}: make them agree"
+    check_path "server.repositories in ${P_CONFIG}" "${P_REPOS}"
+    check_path "server.state_dir in ${P_CONFIG}" "${P_STATE}"
+fi
+
+# 4. The state directory: the git user's alone. Then the store, as the git user.
+if [[ -d ${P_STATE} ]]; then
+    if [[ $(owner_of "${P_STATE}") != "${OWNER}" || $(mode_of "${P_STATE}") != 700 ]]; then
+        change "set ${P_STATE} to ${OWNER} 0700 (was $(owner_of "${P_STATE}") $(mode_of "${P_STATE}"))"
+        dry || { chown "${OWNER}" "${P_STATE}" && chmod 0700 "${P_STATE}"; }
+    else
+        ok "state directory ${P_STATE} (${OWNER} 0700)"
+    fi
+else
+    ensure_dir "$(dirname "${P_STATE}")" root:root 755
+    change "create state directory ${P_STATE} (${OWNER} 0700)"
+    if ! dry; then
+        mkdir -m 0700 "${P_STATE}"
+        chown "${OWNER}" "${P_STATE}"
+        manifest_add state "${P_STATE}"
+    fi
+fi
+if [[ -f ${P_STATE}/gatekeeper.db ]]; then
+    if ((VENV_UPDATED == 1)); then
+        change "run gatekeeper migrate as ${GIT_USER} (new gatekeeper, existing store)"
+        dry || as_git "${GK}" --config "${P_CONFIG}" migrate >/dev/null
+    else
+        ok "store ${P_STATE}/gatekeeper.db exists"
+    fi
+else
+    change "run gatekeeper init as ${GIT_USER} (store, server key)"
+    dry || as_git "${GK}" --config "${P_CONFIG}" init | sed 's/^/           /'
+fi
+manifest_add cache "${GIT_HOME}/.cache/gatekeeper"
+
+# 5. The repositories root and the hooks in every repository under it.
+if [[ -d ${P_REPOS} ]]; then
+    ok "repositories root ${P_REPOS} exists"
+else
+    ensure_dir "${P_REPOS}" "${OWNER}" 750
+fi
+hooks_digest() {
+    [[ -d ${P_REPOS} ]] || { echo none; return 0; }
+    find "${P_REPOS}" \( -name objects -o -name refs -o -name logs \) -prune -o \
+        \( -path '*/hooks/*' -o -name config \) -type f -print0 |
+        LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum | cut -d' ' -f1
+}
+if has_hooks_command; then
+    before=$(hooks_digest)
+    if [[ $(manifest_data hooks "${P_REPOS}") == "${before}" && ${VENV_UPDATED} == 0 ]]; then
+        ok "git hooks installed in the repositories under ${P_REPOS}"
+    elif dry; then
+        change "run gatekeeper hooks install --all as ${GIT_USER} (repositories under ${P_REPOS})"
+    else
+        as_git "${GK}" --config "${P_CONFIG}" hooks install --all | sed 's/^/           /' ||
+            die "gatekeeper hooks install --all failed (see above)"
+        after=$(hooks_digest)
+        if [[ ${after} != "${before}" ]]; then
+            change "installed the git hooks (gatekeeper hooks install --all) under ${P_REPOS}"
+        else
+            ok "git hooks under ${P_REPOS} were up to date"
+        fi
+        if [[ -z $(manifest_data hooks "${P_REPOS}") ]]; then
+            manifest_add hooks "${P_REPOS}" "${after}"
+        else
+            manifest_set hooks "${P_REPOS}" "${after}"
+        fi
+    fi
+else
+    say "  skip     git hooks: this gatekeeper has no 'hooks' command (\`gatekeeper hooks --help\` fails);"
+    say "           re-run install.sh with a gatekeeper that has it to install them"
+fi
+
+# 6. authorized-keys mode: the git user's authorized_keys with gatekeeper's block.
+AK_FILE=${GIT_HOME}/.ssh/authorized_keys
+KEYS_COMMAND="${GK} --config ${P_CONFIG} keys-command %u %t %k"
+if [[ ${MODE} == authorized-keys ]]; then
+    ensure_dir "${GIT_HOME}/.ssh" "${OWNER}" 700
+    if [[ -f ${AK_FILE} ]] && grep -qxF -- "${AK_BEGIN}" "${AK_FILE}" &&
+        ((VENV_UPDATED == 0 && CONFIG_CREATED == 0)); then
+        ok "${AK_FILE} has gatekeeper's block"
+    elif dry; then
+        change "write gatekeeper's block into ${AK_FILE} (gatekeeper authorized-keys --write)"
+    else
+        existed=no
+        [[ -f ${AK_FILE} ]] && existed=yes
+        out=$(as_git "${GK}" --config "${P_CONFIG}" authorized-keys --write "${AK_FILE}")
+        if [[ ${out} == updated:* ]]; then
+            change "wrote gatekeeper's block into ${AK_FILE}"
+        else
+            ok "${AK_FILE} is up to date"
+        fi
+        manifest_has authkeys "${AK_FILE}" yes || manifest_has authkeys "${AK_FILE}" no ||
+            manifest_add authkeys "${AK_FILE}" "$([[ ${existed} == yes ]] && echo no || echo yes)"
+    fi
+else
+    check_keys_command_path
+fi
+
+# 7. A staging root gets its own complete sshd configuration, on a loopback port.
+if [[ -n ${ROOT} ]]; then
+    HOST_KEY=${SSH_DIR}/ssh_host_ed25519_key
+    ensure_dir "${DROPIN_DIR}" root:root 755
+    ensure_dir "${ROOT}/run" root:root 755
+    if [[ -f ${HOST_KEY} ]]; then
+        ok "host key ${HOST_KEY}"
+    else
+        change "generate host key ${HOST_KEY}"
+        if ! dry; then
+            ssh-keygen -q -t ed25519 -N '' -C "gatekeeper-staging" -f "${HOST_KEY}"
+            manifest_add file "${HOST_KEY}" "$(sha256_of "${HOST_KEY}")"
+            manifest_add file "${HOST_KEY}.pub" "$(sha256_of "${HOST_KEY}.pub")"
+        fi
+    fi
+    if [[ -f ${MAIN_CFG} ]]; then
+        ok "${MAIN_CFG} exists (left as it is)"
+    else
+        change "write ${MAIN_CFG} (a complete sshd for this staging root on 127.0.0.1:${SSH_PORT})"
+        if ! dry; then
+            staged_config() {
+                cat <<EOF
+# sshd for a gatekeeper staging root, written by scripts/install.sh --root.
+# Start it with:  ${SSHD} -D -e -f ${MAIN_CFG}
+Include ${DROPIN_DIR}/*.conf
+ListenAddress 127.0.0.1:${SSH_PORT}
+HostKey ${HOST_KEY}
+PidFile ${ROOT}/run/sshd.pid
+AllowUsers ${GIT_USER}
+PermitRootLogin no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostbasedAuthentication no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+LogLevel VERBOSE
+EOF
+                # Newer sshd (9.8+) penalises addresses that fail to log in: not on loopback.
+                [[ ${1:-} == penalties ]] && echo "PerSourcePenalties no"
+                return 0
+            }
+            staged_config penalties | write_file "${MAIN_CFG}" root:root 644
+            probe=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1 || true)
+            if [[ ${probe} == *PerSourcePenalties* ]]; then
+                staged_config | write_file "${MAIN_CFG}" root:root 644
+            fi
+            manifest_add file "${MAIN_CFG}" "$(sha256_of "${MAIN_CFG}")"
+        fi
+    fi
+fi
+
+# 8. The sshd drop-in: written, validated, rolled back if sshd rejects it, then sshd reloaded.
+dropin_text() {
+    cat <<EOF
+# gatekeeper: written by scripts/install.sh (--mode ${MODE}); removed by install.sh --uninstall.
+# Never add ForceCommand for ${GIT_USER}: it overrides gatekeeper's per-key command=.
+Match User ${GIT_USER}
+EOF
+    if [[ ${MODE} == authorized-keys ]]; then
+        printf '    AuthorizedKeysFile %s\n' "${AK_FILE}"
+    else
+        printf '    AuthorizedKeysFile none\n'
+        printf '    AuthorizedKeysCommand %s\n' "${KEYS_COMMAND}"
+        printf '    AuthorizedKeysCommandUser %s\n' "${GIT_USER}"
+    fi
+    cat <<EOF
+    AcceptEnv GIT_PROTOCOL
+    PasswordAuthentication no
+    KbdInteractiveAuthentication no
+    PermitTTY no
+    DisableForwarding yes
+EOF
+    local line
+    for line in "${EXTRA_OPTIONS[@]}"; do
+        printf '    %s\n' "${line}"
+    done
+}
+
+# sshd -t, then: does the configuration sshd reads for this user say what the drop-in says?
+validate_sshd() {
+    local out effective want
+    out=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1) || { printf '%s\n' "${out}"; return 1; }
+    effective=$("${SSHD}" -T -f "${MAIN_CFG}" -C "user=${GIT_USER},host=localhost,addr=127.0.0.1" 2>&1) ||
+        { printf '%s\n' "${effective}"; return 1; }
+    if [[ ${MODE} == authorized-keys ]]; then
+        want=("authorizedkeysfile ${AK_FILE}")
+    else
+        want=("authorizedkeyscommand ${KEYS_COMMAND}" "authorizedkeyscommanduser ${GIT_USER}")
+    fi
+    want+=("acceptenv GIT_PROTOCOL" "passwordauthentication no")
+    local line
+    for line in "${want[@]}"; do
+        if ! grep -qxF -- "${line}" <<<"${effective}"; then
+            printf 'sshd -T for user %s does not show "%s": is "Include %s/*.conf" in %s, or does an earlier Match block override it?\n' \
+                "${GIT_USER}" "${line}" "${DROPIN_DIR}" "${MAIN_CFG}"
+            return 1
+        fi
+    done
+    if grep -qi '^forcecommand ' <<<"${effective}" && ! grep -qxi 'forcecommand none' <<<"${effective}"; then
+        printf 'sshd applies ForceCommand to user %s (%s): it overrides gatekeeper'"'"'s command=; remove it\n' \
+            "${GIT_USER}" "$(grep -i '^forcecommand ' <<<"${effective}")"
+        return 1
+    fi
+}
+
+WANT_DROPIN=$(dropin_text)
+if [[ -f ${DROPIN} && $(cat "${DROPIN}") == "${WANT_DROPIN}" ]]; then
+    ok "sshd drop-in ${DROPIN} (${MODE})"
+elif dry; then
+    ensure_dir "${DROPIN_DIR}" root:root 755
+    change "$([[ -f ${DROPIN} ]] && echo update || echo write) sshd drop-in ${DROPIN} (${MODE}), validate with ${SSHD} -t -f ${MAIN_CFG}:"
+    printf '%s\n' "${WANT_DROPIN}" | sed 's/^/             | /'
+    [[ -n ${ROOT} ]] || say "  would    reload sshd"
+else
+    ensure_dir "${DROPIN_DIR}" root:root 755
+    backup=
+    if [[ -f ${DROPIN} ]]; then
+        backup=${DROPIN_DIR}/.${DROPIN_NAME}.gatekeeper-old.$$
+        mv -f "${DROPIN}" "${backup}"   # keeps the old file's bytes and times for a rollback
+    fi
+    printf '%s\n' "${WANT_DROPIN}" | write_file "${DROPIN}" root:root 644
+    if ! problem=$(validate_sshd); then
+        if [[ -n ${backup} ]]; then
+            mv -f "${backup}" "${DROPIN}"
+            what="restored the previous ${DROPIN}"
+        else
+            rm -f "${DROPIN}"
+            what="removed ${DROPIN}"
+        fi
+        printf '%s\n' "${problem}" | sed 's/^/  sshd: /' >&2
+        die "sshd rejected the new drop-in; rolled back ($what); sshd was not reloaded"
+    fi
+    [[ -z ${backup} ]] || rm -f "${backup}"
+    change "$([[ -n ${backup} ]] && echo updated || echo wrote) sshd drop-in ${DROPIN} (${MODE}); ${SSHD} -t accepts it"
+    manifest_add dropin "${DROPIN}"
+    reload_sshd
+fi
+
+finish "install"
+if ((CHANGES > 0)) && ! dry; then
+    cat <<EOF
+Next, as the git user (never as root: the store must stay ${GIT_USER}'s):
+  runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} user add alice
+  runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} key add alice - $([[ ${MODE} == authorized-keys ]] && echo "--authorized-keys ${AK_FILE} ")< alice.pub
+and edit the teams and repositories in ${P_CONFIG}.
+EOF
+    if [[ -n ${ROOT} ]]; then
+        say "Start the staging sshd: ${SSHD} -D -e -f ${MAIN_CFG}   (127.0.0.1, see ListenAddress)"
+    fi
+fi
