@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 try:
-    import atheris
+    import atheris  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - depends on the machine
     sys.stderr.write("fuzz_sshcmd: atheris is not installed (.venv/bin/pip install atheris)\n")
     sys.exit(2)

@@ -294,7 +294,7 @@ def test_the_last_allowed_attempt_when_right_succeeds_and_lifts_its_lock(tmp_pat
 
 def test_a_failure_settled_after_the_lockout_never_lifts_it(tmp_path: Path) -> None:
     store, _, user, _ = one_user(tmp_path)
-    limits = {"max_failures": 3, "window_seconds": 900, "lockout_seconds": 900}
+    limits: dict[str, Any] = {"max_failures": 3, "window_seconds": 900, "lockout_seconds": 900}
     now = T0 + STEP
     numbers = [store.reserve_attempt(user, now, **limits) for _ in range(4)]
     assert numbers[:3] == [(1, None), (2, None), (3, None)]
@@ -314,21 +314,21 @@ def test_a_failure_settled_after_the_lockout_never_lifts_it(tmp_path: Path) -> N
 def test_guessing_for_hours_stays_within_the_limit_per_lockout(tmp_path: Path) -> None:
     """One wrong code every 7 s for 3 hours of (simulated) time: at most max_failures
     evaluations per lockout period, and every lockout audited."""
-    store, policy, user, secret = one_user(tmp_path, max_failures=5)
+    store, policy, user, user_secret = one_user(tmp_path, max_failures=5)
     lockout = policy.two_factor.lockout_minutes * 60
     duration = 3 * 3600
     evaluated: list[float] = []
     real_match = totp.match_timestep
     try:
 
-        def counting_match(secret_: str, code: str, now: float, window: int = 1) -> int | None:
+        def counting_match(secret: str, code: str, now: float, window: int = 1) -> int | None:
             evaluated.append(now)
-            return real_match(secret_, code, now, window)
+            return real_match(secret, code, now, window)
 
         totp.match_timestep = counting_match
         for tick in range(0, duration, 7):
             now = T0 + tick
-            attempt(store, policy, user, wrong_codes(secret, now, 1)[0], now)
+            attempt(store, policy, user, wrong_codes(user_secret, now, 1)[0], now)
     finally:
         totp.match_timestep = real_match
     cycles = duration // lockout + 1

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DEFAULT_POLICY, Installation
@@ -51,7 +52,7 @@ def opened(gk: Installation) -> Iterator[Store]:
         yield store
 
 
-def state_of(gk: Installation) -> tuple[object, ...]:
+def state_of(gk: Installation) -> tuple[Any, int, Any]:
     """What a refused operation must not change."""
     with opened(gk) as store:
         assert store.verify_audit() == []
