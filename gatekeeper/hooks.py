@@ -669,7 +669,7 @@ def status(policy: Policy, python: str, config: Path) -> list[RepoHook]:
 
 def _not_writable(name: str, path: Path, exc: OSError) -> HookError:
     return HookError(
-        f"{name}: cannot write {path}: {exc.strerror or exc}.",
+        f"cannot write {path}: {exc.strerror or exc}.",
         hint="the hooks directory must be a directory the git user can write: run as "
         "the repositories' owner, or fix its owner and mode.",
     )
@@ -702,7 +702,7 @@ def install_one(name: str, repo: Path, expected: str) -> str:
     state = hook_state(name, repo, expected)
     if state.state == "hooks-path":
         raise HookError(
-            f"{name}: core.hooksPath is set ({state.hooks_path}), so git would not run "
+            f"core.hooksPath is set ({state.hooks_path}), so git would not run "
             f"hooks/{HOOK}; nothing installed.",
             hint=f"unset it (git config --file {repo / 'config'} --unset core.hooksPath) "
             "and install again.",
@@ -712,7 +712,7 @@ def install_one(name: str, repo: Path, expected: str) -> str:
     hooks_dir = repo / "hooks"
     if os.path.lexists(hooks_dir) and not hooks_dir.is_dir():
         raise HookError(
-            f"{name}: {hooks_dir} is not a directory; nothing installed.",
+            f"{hooks_dir} is not a directory; nothing installed.",
             hint="move it away (git expects a directory of hooks there) and install again.",
         )
     try:
@@ -726,7 +726,7 @@ def install_one(name: str, repo: Path, expected: str) -> str:
         return "installed" if state.state == "missing" else "updated"
     if state.legacy:
         raise HookError(
-            f"{name}: hooks/{HOOK} is not gatekeeper's and hooks/{HOOK}{LEGACY_SUFFIX} "
+            f"hooks/{HOOK} is not gatekeeper's and hooks/{HOOK}{LEGACY_SUFFIX} "
             "already exists; nothing changed.",
             hint="merge them into one hook (or move one away), then install again.",
         )
