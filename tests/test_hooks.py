@@ -915,3 +915,55 @@ def test_the_hook_module_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# -- the token the forced command records ------------------------------------------
+
+
+def test_the_forced_command_records_a_hashed_token_only_for_an_allowed_request(
+    local: Installation,
+) -> None:
+    bob = local.key_id("bob")
+    carol = local.key_id("carol")
+    dry = {"GATEKEEPER_DRY_RUN": "1"}
+    assert local.shell(bob, "git-receive-pack 'platform/api.git'", extra_env=dry).returncode == 0
+    assert local.shell(carol, "git-receive-pack 'platform/api.git'", extra_env=dry).returncode != 0
+    db = sqlite3.connect(local.state / "gatekeeper.db")
+    rows = db.execute(
+        "SELECT token_hash, user, key_id, repo, action, client, expires_at - created_at"
+        " FROM hook_tokens"
+    ).fetchall()
+    db.close()
+    ((digest, user, key_id, repo, action, client, lifetime),) = rows
+    assert len(digest) == 64 and (user, key_id, repo, action) == (
+        "bob",
+        bob,
+        "platform/api",
+        "write",
+    )
+    assert client == "127.0.0.1" and lifetime == 6 * 3600
+
+
+def test_expired_tokens_are_dropped_when_the_next_one_is_recorded(local: Installation) -> None:
+    grant(local, "bob", "platform/api", expires_in=-10)
+    grant(local, "bob", "platform/api")
+    db = sqlite3.connect(local.state / "gatekeeper.db")
+    (count,) = db.execute("SELECT count(*) FROM hook_tokens").fetchone()
+    db.close()
+    assert count == 1
+
+
+def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
+    from gatekeeper.store import MIGRATIONS, _split_sql
+
+    path = tmp_path / "state"
+    path.mkdir()
+    db = sqlite3.connect(path / "gatekeeper.db")
+    for statement in _split_sql(MIGRATIONS[1]):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store.create(path) as store:
+        assert store.hook_token("0" * 64, time.time()) is None
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
