@@ -871,9 +871,10 @@ EOF
                 [[ ${1:-} == penalties ]] && echo "PerSourcePenalties no"
                 return 0
             }
+            # The option only if this sshd takes it (and takes the rest: a broken sshd
+            # gets the plain configuration, and the validation below reports it).
             staged_config penalties | write_file "${MAIN_CFG}" root:root 644
-            probe=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1 || true)
-            if [[ ${probe} == *PerSourcePenalties* ]]; then
+            if ! "${SSHD}" -t -f "${MAIN_CFG}" >/dev/null 2>&1; then
                 staged_config | write_file "${MAIN_CFG}" root:root 644
             fi
             manifest_add file "${MAIN_CFG}" "$(sha256_of "${MAIN_CFG}")"

@@ -1,0 +1,802 @@
+"""scripts/install.sh for real: into a staging root, as root, with a real system user.
+
+Each heavy test installs gatekeeper into its own staging root (``--root``): a fresh virtualenv
+with the package, the policy, the state directory, the git user's home, and a complete sshd
+configuration with the gatekeeper drop-in. It then starts that sshd on a loopback port and
+clones and pushes through it with the real git client as an enrolled user, and is refused as a
+user who has not enrolled and as a key nobody registered, in both modes (authorized_keys and
+AuthorizedKeysCommand). Around that: a dry run changes nothing, a second run changes nothing
+and says so, a drop-in sshd rejects is rolled back, and --uninstall --purge leaves the staging
+root as it was before the install.
+
+Where things live: sshd accepts an authorized_keys file (StrictModes) and an
+AuthorizedKeysCommand only if every directory above them is root-owned and not writable by
+group or others, which pytest's temporary directories under /tmp are not. The staging root is
+therefore a root-owned 0755 directory under /var/lib (or /opt, /srv, the virtualenv), removed
+afterwards. The git account is a throwaway system user (useradd, removed afterwards), whose
+home lies inside the staging root.
+
+The tests need root (useradd, chown, sshd with privilege separation): they skip as a normal
+user, and fail instead when CI=true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import sshd
+
+from gatekeeper import totp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "install.sh"
+ROOT_DIR_PREFIX = "gatekeeper-install-test."
+USER_COMMENT = "gatekeeper install.sh test"
+CI = os.environ.get("CI") == "true"
+INSTALL_TIMEOUT = 600
+
+TEST_POLICY = """\
+teams:
+  dev:
+    members: [alice, bob]
+    require_2fa: enrolled
+repositories:
+  - match: project
+    read: [dev]
+    write: [dev]
+"""
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        message = "install.sh needs root (useradd, chown, sshd); the CI runs it as root"
+        if CI:
+            pytest.fail(message + " (CI=true: not skipping)")
+        pytest.skip(message)
+    missing = [tool for tool in ("useradd", "userdel", "runuser") if shutil.which(tool) is None]
+    if missing:
+        message = "needs " + ", ".join(missing)
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# --------------------------------------------------------------------------------------------
+# A staging root sshd will accept, and a throwaway git user
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _safe_dir(path: Path) -> bool:
+    """Root-owned and not group/world-writable, all the way up; writable; not noexec."""
+    real = Path(os.path.realpath(path))
+    if not real.is_dir() or not os.access(real, os.W_OK | os.X_OK):
+        return False
+    for part in (real, *real.parents):
+        st = os.stat(part)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    try:
+        return not os.statvfs(real).f_flag & os.ST_NOEXEC
+    except (OSError, AttributeError):
+        return True
+
+
+def _root_parent() -> Path:
+    candidates = [Path("/var/lib"), Path("/opt"), Path("/srv"), Path(sys.prefix)]
+    for candidate in candidates:
+        if _safe_dir(candidate):
+            return candidate
+    raise RuntimeError(
+        "no root-owned, not group/world-writable, exec-mounted directory for a staging root "
+        "among " + ", ".join(map(str, candidates))
+    )
+
+
+def _remove_stale_leftovers(parent: Path) -> None:
+    """Staging roots and users of test processes that died without cleaning up."""
+    for entry in parent.glob(ROOT_DIR_PREFIX + "*"):
+        match = re.fullmatch(re.escape(ROOT_DIR_PREFIX) + r"(\d+)\..+", entry.name)
+        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+    for user in pwd.getpwall():
+        match = re.fullmatch(r"gkt(\d+)x\d+", user.pw_name)
+        if match and user.pw_gecos == USER_COMMENT and not _pid_alive(int(match.group(1))):
+            subprocess.run(["userdel", user.pw_name], capture_output=True, check=False)
+
+
+_user_counter = itertools.count(1)
+
+
+@dataclass
+class Box:
+    """A staging root with a git user, and the options every install.sh run here gets."""
+
+    root: Path
+    user: str
+    source: Path
+    port: int
+    tmp: Path
+    sshd_bin: str
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home" / self.user
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "opt" / "gatekeeper"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "etc" / "gatekeeper" / "config.yaml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "var" / "lib" / "gatekeeper"
+
+    @property
+    def repos(self) -> Path:
+        return self.root / "srv" / "git"
+
+    @property
+    def dropin(self) -> Path:
+        return self.root / "etc" / "ssh" / "sshd_config.d" / "10-gatekeeper.conf"
+
+    @property
+    def sshd_config(self) -> Path:
+        return self.root / "etc" / "ssh" / "sshd_config"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.home / ".ssh" / "authorized_keys"
+
+    def install(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "bash",
+            str(SCRIPT),
+            "--root",
+            str(self.root),
+            "--user",
+            self.user,
+            "--source",
+            str(self.source),
+            "--ssh-port",
+            str(self.port),
+            *self.extra_args,
+            *args,
+        ]
+        started = time.monotonic()
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=INSTALL_TIMEOUT,
+            check=False,
+        )
+        took = time.monotonic() - started
+        print(f"$ install.sh {' '.join(args)}  ({took:.1f} s, exit {result.returncode})")
+        print(result.stdout + result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"install.sh {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def gk(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The installed gatekeeper CLI, as the git user (as an admin runs it)."""
+        result = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                self.user,
+                "--",
+                str(self.prefix / "bin" / "gatekeeper"),
+                "--config",
+                str(self.config),
+                *args,
+            ],
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"gatekeeper {args}: {result.stdout}\n{result.stderr}"
+        return result
+
+
+def _free_port() -> int:
+    """A free loopback port outside the ephemeral range other tests' servers draw from."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((sshd.HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of the checkout to install from: others may edit the tree meanwhile."""
+    target = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "gatekeeper", "config"):
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target / name)
+    return target
+
+
+@pytest.fixture
+def box(tmp_path: Path, source_copy: Path) -> Iterator[Box]:
+    need_root()
+    sshd_bin = sshd.require_sshd()
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    parent = _root_parent()
+    _remove_stale_leftovers(parent)
+    root = Path(tempfile.mkdtemp(prefix=f"{ROOT_DIR_PREFIX}{os.getpid()}.", dir=parent))
+    root.chmod(0o755)
+    user = f"gkt{os.getpid()}x{next(_user_counter)}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            str(root / "home" / user),
+            "--shell",
+            "/bin/sh",
+            "--password",
+            "*",
+            "--comment",
+            USER_COMMENT,
+            user,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        yield Box(root, user, source_copy, _free_port(), tmp_path, sshd_bin)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True, check=False)
+        subprocess.run(["userdel", user], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots of a tree: what changed?
+
+
+def snapshot(top: Path, *, dir_mtimes: bool = True) -> dict[str, tuple[object, ...]]:
+    """path -> (kind, mode, uid, gid, mtime, content digest or link target)."""
+    result: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, top)
+            if stat.S_ISLNK(st.st_mode):
+                result[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                mtime = st.st_mtime_ns if dir_mtimes else None
+                result[rel] = ("dir", st.st_mode, st.st_uid, st.st_gid, mtime)
+            else:
+                digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                result[rel] = ("file", st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, digest)
+    return result
+
+
+def no_dir_mtimes(snap: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+    return {p: (v if v[0] != "dir" else (*v[:4], None)) for p, v in snap.items()}
+
+
+def differences(before: dict[str, tuple[object, ...]], after: dict[str, tuple[object, ...]]) -> str:
+    lines = [f"+ {p}" for p in sorted(after.keys() - before.keys())]
+    lines += [f"- {p}" for p in sorted(before.keys() - after.keys())]
+    lines += [
+        f"~ {p}: {before[p]} -> {after[p]}"
+        for p in sorted(before.keys() & after.keys())
+        if before[p] != after[p]
+    ]
+    return "\n".join(lines)
+
+
+def without_repository_data(snap: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+    """Leave out what a push changes in a bare repository (objects, refs, logs)."""
+    data = re.compile(r"srv/git/[^/]+\.git/(objects|refs|logs|packed-refs|info|FETCH_HEAD)")
+    return {p: v for p, v in snap.items() if not data.match(p)}
+
+
+# --------------------------------------------------------------------------------------------
+# The staged sshd and git through it
+
+
+class StagedSshd:
+    """The sshd that install.sh configured under the staging root, started on its port."""
+
+    def __init__(self, box: Box) -> None:
+        self.box = box
+        self.port = box.port
+        self.user = box.user
+        self.log_path = box.tmp / "staged-sshd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients = 0
+
+    def __enter__(self) -> StagedSshd:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [self.box.sshd_bin, "-D", "-e", "-f", str(self.box.sshd_config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        listening = f"Server listening on {sshd.HOST} port {self.port}"
+        while listening not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"the staged sshd did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def client(self, key: Path) -> sshd.SshClient:
+        self.clients += 1
+        home = self.box.tmp / f"client-{self.clients}"
+        home.mkdir(mode=0o700)
+        return sshd.SshClient(self, key, self.user, home=home)  # type: ignore[arg-type]
+
+
+def make_project(box: Box) -> Path:
+    """A bare repository `project.git` with one commit, owned by the git user."""
+    bare = box.repos / "project.git"
+    seed = box.tmp / "seed"
+    env = {
+        **os.environ,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_AUTHOR_NAME": "Seed",
+        "GIT_AUTHOR_EMAIL": "seed@example.invalid",
+        "GIT_COMMITTER_NAME": "Seed",
+        "GIT_COMMITTER_EMAIL": "seed@example.invalid",
+    }
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], check=True, capture_output=True, env=env, timeout=60)
+
+    git("init", "-q", "--bare", "-b", "main", str(bare))
+    git("init", "-q", "-b", "main", str(seed))
+    (seed / "README.md").write_text("# project\n")
+    git("-C", str(seed), "add", "README.md")
+    git("-C", str(seed), "commit", "-qm", "initial")
+    git("-C", str(seed), "push", "-q", str(bare), "main")
+    subprocess.run(["chown", "-R", f"{box.user}:{box.user}", str(box.repos)], check=True)
+    return bare
+
+
+def secret_from(text: str) -> str:
+    uri = re.search(r"otpauth://\S+", text)
+    assert uri, text
+    return parse_qs(urlparse(uri.group(0)).query)["secret"][0]
+
+
+def enroll_users_and_use_git(box: Box) -> None:
+    """Admin: users alice (enrolled) and bob (not); then git through the staged sshd."""
+    keys = box.tmp / "keys"
+    alice, alice_pub = sshd.generate_user_key(keys, "alice")
+    bob, bob_pub = sshd.generate_user_key(keys, "bob")
+    mallory, _ = sshd.generate_user_key(keys, "mallory")
+    ak = ["--authorized-keys", str(box.authorized_keys)] if box.authorized_keys.exists() else []
+    for name, pub in (("alice", alice_pub), ("bob", bob_pub)):
+        box.gk("user", "add", name)
+        box.gk("key", "add", name, "-", *ak, input=pub.read_text())
+    enrolled = box.gk("2fa", "enroll", "alice", "--no-qr")
+    box.gk("2fa", "confirm", "alice", totp.current_code(secret_from(enrolled.stdout), time.time()))
+
+    with StagedSshd(box) as server:
+        work = box.tmp / "work"
+        a = server.client(alice)
+        clone = a.git("clone", a.url("project"), str(work))
+        assert clone.returncode == 0, f"{clone.stderr}\nsshd log:\n{server.log()}"
+        assert (work / "README.md").read_text() == "# project\n"
+        (work / "change.txt").write_text("pushed through the installed gatekeeper\n")
+        assert a.git("add", "change.txt", cwd=work).returncode == 0
+        assert a.git("commit", "-qm", "change", cwd=work).returncode == 0
+        push = a.git("push", "origin", "main", cwd=work)
+        assert push.returncode == 0, f"{push.stderr}\nsshd log:\n{server.log()}"
+        remote = a.git("ls-remote", a.url("project"))
+        head = a.git("rev-parse", "HEAD", cwd=work).stdout.strip()
+        assert f"{head}\trefs/heads/main" in remote.stdout, remote.stderr
+
+        b = server.client(bob)
+        refused = b.git("clone", b.url("project"), str(box.tmp / "bob-work"))
+        assert refused.returncode != 0
+        assert "read 'project' refused" in refused.stderr, refused.stderr
+        assert "have not enrolled" in refused.stderr
+        assert f"ssh -p {box.port} {box.user}@127.0.0.1 2fa enroll" in refused.stderr
+        push_b = b.git("push", a.url("project"), "main", cwd=work)
+        assert push_b.returncode != 0 and "refused" in push_b.stderr, push_b.stderr
+
+        m = server.client(mallory)
+        denied = m.git("clone", m.url("project"), str(box.tmp / "mallory-work"))
+        assert denied.returncode != 0
+        assert "Permission denied" in denied.stderr, denied.stderr
+        assert "gatekeeper" not in denied.stderr
+
+
+def write_test_policy(box: Box) -> None:
+    """The admin keeps the server section install.sh wrote and puts in their own teams."""
+    text = box.config.read_text()
+    start = re.search(r"^teams:", text, re.M)
+    assert start, text
+    box.config.write_text(text[: start.start()] + TEST_POLICY)
+
+
+def hooks_available(box: Box) -> bool:
+    gatekeeper = box.prefix / "bin" / "gatekeeper"
+    result = subprocess.run([str(gatekeeper), "hooks", "--help"], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def effective_sshd(box: Box, user: str) -> str:
+    result = subprocess.run(
+        [
+            box.sshd_bin,
+            "-T",
+            "-f",
+            str(box.sshd_config),
+            "-C",
+            f"user={user},host=localhost,addr=127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return result.stdout
+
+
+def dropin_directives(box: Box) -> list[str]:
+    lines = box.dropin.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+
+
+@pytest.mark.sshd
+def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box) -> None:
+    box.repos.mkdir(parents=True)
+    make_project(box)
+    before = snapshot(box.root)
+
+    # A dry run lists the changes and makes none.
+    dry = box.install("--dry-run")
+    assert "would    create virtualenv" in dry.stdout
+    assert "would    write sshd drop-in" in dry.stdout and "Match User " + box.user in dry.stdout
+    assert "nothing was changed" in dry.stdout
+    assert differences(before, snapshot(box.root)) == ""
+
+    first = box.install()
+    assert "change(s) made" in first.stdout
+    # The drop-in: the git user's block, no ForceCommand; sshd applies it to that user only.
+    assert dropin_directives(box) == [
+        f"Match User {box.user}",
+        f"AuthorizedKeysFile {box.authorized_keys}",
+        "AcceptEnv GIT_PROTOCOL",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitTTY no",
+        "DisableForwarding yes",
+    ]
+    effective = effective_sshd(box, box.user)
+    assert f"authorizedkeysfile {box.authorized_keys}" in effective.splitlines()
+    assert "forcecommand none" in effective.splitlines()
+    assert f"authorizedkeysfile {box.authorized_keys}" not in effective_sshd(box, "nobody")
+    # The state directory and the store are the git user's alone.
+    git_uid = pwd.getpwnam(box.user).pw_uid
+    st = box.state.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (git_uid, 0o700)
+    for name in ("gatekeeper.db", "server.key"):
+        file_st = (box.state / name).stat()
+        assert file_st.st_uid == git_uid and not file_st.st_mode & 0o077, name
+    # The policy: the example with this box's user, paths, host and port; readable by git only.
+    config = box.config.read_text()
+    assert f"  user: {box.user}" in config
+    assert f"  repositories: {box.repos}" in config
+    assert f"  state_dir: {box.state}" in config
+    assert f"  port: {box.port}" in config
+    assert stat.S_IMODE(box.config.stat().st_mode) == 0o640
+    # A real (non-editable) install in the prefix, root-owned.
+    (site,) = box.prefix.glob("lib/python3*/site-packages")
+    assert (site / "gatekeeper" / "shell.py").is_file()
+    assert not list(site.glob("__editable__*"))
+    assert box.prefix.stat().st_uid == 0 and (box.prefix / "bin" / "gatekeeper").stat().st_uid == 0
+    # The hooks, when this gatekeeper has them.
+    if hooks_available(box):
+        assert (box.repos / "project.git" / "hooks" / "pre-receive").is_file()
+        assert "installed the git hooks" in first.stdout
+    else:
+        assert "skip     git hooks" in first.stdout
+
+    # Twice: nothing to change, and nothing changed (contents, modes, owners, mtimes).
+    installed = snapshot(box.root)
+    again = box.install()
+    assert "nothing to change" in again.stdout
+    assert "change   " not in again.stdout
+    assert differences(installed, snapshot(box.root)) == ""
+    assert "nothing to change" in box.install("--dry-run").stdout
+    assert differences(installed, snapshot(box.root)) == ""
+
+    # The admin edits the policy: install.sh never overwrites it.
+    write_test_policy(box)
+    edited = snapshot(box.root)
+    assert "nothing to change" in box.install().stdout
+    assert box.config.read_text().endswith(TEST_POLICY)
+    assert differences(edited, snapshot(box.root)) == ""
+
+    # A drop-in sshd rejects is rolled back: the old one stays, byte for byte.
+    broken = box.install("--extra-sshd-option", "NoSuchKeyword yes", check=False)
+    assert broken.returncode != 0
+    assert "NoSuchKeyword" in broken.stderr and "rolled back" in broken.stderr
+    assert "restored the previous" in broken.stderr
+    # (the directory's own mtime moves: the old file went aside and came back)
+    assert differences(no_dir_mtimes(edited), snapshot(box.root, dir_mtimes=False)) == ""
+
+    enroll_users_and_use_git(box)
+
+    # Uninstall: the drop-in, the virtualenv, authorized_keys go; the state and the edited
+    # policy stay (they are the admin's data) until --purge.
+    removed = box.install("--uninstall")
+    assert not box.dropin.exists()
+    assert not (box.prefix / "bin").exists()
+    assert not box.authorized_keys.exists()
+    assert (box.state / "gatekeeper.db").exists()
+    assert box.config.read_text().endswith(TEST_POLICY)
+    assert "kept the state directory" in removed.stdout
+    assert "changed since the install" in removed.stdout
+    assert not (box.repos / "project.git" / "hooks" / "pre-receive").exists()
+
+    box.install("--uninstall", "--purge")
+    # Nothing of it is left: the staging root is as before the install (the repository
+    # got a push, and directories' mtimes moved).
+    assert (
+        differences(
+            without_repository_data(no_dir_mtimes(before)),
+            without_repository_data(snapshot(box.root, dir_mtimes=False)),
+        )
+        == ""
+    )
+    assert "nothing to uninstall" in box.install("--uninstall").stdout
+
+
+@pytest.mark.sshd
+def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None:
+    box.repos.mkdir(parents=True)
+    make_project(box)
+    before = snapshot(box.root)
+
+    # An sshd that rejects every configuration: the new drop-in is removed again, nothing is
+    # reloaded, and the rest of the install stays for the next run.
+    fake = box.tmp / "fake-sshd"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -t ]; then echo "fake sshd: rejecting the configuration" >&2; exit 255; fi\n'
+        f'exec {box.sshd_bin} "$@"\n'
+    )
+    fake.chmod(0o755)
+    failed = box.install("--mode", "keys-command", "--sshd", str(fake), check=False)
+    assert failed.returncode != 0
+    assert "fake sshd: rejecting the configuration" in failed.stderr
+    assert "rolled back (removed " in failed.stderr
+    assert not box.dropin.exists()
+    assert not list(box.dropin.parent.iterdir())  # no backup or temporary file left either
+    assert (box.prefix / "bin" / "gatekeeper").exists()
+
+    fixed = box.install("--mode", "keys-command")
+    assert "ok       virtualenv" in fixed.stdout  # installed by the failed run, kept
+    command = f"{box.prefix}/bin/gatekeeper --config {box.config} keys-command %u %t %k"
+    assert dropin_directives(box) == [
+        f"Match User {box.user}",
+        "AuthorizedKeysFile none",
+        f"AuthorizedKeysCommand {command}",
+        f"AuthorizedKeysCommandUser {box.user}",
+        "AcceptEnv GIT_PROTOCOL",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitTTY no",
+        "DisableForwarding yes",
+    ]
+    assert sshd.unsafe_path_reason(box.prefix / "bin" / "gatekeeper") is None
+    assert not box.authorized_keys.exists()
+    effective = effective_sshd(box, box.user).splitlines()
+    assert f"authorizedkeyscommand {command}" in effective
+    assert "forcecommand none" in effective
+    assert "nothing to change" in box.install("--mode", "keys-command").stdout
+
+    write_test_policy(box)
+    enroll_users_and_use_git(box)
+
+    box.install("--uninstall", "--purge")
+    assert (
+        differences(
+            without_repository_data(no_dir_mtimes(before)),
+            without_repository_data(snapshot(box.root, dir_mtimes=False)),
+        )
+        == ""
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fast checks: no virtualenv is made
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def empty_root() -> Iterator[Path]:
+    need_root()
+    sshd.require_sshd()
+    parent = _root_parent()
+    root = Path(tempfile.mkdtemp(prefix=f"{ROOT_DIR_PREFIX}{os.getpid()}.", dir=parent))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["authorized-keys", "keys-command"])
+def test_dry_run_on_a_fresh_root_prints_every_change_and_makes_none(
+    empty_root: Path, mode: str
+) -> None:
+    result = run_script("--root", str(empty_root), "--user", "root", "--mode", mode, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in (
+        f"would    create virtualenv {empty_root}/opt/gatekeeper",
+        f"would    create policy file {empty_root}/etc/gatekeeper/config.yaml",
+        f"would    create state directory {empty_root}/var/lib/gatekeeper (root:root 0700)",
+        "would    run gatekeeper init as root",
+        f"would    write {empty_root}/etc/ssh/sshd_config",
+        f"would    write sshd drop-in {empty_root}/etc/ssh/sshd_config.d/10-gatekeeper.conf",
+        "| Match User root",
+        "|     AcceptEnv GIT_PROTOCOL",
+        "|     PasswordAuthentication no",
+        "dry run: ",
+    ):
+        assert expected in out, out
+    if mode == "keys-command":
+        assert "|     AuthorizedKeysCommand " in out
+        assert "|     AuthorizedKeysCommandUser root" in out
+    else:
+        assert f"|     AuthorizedKeysFile {empty_root}/root/.ssh/authorized_keys" in out
+    assert "ForceCommand" not in out.replace("Never add ForceCommand", "")
+    assert list(empty_root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "forced"], "--mode must be authorized-keys or keys-command"),
+        (["--user", "Bad User"], "--user"),
+        (["--prefix", "/opt/gate keeper"], "letters, digits and ./_+- only"),
+        (["--repos", "/srv/../etc"], "no '.' or '..' components"),
+        (["--extra-sshd-option", "ForceCommand /bin/sh"], "ForceCommand would override"),
+        (["--extra-sshd-option", "Match User root"], "Match and Include"),
+        (["--ssh-port", "70000"], "not a port number"),
+        (["--purge"], "--purge goes with --uninstall"),
+        (["--user", "no-such-user-here"], "with --root no system user is created"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_changes(
+    empty_root: Path, args: list[str], message: str
+) -> None:
+    result = run_script("--root", str(empty_root), "--user", "root", *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert list(empty_root.iterdir()) == []
+
+
+def test_keys_command_under_a_world_writable_directory_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    need_root()
+    sshd.require_sshd()
+    # pytest's tmp_path is under /tmp (world-writable): sshd would never run the command.
+    result = run_script("--root", str(tmp_path), "--user", "root", "--mode", "keys-command")
+    assert result.returncode != 0
+    assert "sshd would refuse AuthorizedKeysCommand" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uninstall_without_an_install_changes_nothing(empty_root: Path) -> None:
+    result = run_script("--root", str(empty_root), "--user", "root", "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert "nothing to uninstall" in result.stdout
+    assert list(empty_root.iterdir()) == []
+
+
+def test_help_lists_the_options() -> None:
+    result = run_script("--help")
+    assert result.returncode == 0
+    for option in ("--mode", "--user", "--prefix", "--config", "--repos", "--root", "--dry-run"):
+        assert option in result.stdout
+    assert "--uninstall" in result.stdout and "--purge" in result.stdout
+
+
+def test_install_sh_is_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if CI:
+            pytest.fail("shellcheck is missing (scripts/test.sh installs it); CI=true")
+        pytest.skip("shellcheck is not installed (scripts/test.sh installs it as root)")
+    result = subprocess.run(
+        [shellcheck, "--severity=style", str(SCRIPT)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
