@@ -28,6 +28,9 @@ fi
 if ! have git; then
     missing+=(git)
 fi
+if ! have shellcheck; then
+    missing+=(shellcheck) # tests/test_install.py lints scripts/install.sh
+fi
 if [[ ! -x "${VENV}/bin/python" ]]; then
     if ! have "${PYTHON}"; then
         missing+=(python3 python3-venv)
