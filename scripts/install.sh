@@ -775,7 +775,9 @@ hooks_digest() {
         \( -path '*/hooks/*' -o -name config \) -type f -print0 |
         LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum | cut -d' ' -f1
 }
-if has_hooks_command; then
+if [[ ! -x ${GK} ]] && dry; then
+    change "run gatekeeper hooks install --all as ${GIT_USER} (repositories under ${P_REPOS}), if the new gatekeeper has a 'hooks' command"
+elif has_hooks_command; then
     before=$(hooks_digest)
     if [[ $(manifest_data hooks "${P_REPOS}") == "${before}" && ${VENV_UPDATED} == 0 ]]; then
         ok "git hooks installed in the repositories under ${P_REPOS}"
