@@ -87,8 +87,7 @@ class Context:
 
 def record_policy_change(store: Store, policy: Policy) -> None:
     """Audit a policy whose hash differs from the last one this store has seen."""
-    last = store.audit_records(event="policy-change")
-    previous = json.loads(last[-1]["detail"]).get("new") if last else None
+    previous = store.last_policy_hash()
     if previous != policy.sha256:
         store.audit(
             "policy-change",

@@ -576,6 +576,7 @@ class Store:
             )
             if last is None:
                 return 0
+            policy = self.last_policy_hash()  # carried on, in case its record goes
             count = self._exec("DELETE FROM audit WHERE seq <= ?", (last["seq"],)).rowcount
             self._exec(
                 "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) "
@@ -583,9 +584,26 @@ class Store:
                 (last["seq"], last["hash"]),
             )
             self._append_audit(
-                "log-prune", now, actor=actor, detail={"before": before, "removed": count}
+                "log-prune",
+                now,
+                actor=actor,
+                detail={"before": before, "removed": count, "policy": policy},
             )
             return int(count)
+
+    def last_policy_hash(self) -> str | None:
+        """The policy hash the log saw last: the newest policy-change's `new`, or the
+        hash a log-prune carried on after removing that record."""
+        row = self._read_one(
+            "SELECT event, detail FROM audit WHERE event = 'policy-change'"
+            " OR (event = 'log-prune' AND detail LIKE '%\"policy\": \"%')"
+            " ORDER BY seq DESC LIMIT 1"
+        )
+        if row is None:
+            return None
+        detail = json.loads(row["detail"])
+        value = detail.get("new" if row["event"] == "policy-change" else "policy")
+        return str(value) if value is not None else None
 
     # -- users -----------------------------------------------------------------
 
