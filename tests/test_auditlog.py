@@ -1,0 +1,408 @@
+"""The audit log as an admin uses it: `gatekeeper log` to read and follow it, `log verify`
+to prove nobody changed it (and to name the record someone did change), `log prune`
+to keep it short without breaking that proof.
+
+Tampering is done the way an intruder with the database file would: plain SQL on
+`gatekeeper.db`, then the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import GATEKEEPER, Installation
+
+from gatekeeper.audit import record_hash
+from gatekeeper.report import parse_when
+from gatekeeper.store import DB_NAME, HEAD_NAME
+
+USERS = [f"u{i}" for i in range(1, 8)]  # records 2-8; record 1 is init's policy-change
+CONTENT = "at, event, actor, user, key_fp, repo, action, reason, client, detail"
+
+
+@pytest.fixture
+def logged(gk: Installation) -> Installation:
+    for name in USERS:
+        gk.gk("user", "add", name)
+    return gk
+
+
+def db(gk: Installation) -> closing[sqlite3.Connection]:
+    conn = sqlite3.connect(gk.state / DB_NAME, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return closing(conn)
+
+
+def verify(gk: Installation) -> tuple[int, list[str], str]:
+    """(exit status, the problem lines, all output)."""
+    result = gk.gk("log", "verify", check=False)
+    assert "Traceback" not in result.stderr
+    problems = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    return result.returncode, problems, result.stdout + result.stderr
+
+
+def swap(gk: Installation, a: int, b: int, columns: str) -> None:
+    with db(gk) as conn:
+        rows = {
+            seq: tuple(
+                conn.execute(f"SELECT {columns} FROM audit WHERE seq = ?", (seq,)).fetchone()  # noqa: S608
+            )
+            for seq in (a, b)
+        }
+        marks = ",".join("?" * len(rows[a]))
+        conn.execute("BEGIN")
+        for here, there in ((a, b), (b, a)):
+            conn.execute(
+                f"UPDATE audit SET ({columns}) = ({marks}) WHERE seq = ?",  # noqa: S608
+                (*rows[there], here),
+            )
+        conn.execute("COMMIT")
+
+
+# -- an intact log ----------------------------------------------------------------------
+
+
+def test_an_untouched_log_verifies(logged: Installation) -> None:
+    status, problems, output = verify(logged)
+    assert status == 0, output
+    assert problems == []
+    assert "8 record(s) (records 1-8); the head file names record 8" in output
+    assert "audit log: intact" in output
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["ok"] is True and data["problems"] == [] and data["head"]["seq"] == 8
+
+
+# -- tampering, each named -----------------------------------------------------------------
+
+
+def test_an_edited_record_is_named(logged: Installation) -> None:
+    with db(logged) as conn:
+        conn.execute("UPDATE audit SET user = 'mallory' WHERE seq = 4")
+    status, problems, output = verify(logged)
+    assert status == 1, output
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("record 4 was edited: its contents do not match its hash")
+    assert "user-add mallory" in problems[0]  # what the record now claims
+    assert "NOT intact" in output
+
+
+def test_an_edited_record_with_a_recomputed_hash_is_named(logged: Installation) -> None:
+    """A careful intruder fixes the edited record's own hash: the next record no longer
+    links to it."""
+    with db(logged) as conn:
+        row = dict(conn.execute("SELECT * FROM audit WHERE seq = 4").fetchone())
+        row["detail"] = json.dumps({"note": "nothing happened"})
+        digest = record_hash(row["prev_hash"], row)
+        conn.execute("UPDATE audit SET detail = ?, hash = ? WHERE seq = 4", (row["detail"], digest))
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == [problems[0]] and problems[0].startswith(
+        "record 4 was replaced or re-hashed: record 5 does not link to it"
+    )
+
+
+def test_a_record_deleted_from_the_middle_is_named(logged: Installation) -> None:
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = 4")
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == ["record 4 is missing: deleted (record 5 follows record 3)"]
+
+
+def test_deleted_last_records_are_caught_by_the_head_file(logged: Installation) -> None:
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = 8")
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == [
+        "record 8 is missing: cut off the end of the log "
+        "(the head file names record 8; the log ends at 7)"
+    ]
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq >= 6")
+    assert verify(logged)[1] == [
+        "records 6-8 are missing: cut off the end of the log "
+        "(the head file names record 8; the log ends at 5)"
+    ]
+
+
+def test_a_cut_off_tail_stays_visible_after_new_records(logged: Installation) -> None:
+    """The next append chains on from the head file, not from the shortened table, so
+    the gap cannot be papered over by simply using the system."""
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq >= 7")
+    logged.gk("user", "add", "late")
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == ["records 7-8 are missing: deleted (record 9 follows record 6)"]
+    assert [r["seq"] for r in logged.audit()][-1] == 9
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [f"{CONTENT}, prev_hash, hash", CONTENT],
+    ids=["whole-records", "contents-only"],
+)
+def test_two_reordered_records_are_named(logged: Installation, columns: str) -> None:
+    swap(logged, 4, 5, columns)
+    status, problems, output = verify(logged)
+    assert status == 1, output
+    assert problems == ["records 4 and 5 were swapped: each holds the other's contents"]
+
+
+def test_reordering_the_last_two_records_is_named_once(logged: Installation) -> None:
+    swap(logged, 7, 8, f"{CONTENT}, prev_hash, hash")
+    assert verify(logged)[1] == ["records 7 and 8 were swapped: each holds the other's contents"]
+
+
+def test_a_missing_head_file_is_a_problem(logged: Installation) -> None:
+    (logged.state / HEAD_NAME).unlink()
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == [
+        "the head file audit.head is missing: records cut off the end of the log could not be seen"
+    ]
+
+
+def test_verify_json_names_each_problem_by_kind(logged: Installation) -> None:
+    with db(logged) as conn:
+        conn.execute("UPDATE audit SET reason = 'allowed' WHERE seq = 2")
+        conn.execute("DELETE FROM audit WHERE seq = 6")
+    result = logged.gk("log", "verify", "--json", check=False)
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    assert [(p["seq"], p["kind"]) for p in data["problems"]] == [(2, "edited"), (6, "deleted")]
+
+
+# -- pruning -------------------------------------------------------------------------------
+
+
+def test_prune_keeps_the_rest_verifiable(logged: Installation) -> None:
+    records = logged.audit()
+    cut = records[4]["at"]  # records 1-4 are older than record 5
+    result = logged.gk("log", "prune", "--before", cut)
+    assert "pruned 4 record(s)" in result.stdout
+    assert "verifies on from the anchor at record 4" in result.stdout
+    status, _, output = verify(logged)
+    assert status == 0, output
+    assert "after the prune anchor at record 4" in output
+    kept = logged.audit()
+    assert [r["seq"] for r in kept] == [5, 6, 7, 8, 9]
+    assert kept[-1]["event"] == "log-prune"
+    assert kept[-1]["actor"] == getpass.getuser()
+    assert json.loads(kept[-1]["detail"])["removed"] == 4
+    # The policy-change record went with them; its hash did not: no spurious change,
+    # and the next real one names the right old hash.
+    policy = hashlib.sha256(logged.config.read_bytes()).hexdigest()
+    assert json.loads(kept[-1]["detail"])["policy"] == policy
+    assert logged.gk("log", "--event", "policy-change", "--json").stdout.strip() == "[]"
+    logged.config.write_text(logged.config.read_text() + "# edited\n")
+    change = json.loads(logged.gk("log", "--event", "policy-change", "--json").stdout)
+    assert [c["detail"]["old"] for c in change] == [policy]
+    assert "nothing to prune" in logged.gk("log", "prune", "--before", "2000-01-01").stdout
+    # The anchor still catches tampering right after it.
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = 5")
+    assert verify(logged)[1] == [
+        "record 5 is missing: deleted (record 6 follows the prune anchor at record 4)"
+    ]
+    # Wiping the whole table: the records verify itself appends (the policy is new to
+    # an empty log) chain on from the head file, so the wipe stays a visible gap.
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit")
+    assert verify(logged)[1] == [
+        "records 5-10 are missing: deleted (record 11 follows the prune anchor at record 4)"
+    ]
+
+
+def test_prune_refuses_to_hide_a_broken_log(logged: Installation) -> None:
+    with db(logged) as conn:
+        conn.execute("UPDATE audit SET user = 'mallory' WHERE seq = 3")
+    before = len(logged.audit())
+    refused = logged.gk("log", "prune", "--before", "1s", check=False)
+    assert refused.returncode == 2
+    assert "does not verify (1 problem(s)): pruning could remove the evidence" in refused.stderr
+    assert "--force" in refused.stderr
+    assert len(logged.audit()) == before
+    forced = logged.gk("log", "prune", "--before", "0s", "--force")
+    assert "pruned" in forced.stdout
+    assert verify(logged)[0] == 0  # the edited record is gone with the rest
+
+
+# -- policy changes ------------------------------------------------------------------------
+
+
+def test_a_policy_edit_appears_in_the_log_with_both_hashes_and_who(logged: Installation) -> None:
+    old = hashlib.sha256(logged.config.read_bytes()).hexdigest()
+    logged.config.write_text(logged.config.read_text() + "  - match: extra\n    read: [platform]\n")
+    new = hashlib.sha256(logged.config.read_bytes()).hexdigest()
+    table = logged.gk("log", "--event", "policy-change").stdout
+    assert f"{old[:12]} -> {new[:12]}" in table
+    changes = json.loads(logged.gk("log", "--event", "policy-change", "--json").stdout)
+    assert [c["detail"]["new"] for c in changes] == [old, new]
+    assert changes[0]["detail"]["old"] is None  # the first policy this store saw
+    assert changes[-1]["detail"]["old"] == old
+    assert changes[-1]["actor"] == getpass.getuser()
+    assert changes[-1]["detail"]["file"] == str(logged.config)
+    # Recorded once, not on every command.
+    logged.gk("log")
+    assert len(json.loads(logged.gk("log", "--event", "policy-change", "--json").stdout)) == 2
+    assert verify(logged)[0] == 0
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def test_filters_select_records(logged: Installation) -> None:
+    def seqs(*args: str) -> list[int]:
+        return [r["seq"] for r in json.loads(logged.gk("log", "--json", *args).stdout)]
+
+    assert seqs() == list(range(1, 9))
+    assert seqs("--user", "u3") == [4]
+    assert seqs("--event", "user-add") == list(range(2, 9))
+    assert seqs("--event", "user-add", "--last", "2") == [7, 8]
+    assert seqs("--since", "1h") == list(range(1, 9))
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+    assert seqs("--since", tomorrow) == []
+    first_at = logged.audit()[3]["at"]
+    assert seqs("--since", first_at) == list(range(4, 9))
+    table = logged.gk("log", "--user", "u1").stdout.splitlines()
+    assert table[0].split()[:4] == ["SEQ", "AT", "EVENT", "ACTOR"]
+    assert len(table) == 2 and "user-add" in table[1] and " u1 " in table[1]
+    bad = logged.gk("log", "--since", "last tuesday", check=False)
+    assert bad.returncode == 2 and "not a date or time: 'last tuesday'" in bad.stderr
+    misuse = logged.gk("log", "--user", "u1", "verify", check=False)
+    assert misuse.returncode == 2 and "not with `log verify`" in misuse.stderr
+
+
+def test_parse_when_accepts_dates_times_and_ages() -> None:
+    now = datetime(2027, 1, 31, 12, 0, tzinfo=timezone.utc).timestamp()
+    assert parse_when("2027-01-30", now) == "2027-01-30T00:00:00.000000Z"
+    assert parse_when("2027-01-30T10:15", now) == "2027-01-30T10:15:00.000000Z"
+    assert parse_when("2027-01-30T10:15:00+02:00", now) == "2027-01-30T08:15:00.000000Z"
+    assert parse_when("2027-01-30T10:15:00Z", now) == "2027-01-30T10:15:00.000000Z"
+    assert parse_when("90m", now) == "2027-01-31T10:30:00.000000Z"
+    assert parse_when("2d", now) == "2027-01-29T12:00:00.000000Z"
+
+
+def _lines(stream: Any) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _until(lines: queue.Queue[str], done: Callable[[dict[str, Any]], bool]) -> list[Any]:
+    seen = []
+    while True:
+        record = json.loads(lines.get(timeout=30))
+        seen.append(record)
+        if done(record):
+            return seen
+
+
+@pytest.fixture
+def follower(logged: Installation) -> Iterator[subprocess.Popen[str]]:
+    args = ["log", "--follow", "--json", "--event", "user-add", "--interval", "0.1"]
+    proc = subprocess.Popen(
+        [GATEKEEPER, *args, "--max-wait", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=logged.env,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_follow_prints_new_records_until_interrupted(
+    logged: Installation, follower: subprocess.Popen[str]
+) -> None:
+    lines = _lines(follower.stdout)
+    first = _until(lines, lambda r: r["user"] == "u7")
+    assert [r["user"] for r in first] == USERS  # existing ones first (the newest 10)
+    logged.gk("user", "add", "late")
+    logged.gk("2fa", "reset", "u1")  # another event: filtered out
+    logged.gk("user", "add", "later")
+    more = _until(lines, lambda r: r["user"] == "later")
+    assert [(r["event"], r["user"]) for r in more] == [("user-add", "late"), ("user-add", "later")]
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_follow_stops_by_itself_after_max_wait(logged: Installation) -> None:
+    result = logged.gk("log", "--follow", "--max-wait", "0.3", "--interval", "0.1", "--user", "u2")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("   SEQ  AT") and len(lines) == 2 and " u2 " in lines[1]
+
+
+# -- grace and report mode, end to end -------------------------------------------------------
+
+ROLLOUT = """\
+teams:
+  platform:
+    members: [bob]
+    require_2fa: enrolled
+    grace_until: 2099-12-31
+  contractors:
+    members: [carol]
+repositories:
+  - match: platform/*
+    write: [platform]
+  - match: pilot
+    read: [contractors]
+    require_2fa: enrolled
+    mode: report
+"""
+
+
+def test_grace_and_report_mode_warn_and_are_logged(tmp_path: Path) -> None:
+    gk = Installation(tmp_path / "gk", ROLLOUT).init()
+    gk.repo("platform/api")
+    gk.repo("pilot")
+    _, bob = gk.add_user("bob")
+    _, carol = gk.add_user("carol")
+    graced = gk.shell(bob, "git-upload-pack 'platform/api.git'", stdin="0000")
+    assert graced.returncode == 0, graced.stderr
+    assert "allowed until 2099-12-31" in graced.stderr
+    assert "ssh git@git.example.com 2fa enroll" in graced.stderr
+    reported = gk.shell(carol, "git-upload-pack 'pilot.git'", stdin="0000")
+    assert reported.returncode == 0, reported.stderr
+    assert "'pilot' would be refused" in reported.stderr and "report mode" in reported.stderr
+
+    would = json.loads(gk.gk("log", "--reason", "report-only", "--json").stdout)
+    assert [(r["user"], r["repo"], r["action"], r["event"]) for r in would] == [
+        ("carol", "pilot", "read", "access")
+    ]
+    grace = json.loads(gk.gk("log", "--reason", "grace-period", "--json").stdout)
+    assert [(r["user"], r["repo"]) for r in grace] == [("bob", "platform/api")]
+    by_repo = gk.gk("log", "--repo", "pilot.git").stdout
+    assert "report-only" in by_repo and "carol" in by_repo
+    listed = json.loads(gk.gk("audit", "--would-refuse", "--format", "json").stdout)
+    assert {(w["user"], w["repo"], w["now"]) for w in listed["would_refuse"]} == {
+        ("bob", "platform/api", "grace-period"),
+        ("carol", "pilot", "report-only"),
+    }
+    assert os.environ.get("GATEKEEPER_CONFIG") != str(gk.config)  # the test stayed isolated
