@@ -726,7 +726,11 @@ except GatekeeperError as exc:
 print(server.user, server.repositories, server.state_dir)
 PY
     ) || die "cannot read ${P_CONFIG}: ${settings:-see above}"
+    wanted="${GIT_USER} ${P_REPOS} ${P_STATE}"
     read -r cfg_user P_REPOS P_STATE <<<"${settings}"
+    if ((CONFIG_CREATED == 1)) && [[ ${settings} != "${wanted}" ]]; then
+        die "the new ${P_CONFIG} says (user repositories state_dir) ${settings}, not ${wanted}: has config/example.yaml's server section changed?"
+    fi
     [[ ${cfg_user} == "${GIT_USER}" ]] ||
         die "${P_CONFIG} says server.user: ${cfg_user}, but --user is ${GIT_USER}: make them agree"
     check_path "server.repositories in ${P_CONFIG}" "${P_REPOS}"

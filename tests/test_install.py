@@ -297,7 +297,6 @@ def box(tmp_path: Path, source_copy: Path) -> Iterator[Box]:
     try:
         yield Box(root, user, source_copy, _free_port(), tmp_path, sshd_bin)
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True, check=False)
         subprocess.run(["userdel", user], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
