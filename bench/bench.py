@@ -414,6 +414,35 @@ def phase_stats(
     }
 
 
+def import_summary(ctx: Context, argv: list[str], env: dict[str, str], runs: int) -> dict[str, Any]:
+    """Total import time of a command, its heaviest top-level imports, heavy packages."""
+    totals: list[int] = []
+    bare: list[int] = []
+    per: dict[str, list[int]] = defaultdict(list)
+    heavy: set[str] = set()
+    modules = 0
+    for _ in range(runs):
+        rows = importtime([*ctx.interp, "-X", "importtime", *argv], env, ctx.work)
+        modules = len(rows)
+        totals.append(sum(c for _, _, c, d in rows if d == 0))
+        for name, _, cum, depth in rows:
+            if depth == 0:
+                per[name].append(cum)
+            if name.split(".")[0] in HEAVY:
+                heavy.add(name.split(".")[0])
+        base = importtime([*ctx.interp, "-X", "importtime", "-c", "pass"], env, ctx.work)
+        bare.append(sum(c for _, _, c, d in base if d == 0))
+    top = sorted(((statistics.median(v) / 1e3, n) for n, v in per.items()), reverse=True)
+    return {
+        "runs": runs,
+        "total_ms": round(statistics.median(totals) / 1e3, 3),
+        "bare_python_ms": round(statistics.median(bare) / 1e3, 3),
+        "modules": modules,
+        "heavy": sorted(heavy),
+        "top_level": [(n, round(ms, 3)) for ms, n in top[:10]],
+    }
+
+
 def hot_path_phases(ctx: Context, site: Site, env: dict[str, str]) -> dict[str, Any]:
     """Where one decision's time goes: bench/phases.py wraps each step of main()."""
     runs = ctx.runs(7, 21)
@@ -575,6 +604,14 @@ def bench_keys(ctx: Context) -> dict[str, Any]:
         )
         t.row(f"  authkeys.lookup_line, {n:,} keys", d["lookup_line"], "policy + store + query")
     print(f"  query plan: {inproc[str(KEY_SIZES[-1])]['query_plan']}", flush=True)
+    cli_imports = import_summary(ctx, cmds[1].argv, cmds[1].env, ctx.runs(3, 7))
+    print(
+        f"  keys-command CLI imports (-X importtime): {cli_imports['total_ms']:.0f} ms"
+        f" (bare python {cli_imports['bare_python_ms']:.0f} ms), {cli_imports['modules']} modules;"
+        f" heavy: {', '.join(cli_imports['heavy']) or 'none'}; largest top-level: "
+        + ", ".join(f"{m} {ms:.0f} ms" for m, ms in cli_imports["top_level"][:6]),
+        flush=True,
+    )
     small, large = KEY_SIZES[0], KEY_SIZES[-1]
     cli_ratio = h.ratio(
         res[f"keys-command CLI, {large:,} keys"], res[f"keys-command CLI, {small:,} keys"]
@@ -599,6 +636,7 @@ def bench_keys(ctx: Context) -> dict[str, Any]:
         "fill_seconds": {str(n): round(s, 3) for n, s in fill.items()},
         "results": res,
         "in_process": inproc,
+        "cli_imports": cli_imports,
         "ratio_cli_largest_vs_smallest": cli_ratio,
         "ratio_query_largest_vs_smallest": q_ratio,
     }
@@ -965,8 +1003,8 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
 
 # -- 5. concurrency --------------------------------------------------------------------------
 
-CLONES = 50
-PUSHES = 20
+CLONES = 50  # --quick: 20
+PUSHES = 20  # --quick: 10
 LOCKED = re.compile(r"database is locked|database is busy|locked by another process", re.I)
 
 
@@ -1012,6 +1050,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
     work = ctx.work / "concurrency"
     work.mkdir()
     rounds = ctx.runs(1, 3)
+    n_clones, n_pushes = ctx.runs(20, CLONES), ctx.runs(10, PUSHES)
     sides = {"gatekeeper": (ss.gk, ss.gk_url), "git-shell": (ss.plain, ss.plain_url)}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"clone": [], "push": []} for s in sides}
     genv = git_env(ctx.home)
@@ -1032,8 +1071,8 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
             client, url = sides[side]
-            dests = [work / f"clone-{side}-{r}-{i}" for i in range(CLONES)]
-            log(f"round {r + 1}/{rounds}: {CLONES} parallel clones via {side}")
+            dests = [work / f"clone-{side}-{r}-{i}" for i in range(n_clones)]
+            log(f"round {r + 1}/{rounds}: {n_clones} parallel clones via {side}")
             res = burst([git_job(client, ["clone", "-q", url, str(d)]) for d in dests])
             runs[side]["clone"].append(res)
             for d in dests:
@@ -1041,7 +1080,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
         prepared: dict[str, list[tuple[Path, str]]] = {}
         for side in order:
             prepared[side] = []
-            for i in range(PUSHES):
+            for i in range(n_pushes):
                 d = work / f"push-{side}-{r}-{i}"
                 h.run(["git", "clone", "-q", str(ss.plain_repo), str(d)], env=genv)
                 (d / f"push-{i}.txt").write_text(f"{side} {r} {i}\n")
@@ -1050,7 +1089,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
                 prepared[side].append((d, f"refs/heads/bench/{side}-{r}-{i}"))
         for side in order:
             client, url = sides[side]
-            log(f"round {r + 1}/{rounds}: {PUSHES} parallel pushes via {side}")
+            log(f"round {r + 1}/{rounds}: {n_pushes} parallel pushes via {side}")
             res = burst(
                 [
                     git_job(client, ["push", "-q", url, f"HEAD:{ref}"], cwd=d)
@@ -1086,8 +1125,8 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
     failed = sum(x["failed"] for x in gk["clone"] + gk["push"])
     expect_refs = ok_pushes if ss.hooks == "installed" else 0
     audit_ok = (
-        reads == ok_clones == CLONES * rounds
-        and writes == ok_pushes == PUSHES * rounds
+        reads == ok_clones == n_clones * rounds
+        and writes == ok_pushes == n_pushes * rounds
         and refs == expect_refs
         and not problems
     )
@@ -1097,10 +1136,11 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
 
     t = ctx.table
     print(f"  {'':44} {'wall':>8} {'ops/s':>7} {'ok':>7} {'median job':>11}", flush=True)
-    for kind, n in (("clone", CLONES), ("push", PUSHES)):
+    for kind, n in (("clone", n_clones), ("push", n_pushes)):
         for side in sides:
+            label = f"{n} parallel {kind}{'es' if kind == 'push' else 's'} via {side}"
             print(
-                f"  {f'{n} parallel {kind}s via {side}':44} {med(side, kind, 'wall_s'):>7.2f}s"
+                f"  {label:44} {med(side, kind, 'wall_s'):>7.2f}s"
                 f" {med(side, kind, 'per_s'):>7.1f}"
                 f" {sum(x['ok'] for x in runs[side][kind]):>3}/{n * rounds:<3}"
                 f" {med(side, kind, 'median_job_ms'):>9.0f}ms",
@@ -1120,7 +1160,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
     t.check(
         "every audit record present, chain verifies",
         audit_ok,
-        f"read {reads}/{CLONES * rounds}, write {writes}/{PUSHES * rounds},"
+        f"read {reads}/{n_clones * rounds}, write {writes}/{n_pushes * rounds},"
         f" ref-update {refs}/{expect_refs} (hooks {ss.hooks.split(':')[0]}),"
         f" chain problems {len(problems)}, pushed branches {len(branches)}",
     )
@@ -1135,8 +1175,8 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
             "read_records": reads,
             "write_records": writes,
             "ref_update_records": refs,
-            "expected_reads": CLONES * rounds,
-            "expected_writes": PUSHES * rounds,
+            "expected_reads": n_clones * rounds,
+            "expected_writes": n_pushes * rounds,
             "chain_problems": [p.message for p in problems][:10],
             "complete": audit_ok,
         },
@@ -1168,7 +1208,8 @@ def fill_audit(state: Path, n: int) -> tuple[int, float]:
         for i in range(seq, n):
             kind = rng.random()
             user = f"user{rng.randrange(500):03d}"
-            repo = f"team{rng.randrange(50):02d}/repo{rng.randrange(2000):04d}"
+            r = rng.randrange(2000)
+            repo = f"team{r % 50:02d}/repo{r:04d}"
             record: dict[str, Any] = {f: None for f in audit.FIELDS}
             record.update(seq=i + 1, at=utc_iso(first_ts + i * step), user=user, client="10.0.0.1")
             if kind < 0.9:
@@ -1238,10 +1279,32 @@ def bench_audit(ctx: Context) -> dict[str, Any]:
             raise BenchError(f"the synthetic chain does not verify: {problems[0].message}")
         t.row(f"Store.verify_audit(), {AUDIT_RECORDS:,} records", v, "no problems")
         out["verify"] = v
+        # Where verify's time goes: reading the rows, making dicts, hashing the chain.
+        from gatekeeper import audit
+
+        fetched: list[Any] = []
+        dicts: list[Any] = []
+        parts = {
+            "fetch rows": h.timed(
+                lambda: fetched.__setitem__(
+                    slice(None), store.conn.execute("SELECT * FROM audit ORDER BY rowid").fetchall()
+                ),
+                1,
+            ),
+            "rows -> dicts": h.timed(
+                lambda: dicts.__setitem__(slice(None), [dict(r) for r in fetched]), 1
+            ),
+            "verify_chain (JSON + SHA-256 per record)": h.timed(
+                lambda: audit.verify_chain(dicts, store.read_head(), store.audit_anchor()), 1
+            ),
+        }
+        for label, stats in parts.items():
+            t.row(f"  {label}", stats)
+        out["verify_parts"] = parts
         since = (datetime.now(timezone.utc) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
         queries: dict[str, dict[str, Any]] = {
             "user = user042": {"user": "user042"},
-            "repo = team07/repo0042": {"repo": "team07/repo0042"},
+            "repo = team42/repo0042": {"repo": "team42/repo0042"},
             "user, limit 50": {"user": "user042", "limit": 50},
             "reason = 2fa-not-verified": {"reason": "2fa-not-verified"},
             "event = 2fa-failure": {"event": "2fa-failure"},
@@ -1266,11 +1329,18 @@ def bench_audit(ctx: Context) -> dict[str, Any]:
                 params.append(kwargs["since"])
             sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq"  # noqa: S608
             plan = " | ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
-            index = re.search(r"USING (?:INTEGER PRIMARY KEY|(?:COVERING )?INDEX \w+)", plan)
+            index = re.search(r"USING (?:COVERING )?INDEX \w+", plan)
             t.row(
                 f"audit_records({label})",
                 stats,
-                f"{len(rows):,} rows; {index.group(0) if index else 'full scan'}",
+                f"{len(rows):,} rows; "
+                + (
+                    index.group(0).lower()
+                    if index
+                    else "primary-key range"
+                    if "after_seq" in kwargs
+                    else "no index: full scan"
+                ),
             )
             out["queries"][label] = {**stats, "rows": len(rows), "plan": plan}
         appends = ctx.runs(50, 200)
