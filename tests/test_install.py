@@ -601,8 +601,18 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     enroll_users_and_use_git(box)
 
     # Uninstall: the drop-in, the virtualenv, authorized_keys go; the state and the edited
-    # policy stay (they are the admin's data) until --purge.
+    # policy stay (they are the admin's data) until --purge. Its dry run says exactly that,
+    # and changes nothing.
+    used = snapshot(box.root)
+    planned = box.install("--uninstall", "--dry-run")
+    assert differences(used, snapshot(box.root)) == ""
     removed = box.install("--uninstall")
+
+    def steps(out: str, word: str) -> list[str]:
+        return [line.split(word, 1)[1] for line in out.splitlines() if line.startswith(word)]
+
+    assert steps(planned.stdout, "  would    ") == steps(removed.stdout, "  change   ") != []
+    assert steps(planned.stdout, "  ok       ") == steps(removed.stdout, "  ok       ")
     assert not box.dropin.exists()
     assert not (box.prefix / "bin").exists()
     assert not box.authorized_keys.exists()
