@@ -277,7 +277,7 @@ def log_cmd(
         if last is not None:
             records = records[-last:]
         if as_json and not follow:
-            click.echo(json.dumps(records, indent=2))
+            click.echo(json.dumps([report.readable(r) for r in records], indent=2))
             return
         if not as_json:
             click.echo(report.log_header())
@@ -298,7 +298,8 @@ def log_cmd(
 
 
 def _print_records(records: list[dict[str, Any]], as_json: bool) -> None:
-    for record in records:
+    for row in records:
+        record = report.readable(row)
         if as_json:
             click.echo(json.dumps(record, separators=(",", ":")))
         else:

@@ -608,7 +608,8 @@ class LogFilter:
     event: str | None = None
 
     def records(self, store: Store, after_seq: int = 0) -> list[dict[str, Any]]:
-        rows = store.audit_records(
+        """The stored records that pass, in order; `readable` each one you show."""
+        return store.audit_records(
             user=self.user,
             repo=self.repo,
             reason=self.reason,
@@ -616,12 +617,13 @@ class LogFilter:
             since=self.since,
             after_seq=after_seq,
         )
-        return [readable(r) for r in rows]
 
 
 def readable(row: Mapping[str, Any]) -> dict[str, Any]:
     """A stored record with its detail as an object (for JSON and the table)."""
     out = dict(row)
+    if not isinstance(out["detail"], str):
+        return out
     try:
         out["detail"] = json.loads(row["detail"] or "{}")
     except ValueError:
