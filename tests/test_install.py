@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -144,7 +144,6 @@ class Box:
     port: int
     tmp: Path
     sshd_bin: str
-    extra_args: list[str] = field(default_factory=list)
 
     @property
     def home(self) -> Path:
@@ -190,7 +189,6 @@ class Box:
             str(self.source),
             "--ssh-port",
             str(self.port),
-            *self.extra_args,
             *args,
         ]
         started = time.monotonic()
