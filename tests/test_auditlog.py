@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from conftest import GATEKEEPER, Installation
 
-from gatekeeper.audit import record_hash
-from gatekeeper.report import parse_when
+from gatekeeper.audit import FIELDS, GENESIS, record_hash, verify_chain
+from gatekeeper.report import explain_chain, parse_when
 from gatekeeper.store import DB_NAME, HEAD_NAME
 
 USERS = [f"u{i}" for i in range(1, 8)]  # records 2-8; record 1 is init's policy-change
@@ -406,3 +406,55 @@ def test_grace_and_report_mode_warn_and_are_logged(tmp_path: Path) -> None:
         ("carol", "pilot", "report-only"),
     }
     assert os.environ.get("GATEKEEPER_CONFIG") != str(gk.config)  # the test stayed isolated
+
+
+# -- the diagnosis itself, on synthetic chains -----------------------------------------------
+
+
+def _chain(n: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    prev = GENESIS
+    for seq in range(1, n + 1):
+        row: dict[str, Any] = {f: None for f in FIELDS}
+        row.update(seq=seq, at=f"2027-01-01T00:00:{seq:02d}.000000Z", event="access")
+        row.update(user=f"u{seq}", detail="{}", prev_hash=prev)
+        row["hash"] = prev = record_hash(row["prev_hash"], row)
+        rows.append(row)
+    return rows
+
+
+def _move(rows: list[dict[str, Any]], mapping: dict[int, int]) -> list[dict[str, Any]]:
+    """Put the whole contents of record `src` at position `dst` for each dst: src."""
+    by_seq = {r["seq"]: r for r in rows}
+    return [{**by_seq[mapping.get(r["seq"], r["seq"])], "seq": r["seq"]} for r in rows]
+
+
+def _messages(rows: list[dict[str, Any]], head: tuple[int, str] | None = None) -> list[str]:
+    problems = verify_chain(rows, head)
+    found = explain_chain(rows, head, None)
+    assert bool(problems) == bool(found)
+    return [f.message for f in found]
+
+
+def test_explain_names_distant_swaps_and_rotations() -> None:
+    rows = _chain(10)
+    head = (10, rows[-1]["hash"])
+    assert _messages(rows, head) == []
+    assert _messages(_move(rows, {3: 7, 7: 3}), head) == [
+        "records 3 and 7 were swapped: each holds the other's contents"
+    ]
+    assert _messages(_move(rows, {2: 3, 3: 4, 4: 2}), head) == [
+        "record 2 holds the contents of record 3 (moved)",
+        "record 3 holds the contents of record 4 (moved)",
+        "record 4 holds the contents of record 2 (moved)",
+    ]
+
+
+def test_explain_names_a_re_hashed_last_record_by_the_head_file() -> None:
+    rows = _chain(5)
+    head = (5, rows[-1]["hash"])
+    rows[-1]["user"] = "mallory"
+    rows[-1]["hash"] = record_hash(rows[-1]["prev_hash"], rows[-1])
+    assert _messages(rows, head) == [
+        "record 5 differs from the head file: it was replaced or re-hashed"
+    ]
