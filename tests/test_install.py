@@ -633,63 +633,6 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert "nothing to uninstall" in box.install("--uninstall").stdout
 
 
-@pytest.mark.sshd
-def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None:
-    box.repos.mkdir(parents=True)
-    make_project(box)
-    before = snapshot(box.root)
-
-    # An sshd that rejects every configuration: the new drop-in is removed again, nothing is
-    # reloaded, and the rest of the install stays for the next run.
-    fake = box.tmp / "fake-sshd"
-    fake.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = -t ]; then echo "fake sshd: rejecting the configuration" >&2; exit 255; fi\n'
-        f'exec {box.sshd_bin} "$@"\n'
-    )
-    fake.chmod(0o755)
-    failed = box.install("--mode", "keys-command", "--sshd", str(fake), check=False)
-    assert failed.returncode != 0
-    assert "fake sshd: rejecting the configuration" in failed.stderr
-    assert "rolled back (removed " in failed.stderr
-    assert not box.dropin.exists()
-    assert not list(box.dropin.parent.iterdir())  # no backup or temporary file left either
-    assert (box.prefix / "bin" / "gatekeeper").exists()
-
-    fixed = box.install("--mode", "keys-command")
-    assert "ok       virtualenv" in fixed.stdout  # installed by the failed run, kept
-    command = f"{box.prefix}/bin/gatekeeper --config {box.config} keys-command %u %t %k"
-    assert dropin_directives(box) == [
-        f"Match User {box.user}",
-        "AuthorizedKeysFile none",
-        f"AuthorizedKeysCommand {command}",
-        f"AuthorizedKeysCommandUser {box.user}",
-        "AcceptEnv GIT_PROTOCOL",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "PermitTTY no",
-        "DisableForwarding yes",
-    ]
-    assert sshd.unsafe_path_reason(box.prefix / "bin" / "gatekeeper") is None
-    assert not box.authorized_keys.exists()
-    effective = effective_sshd(box, box.user).splitlines()
-    assert f"authorizedkeyscommand {command}" in effective
-    assert "forcecommand none" in effective
-    assert "nothing to change" in box.install("--mode", "keys-command").stdout
-
-    write_test_policy(box)
-    enroll_users_and_use_git(box)
-
-    box.install("--uninstall", "--purge")
-    assert (
-        differences(
-            without_repository_data(no_dir_mtimes(before)),
-            without_repository_data(snapshot(box.root, dir_mtimes=False)),
-        )
-        == ""
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Fast checks: no virtualenv is made
 
@@ -807,3 +750,60 @@ def test_install_sh_is_shellcheck_clean() -> None:
         [shellcheck, "--severity=style", str(SCRIPT)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.sshd
+def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None:
+    box.repos.mkdir(parents=True)
+    make_project(box)
+    before = snapshot(box.root)
+
+    # An sshd that rejects every configuration: the new drop-in is removed again, nothing is
+    # reloaded, and the rest of the install stays for the next run.
+    fake = box.tmp / "fake-sshd"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -t ]; then echo "fake sshd: rejecting the configuration" >&2; exit 255; fi\n'
+        f'exec {box.sshd_bin} "$@"\n'
+    )
+    fake.chmod(0o755)
+    failed = box.install("--mode", "keys-command", "--sshd", str(fake), check=False)
+    assert failed.returncode != 0
+    assert "fake sshd: rejecting the configuration" in failed.stderr
+    assert "rolled back (removed " in failed.stderr
+    assert not box.dropin.exists()
+    assert not list(box.dropin.parent.iterdir())  # no backup or temporary file left either
+    assert (box.prefix / "bin" / "gatekeeper").exists()
+
+    fixed = box.install("--mode", "keys-command")
+    assert "ok       virtualenv" in fixed.stdout  # installed by the failed run, kept
+    command = f"{box.prefix}/bin/gatekeeper --config {box.config} keys-command %u %t %k"
+    assert dropin_directives(box) == [
+        f"Match User {box.user}",
+        "AuthorizedKeysFile none",
+        f"AuthorizedKeysCommand {command}",
+        f"AuthorizedKeysCommandUser {box.user}",
+        "AcceptEnv GIT_PROTOCOL",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitTTY no",
+        "DisableForwarding yes",
+    ]
+    assert sshd.unsafe_path_reason(box.prefix / "bin" / "gatekeeper") is None
+    assert not box.authorized_keys.exists()
+    effective = effective_sshd(box, box.user).splitlines()
+    assert f"authorizedkeyscommand {command}" in effective
+    assert "forcecommand none" in effective
+    assert "nothing to change" in box.install("--mode", "keys-command").stdout
+
+    write_test_policy(box)
+    enroll_users_and_use_git(box)
+
+    box.install("--uninstall", "--purge")
+    assert (
+        differences(
+            without_repository_data(no_dir_mtimes(before)),
+            without_repository_data(snapshot(box.root, dir_mtimes=False)),
+        )
+        == ""
+    )
