@@ -124,7 +124,8 @@ class Identity:
 
 def remote_url(policy: Policy, repo: str) -> str:
     server = policy.server
-    return f"ssh://{server.user}@{server.host}:{server.port}/{repo}.git"
+    port = "" if server.port == 22 else f":{server.port}"
+    return f"ssh://{server.user}@{server.host}{port}/{repo}.git"
 
 
 def verb_of(action: str) -> str:
@@ -138,7 +139,7 @@ def log(message: str) -> None:
 # -- the checks both hooks share ---------------------------------------------------
 
 
-def load_or_deny(config: Path, action: str) -> tuple[Policy, Store]:
+def load_or_deny(config: Path) -> tuple[Policy, Store]:
     """Policy and store, or a refusal worded like the forced command's."""
     try:
         policy = load_policy(config)
@@ -394,7 +395,7 @@ def pre_receive(
     audit: dict[str, Any] = {"action": "write", "detail": {"hook": HOOK}}
     store: Store | None = None
     try:
-        policy, store = load_or_deny(config, "write")
+        policy, store = load_or_deny(config)
         git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
         ident = identify(policy, store, env, git_dir, "write", now, audit)
         if ident.user is None:
@@ -474,7 +475,7 @@ def pack_objects(
             raise Denied(
                 SERVER_ERROR, "access refused: internal error (logged on the server).", audit=False
             )
-        policy, store = load_or_deny(config, "read")
+        policy, store = load_or_deny(config)
         git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
         ident = identify(policy, store, env, git_dir, "read", now, audit)
         decide(policy, store, ident, "read", now)
@@ -794,6 +795,8 @@ def cli_group() -> click.Group:
     from gatekeeper import cli
 
     def report(ctx: Context, event: str, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            click.echo(f"no repositories under {ctx.policy.server.repositories}")
         changed = {}
         for o in outcomes:
             if o.error is not None:

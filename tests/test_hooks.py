@@ -519,7 +519,7 @@ def test_a_local_push_without_identity_is_refused(local: Installation, tmp_path:
     assert remote_lines(push.stderr) == [
         "gatekeeper: push to 'platform/api' refused: it did not come through gatekeeper "
         "(no gatekeeper identity).",
-        "gatekeeper: To fix: use the SSH remote ssh://git@git.example.com:22/platform/api.git; "
+        "gatekeeper: To fix: use the SSH remote ssh://git@git.example.com/platform/api.git; "
         "an administrator can allow local pushes with hooks.allow_local_push: true.",
     ], push.stderr
     assert remote_ref(local.repos / "platform/api.git", "refs/heads/main") == before
