@@ -814,6 +814,7 @@ class SshSite:
             self.hooks = f"not installed: {str(exc).splitlines()[-1][:200]}"
             log(f"gatekeeper hooks {self.hooks}")
         plain_key, plain_pub = sshd.generate_user_key(ctx.work / "keys", "plain")
+        noop_key, noop_pub = sshd.generate_user_key(ctx.work / "keys", "noop")
         auth = site.base / "authorized_keys"
         site.gk("authorized-keys", "--write", str(auth))
         with auth.open("a") as fh:
@@ -822,14 +823,24 @@ class SshSite:
                 + sshd.public_key_line(plain_pub)
                 + "\n"
             )
+            fh.write('command="true",restrict ' + sshd.public_key_line(noop_pub) + "\n")
+        # The account's HOME: an empty directory, as a git account's would be. sshd runs
+        # forced commands through the login shell, and bash sources ~/.bashrc for ssh
+        # commands: a developer's .bashrc (pyenv init...) would add the same large
+        # constant to both sides and hide the ratio.
+        self.account_home = ctx.work / "git-account-home"
+        self.account_home.mkdir()
+        self.extra_config = f"SetEnv HOME={self.account_home} GATEKEEPER_CACHE_DIR={site.cache}"
         self.server = sshd.SshServer(
-            authorized_keys_file=auth,
-            extra_config=f"SetEnv GATEKEEPER_CACHE_DIR={site.cache}",
-            tmp_dir=ctx.work,
+            authorized_keys_file=auth, extra_config=self.extra_config, tmp_dir=ctx.work
         )
         self.server.start()
         self.gk = self.server.client(site.key_path)
         self.plain = self.server.client(plain_key)
+        self.noop = self.server.client(noop_key)
+        probe = self.noop.run("x")
+        if probe.returncode != 0:
+            raise BenchError(f"ssh with a no-op forced command failed: {probe.stderr[-500:]}")
         self.gk_url = self.gk.url("bench/small")
         self.plain_url = self.plain.url(str(self.plain_repo))
         a = self.git(self.gk, "ls-remote", self.gk_url)
@@ -869,7 +880,7 @@ class SshSite:
             )
             self.kc_server = self.sshd.SshServer(
                 keys_command=[str(wrapper), "%u", "%t", "%k"],
-                extra_config=f"SetEnv GATEKEEPER_CACHE_DIR={site.cache}",
+                extra_config=self.extra_config,
                 tmp_dir=self.ctx.work,
             )
             self.kc_server.start()
@@ -924,13 +935,22 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
 
         return task
 
-    runs = ctx.runs(10, 40)
-    log(f"ls-remote: 2 x {runs} runs, interleaved")
+    def noop() -> None:
+        result = ss.noop.run("x")
+        if result.returncode != 0:
+            raise BenchError(f"ssh no-op failed: {result.stderr[-500:]}")
+
+    runs = ctx.runs(10, 30)
+    log(f"ls-remote: 2 x {runs} runs and ssh with a no-op forced command, interleaved")
     lsr = timed_tasks(
-        {"gatekeeper": ls_remote(ss.gk, ss.gk_url), "git-shell": ls_remote(ss.plain, ss.plain_url)},
+        {
+            "gatekeeper": ls_remote(ss.gk, ss.gk_url),
+            "git-shell": ls_remote(ss.plain, ss.plain_url),
+            "ssh no-op": noop,
+        },
         runs,
     )
-    cruns = ctx.runs(8, 30)
+    cruns = ctx.runs(8, 20)
     log(f"clone: 2 x {cruns} runs, interleaved")
     cl = timed_tasks(
         {"gatekeeper": clone(ss.gk, ss.gk_url), "git-shell": clone(ss.plain, ss.plain_url)}, cruns
@@ -946,10 +966,17 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
     t.header()
     r_ls = h.ratio(lsr["gatekeeper"], lsr["git-shell"])
     r_cl = h.ratio(cl["gatekeeper"], cl["git-shell"])
+    t.row("ssh, forced command `true` (the SSH floor)", lsr["ssh no-op"], "")
     t.row("git ls-remote via git-shell", lsr["git-shell"], "baseline")
-    t.row("git ls-remote via gatekeeper", lsr["gatekeeper"], f"{r_ls:.2f}x git-shell")
+    added = lsr["gatekeeper"]["median_ms"] - lsr["git-shell"]["median_ms"]
+    t.row(
+        "git ls-remote via gatekeeper",
+        lsr["gatekeeper"],
+        f"{r_ls:.2f}x git-shell (+{added:.0f} ms)",
+    )
     t.row("git clone (20 files, 3 commits) via git-shell", cl["git-shell"], "baseline")
-    t.row("git clone via gatekeeper", cl["gatekeeper"], f"{r_cl:.2f}x git-shell")
+    added = cl["gatekeeper"]["median_ms"] - cl["git-shell"]["median_ms"]
+    t.row("git clone via gatekeeper", cl["gatekeeper"], f"{r_cl:.2f}x git-shell (+{added:.0f} ms)")
     out: dict[str, Any] = {
         "runs": {"ls_remote": runs, "clone": cruns},
         "hooks": ss.hooks,
@@ -969,7 +996,7 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
     try:
         _, kc_client, calls = ss.keys_command_server()
         calls.write_text("")
-        kruns = ctx.runs(8, 30)
+        kruns = ctx.runs(8, 20)
         kc = timed_tasks(
             {
                 "keys-command mode": ls_remote(kc_client, kc_client.url("bench/small")),
@@ -1049,7 +1076,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
         seq0 = conn.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
     work = ctx.work / "concurrency"
     work.mkdir()
-    rounds = ctx.runs(1, 3)
+    rounds = ctx.runs(1, 2)
     n_clones, n_pushes = ctx.runs(20, CLONES), ctx.runs(10, PUSHES)
     sides = {"gatekeeper": (ss.gk, ss.gk_url), "git-shell": (ss.plain, ss.plain_url)}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"clone": [], "push": []} for s in sides}
@@ -1362,11 +1389,39 @@ def bench_audit(ctx: Context) -> dict[str, Any]:
         out["append"] = a
         after = store.verify_audit()
         out["verify_after_appends_problems"] = len(after)
+    out["cli"] = audit_cli(ctx, site)
     t.check(
         f"verify {AUDIT_RECORDS:,} records (informational)",
         not after,
         f"{v['median_ms'] / 1e3:.2f} s, {len(after)} problems after {appends} appends",
     )
+    return out
+
+
+def audit_cli(ctx: Context, site: Site) -> dict[str, Any]:
+    """The admin's commands on the same 100,000 records (`gatekeeper log ...`)."""
+    gatekeeper = str(ctx.bin / "gatekeeper")
+    env = site.env()
+    try:
+        h.run([gatekeeper, "log", "--help"], env=env, cwd=ctx.work)
+    except BenchError:
+        ctx.table.row("gatekeeper log ...", None, "not measured: no `log` command in this tree")
+        return {"error": "no `log` command"}
+    commands = {
+        "gatekeeper log verify": ["log", "verify"],
+        "gatekeeper log --user user042": ["log", "--user", "user042"],
+        "gatekeeper log --since 1d": ["log", "--since", "1d"],
+        "gatekeeper log --last 20": ["log", "--last", "20"],
+    }
+    out: dict[str, Any] = {}
+    for label, args in commands.items():
+        times = []
+        for _ in range(ctx.runs(1, 3)):
+            start = time.perf_counter()
+            lines = h.run([gatekeeper, *args], env=env, cwd=ctx.work).count("\n")
+            times.append(time.perf_counter() - start)
+        out[label] = {**h.summary(times), "lines": lines}
+        ctx.table.row(label, out[label], f"{lines:,} lines of output")
     return out
 
 
