@@ -220,6 +220,7 @@ DRY = "gatekeeper-shell -> exec (dry run)"
 GK_FULL = "gatekeeper-shell -> git-upload-pack (refs, v0)"
 GIT_SHELL = "git-shell -> git-upload-pack (refs, v0)"
 ADVERTISE = "git upload-pack --advertise-refs alone"
+FLOOR = "python -c 'import sqlite3, json, hashlib'"
 EDITABLE_NOBC = "dry run, editable .venv, no .pyc (dev setup)"
 EDITABLE_BC = "dry run, editable .venv, with .pyc"
 
@@ -237,6 +238,7 @@ def bench_decision(ctx: Context) -> dict[str, Any]:
     cmds = [
         pass_cmd(ctx, dry),
         Cmd(DRY, [str(shell), *gk_args], dry),
+        Cmd(FLOOR, [*ctx.interp, "-c", "import sqlite3, json, hashlib"], dry),
         # "0000" (a flush packet) ends upload-pack cleanly right after the advertisement.
         Cmd(GK_FULL, [str(shell), *gk_args], full, stdin=b"0000"),
         Cmd(GIT_SHELL, [git_shell, "-c", f"git-upload-pack '{repo}'"], plain, stdin=b"0000"),
@@ -258,6 +260,11 @@ def bench_decision(ctx: Context) -> dict[str, Any]:
     r = h.ratio(res[DRY], base)
     added = res[DRY]["median_ms"] - base["median_ms"]
     t.row(DRY, res[DRY], f"{r:.2f}x python -c pass (+{added:.1f} ms)")
+    t.row(
+        FLOOR,
+        res[FLOOR],
+        f"{h.ratio(res[FLOOR], base):.2f}x: a floor for a stdlib path that reads SQLite",
+    )
     t.row(GIT_SHELL, res[GIT_SHELL], "baseline for the full path")
     t.row(GK_FULL, res[GK_FULL], f"{h.ratio(res[GK_FULL], res[GIT_SHELL]):.2f}x git-shell")
     t.row(ADVERTISE, res[ADVERTISE], "what git itself costs")
@@ -359,6 +366,14 @@ def import_profile(ctx: Context, gk_argv: list[str], env: dict[str, str]) -> dic
         " largest self times: " + ", ".join(f"{m['module']} {m['self_ms']:.1f}" for m in top_self),
         flush=True,
     )
+    wrapper = [m for m in extra if m["depth"] == 0 and not m["module"].startswith("gatekeeper")]
+    if wrapper:
+        print(
+            "  imported by the gatekeeper-shell script itself (pip's console-script wrapper),"
+            " before gatekeeper: "
+            + ", ".join(f"{m['module']} {m['cumulative_ms']:.1f} ms" for m in wrapper),
+            flush=True,
+        )
     gk_mods = [m["module"] for m in modules if m["module"].startswith("gatekeeper")]
     print(f"  gatekeeper modules: {', '.join(gk_mods)}", flush=True)
     print(f"  third-party packages imported: {', '.join(third) or 'none'}", flush=True)
@@ -373,6 +388,7 @@ def import_profile(ctx: Context, gk_argv: list[str], env: dict[str, str]) -> dic
         "top10_self_beyond_bare_python": top_self,
         "modules_beyond_bare_python": len(extra),
         "self_ms_beyond_bare_python": round(extra_self, 3),
+        "imported_by_script_wrapper": [m["module"] for m in wrapper],
         "heavy_imported": heavy,
         "third_party": third,
         "gatekeeper_modules": gk_mods,
