@@ -285,8 +285,44 @@ def bench_decision(ctx: Context) -> dict[str, Any]:
         f" aim {AIM_DECISION:.0f}x)",
     )
     out["imports"] = import_profile(ctx, [str(shell), *gk_args], dry)
+    out["stdlib_import_costs"] = stdlib_costs(ctx, dry)
     out["phases"] = hot_path_phases(ctx, site, dry)
     return out
+
+
+STDLIB_IMPORTS = (
+    "import re",
+    "import json",
+    "import pathlib",
+    "import sqlite3",
+    "import hashlib",
+    "from _sha256 import sha256",
+    "import datetime",
+    "import shlex",
+    "import sqlite3, json, hashlib",
+)
+
+
+def stdlib_costs(ctx: Context, env: dict[str, str]) -> dict[str, Any]:
+    """What each standard-library import of the hot path costs a fresh interpreter (and
+    what -S/-I save), measured like the rest: interleaved against `python -c pass`."""
+    cmds = [pass_cmd(ctx, env)]
+    cmds += [Cmd(code, [*ctx.interp, "-c", code], env) for code in STDLIB_IMPORTS]
+    cmds.append(Cmd("python -I -S -c pass", [*ctx.interp, "-I", "-S", "-c", "pass"], env))
+    runs = ctx.runs(10, 30)
+    res = h.interleaved(cmds, runs, ctx.work)
+    base = res["python -c pass"]["median_ms"]
+    print(
+        f"  what the hot path's standard-library imports cost a fresh interpreter"
+        f" (each alone, {runs} interleaved runs; added to python -c pass):",
+        flush=True,
+    )
+    out = {}
+    for cmd in cmds[1:]:
+        added = res[cmd.name]["median_ms"] - base
+        out[cmd.name] = {**res[cmd.name], "added_ms": round(added, 3)}
+        print(f"    {cmd.name:40} {added:+6.1f} ms", flush=True)
+    return {"runs": runs, "python_pass_ms": base, "imports": out}
 
 
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S.*)$")
