@@ -360,7 +360,7 @@ def import_profile(ctx: Context, gk_argv: list[str], env: dict[str, str]) -> dic
         for name, *_ in importtime([*ctx.interp, "-X", "importtime", "-c", "pass"], env, ctx.work):
             baseline.add(name)
     site_pkgs = {p.name.split(".")[0] for p in h.site_packages().iterdir()}
-    modules = [
+    modules: list[dict[str, Any]] = [
         {
             "module": name,
             "depth": depth[name],
@@ -417,6 +417,7 @@ def import_profile(ctx: Context, gk_argv: list[str], env: dict[str, str]) -> dic
         "hot path imports none of " + ", ".join(HEAVY[:6]),
         not heavy,
         "imported: " + ", ".join(heavy) if heavy else "none imported",
+        failed="FAIL",
     )
     return {
         "runs": runs,
@@ -635,8 +636,8 @@ def bench_keys(ctx: Context) -> dict[str, Any]:
                 plan = " | ".join(
                     r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql, (hits[0],))
                 )
-                hit = _per_call(lambda fp, s=store: s.key_by_fingerprint(fp), hits)
-                miss = _per_call(lambda fp, s=store: s.key_by_fingerprint(fp), misses)
+                hit = _per_call(store.key_by_fingerprint, hits)
+                miss = _per_call(store.key_by_fingerprint, misses)
             b64, _ = synthetic_key(n // 2)
             argv = ["--config", str(site.config), login, "ssh-ed25519", b64]
             whole = h.timed(lambda a=argv: authkeys.lookup_line(a), ctx.runs(50, 200))
@@ -676,6 +677,7 @@ def bench_keys(ctx: Context) -> dict[str, Any]:
         cli_ratio <= 1.15 and "USING INDEX" in inproc[str(large)]["query_plan"],
         f"CLI {cli_ratio:.2f}x, query {q_ratio:.2f}x, plan uses an index:"
         f" {'yes' if 'USING INDEX' in inproc[str(large)]['query_plan'] else 'NO'}",
+        failed="FAIL",
     )
     cli = res[f"keys-command CLI, {small:,} keys"]
     t.check(
@@ -1211,7 +1213,7 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
     )
 
     def med(side: str, kind: str, key: str) -> float:
-        return statistics.median(x[key] for x in runs[side][kind])
+        return float(statistics.median(x[key] for x in runs[side][kind]))
 
     t = ctx.table
     print(f"  {'':44} {'wall':>8} {'ops/s':>7} {'ok':>7} {'median job':>11}", flush=True)
@@ -1234,14 +1236,20 @@ def bench_concurrency(ctx: Context) -> dict[str, Any]:
         None,
         f"clones {thr['clone']:.2f}x, pushes {thr['push']:.2f}x",
     )
-    t.check("journal_mode is WAL", journal == "wal", journal)
-    t.check('no "database is locked"', locked == 0, f"{locked} seen; {failed} failed requests")
+    t.check("journal_mode is WAL", journal == "wal", journal, failed="FAIL")
+    t.check(
+        'no "database is locked"',
+        locked == 0 and failed == 0,
+        f"{locked} seen; {failed} failed requests",
+        failed="FAIL",
+    )
     t.check(
         "every audit record present, chain verifies",
         audit_ok,
         f"read {reads}/{n_clones * rounds}, write {writes}/{n_pushes * rounds},"
         f" ref-update {refs}/{expect_refs} (hooks {ss.hooks.split(':')[0]}),"
         f" chain problems {len(problems)}, pushed branches {len(branches)}",
+        failed="FAIL",
     )
     return {
         "rounds": rounds,
@@ -1446,6 +1454,7 @@ def bench_audit(ctx: Context) -> dict[str, Any]:
         f"verify {AUDIT_RECORDS:,} records (informational)",
         not after,
         f"{v['median_ms'] / 1e3:.2f} s, {len(after)} problems after {appends} appends",
+        failed="FAIL",
     )
     return out
 
@@ -1533,7 +1542,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 traceback.print_exc()
                 section = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-                table.check(f"{name} section ran", False, section["error"].splitlines()[0][:200])
+                first_line = section["error"].splitlines()[0][:200]
+                table.check(f"{name} section ran", False, first_line, failed="FAIL")
             section["seconds"] = round(time.perf_counter() - t0, 1)
             results["sections"][name] = section
     finally:

@@ -336,16 +336,17 @@ class Table:
             flush=True,
         )
 
-    def check(self, name: str, ok: bool, detail: str) -> dict[str, Any]:
-        entry = {"check": name, "ok": ok, "detail": detail}
+    def check(self, name: str, ok: bool, detail: str, failed: str = "OVER") -> dict[str, Any]:
+        """A budget or correctness line: "ok", else `failed` ("OVER" budget, "FAIL")."""
+        entry = {"check": name, "ok": ok, "status": "ok" if ok else failed, "detail": detail}
         self.checks.append(entry)
-        print(f"  [{'ok' if ok else 'OVER'}] {name}: {detail}", flush=True)
+        print(f"  [{entry['status']}] {name}: {detail}", flush=True)
         return entry
 
     def final(self) -> None:
         print("\n== Summary", flush=True)
         for c in self.checks:
-            print(f"  [{'ok' if c['ok'] else 'OVER'}] {c['check']}: {c['detail']}")
+            print(f"  [{c['status']}] {c['check']}: {c['detail']}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

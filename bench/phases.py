@@ -36,7 +36,10 @@ def _timed(label: str, fn):  # type: ignore[no-untyped-def]
     return wrapper
 
 
-shell.load_policy = _timed("policy: read file, hash, load compiled cache", shell.load_policy)
+shell.load_policy = _timed(  # type: ignore[attr-defined]
+    "policy: read file, hash, load compiled cache",
+    shell.load_policy,  # type: ignore[attr-defined]
+)
 Store.open = staticmethod(_timed("store: open (connect, pragmas, schema check)", Store.open))  # type: ignore[method-assign]
 Store.connection_facts = _timed("store: connection facts (one query)", Store.connection_facts)  # type: ignore[method-assign]
 sshcmd.parse_command = _timed("parse SSH_ORIGINAL_COMMAND", sshcmd.parse_command)
