@@ -845,6 +845,10 @@ class SshSite:
         sys.path.insert(0, str(ROOT / "tests"))
         import sshd
 
+        missing = [] if sshd.find_sshd() else ["sshd (openssh-server)"]
+        missing += [t for t in ("ssh", "ssh-keygen", "git-shell") if shutil.which(t) is None]
+        if missing:
+            raise BenchError("needs " + ", ".join(missing) + " (scripts/test.sh installs them)")
         self.sshd = sshd
         self.ctx = ctx
         site = self.site = ctx.site()
