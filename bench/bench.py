@@ -221,8 +221,8 @@ GK_FULL = "gatekeeper-shell -> git-upload-pack (refs, v0)"
 GIT_SHELL = "git-shell -> git-upload-pack (refs, v0)"
 ADVERTISE = "git upload-pack --advertise-refs alone"
 FLOOR = "python -c 'import sqlite3, json, hashlib'"
-EDITABLE_NOBC = "dry run, editable .venv, no .pyc (dev setup)"
-EDITABLE_BC = "dry run, editable .venv, with .pyc"
+EDITABLE_NOBC = "dry run, gatekeeper without .pyc (recompiled)"
+EDITABLE_BC = "dry run, editable .venv (its path finder)"
 
 
 def bench_decision(ctx: Context) -> dict[str, Any]:
@@ -244,11 +244,16 @@ def bench_decision(ctx: Context) -> dict[str, Any]:
         Cmd(GIT_SHELL, [git_shell, "-c", f"git-upload-pack '{repo}'"], plain, stdin=b"0000"),
         Cmd(ADVERTISE, [git, "upload-pack", "--advertise-refs", str(repo)], plain),
     ]
+    # What PYTHONDONTWRITEBYTECODE=1 costs when there are no (or only stale) .pyc files:
+    # the same install, with gatekeeper's modules from a copy without __pycache__.
+    nopyc = ctx.work / "no-pyc"
+    shutil.copytree(
+        ROOT / "gatekeeper", nopyc / "gatekeeper", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    nopyc_env = {**dry, "PYTHONPATH": str(nopyc), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmds.append(Cmd(EDITABLE_NOBC, [str(shell), *gk_args], nopyc_env))
     dev_shell = ROOT / ".venv" / "bin" / "gatekeeper-shell"
     if dev_shell.exists():
-        cmds.append(
-            Cmd(EDITABLE_NOBC, [str(dev_shell), *gk_args], {**dry, "PYTHONDONTWRITEBYTECODE": "1"})
-        )
         cmds.append(Cmd(EDITABLE_BC, [str(dev_shell), *gk_args], dry))
     runs = ctx.runs(15, 60)
     log(f"{len(cmds)} commands x {runs} runs, interleaved")
