@@ -20,7 +20,7 @@ import re
 from datetime import date
 from pathlib import Path
 
-from gatekeeper.errors import PolicyError
+from gatekeeper.errors import InputError, PolicyError
 from gatekeeper.record import record
 
 TYPE_CHECKING = False
@@ -40,7 +40,7 @@ CONTROL_RE = r"[\x00-\x1f\x7f]"
 MAX_NUMBER = 1_000_000  # minutes, hours and counts beyond this are mistakes (and overflow)
 
 # Bump whenever validation or the JSON layout changes: older caches are then ignored.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 @record
@@ -103,6 +103,9 @@ class ServerSettings:
     state_dir: Path = Path("state")
     listen_host: str = "127.0.0.1"
     listen_port: int = 2222
+    # Where users, keys, 2FA state and the audit log live: "" is the SQLite file in
+    # state_dir; otherwise a store URL (see gatekeeper.storeurl), e.g. postgresql://...
+    store: str = ""
 
 
 @record
@@ -154,6 +157,7 @@ class Policy:
                     "state_dir": str(s.state_dir),
                     "listen_host": s.listen_host,
                     "listen_port": s.listen_port,
+                    "store": s.store,
                 },
                 "two_factor": {
                     "issuer": tf.issuer,
@@ -213,6 +217,7 @@ class Policy:
                 state_dir=Path(_typed(s["state_dir"], str)),
                 listen_host=_typed(s["listen_host"], str),
                 listen_port=_typed(s["listen_port"], int),
+                store=_typed(s["store"], str),
             )
             two_factor = TwoFactorSettings(
                 issuer=_typed(tf["issuer"], str),
@@ -317,6 +322,7 @@ SERVER_KEYS = {
     "state_dir": "path",
     "listen_host": "host",
     "listen_port": "port",
+    "store": "string",
 }
 TWO_FACTOR_KEYS = {
     "issuer": "string",
@@ -697,7 +703,9 @@ def _check(
     node = checker.section(top, "server")
     if node is not None:
         for key, (_, vnode) in checker.mapping(node, "server", SERVER_KEYS).items():
-            value = checker.scalar(vnode, SERVER_KEYS[key], f"server.{key}")
+            value = checker.scalar(
+                vnode, SERVER_KEYS[key], f"server.{key}", nullable=key == "store"
+            )
             if value is not None:
                 server_kwargs[key] = value
                 path_nodes[key] = vnode
@@ -708,6 +716,19 @@ def _check(
         except (OSError, RuntimeError, ValueError) as exc:
             checker.error(path_nodes.get(key), f"server.{key}: cannot resolve {raw!r}: {exc}")
             server_kwargs[key] = Path(raw)
+    if "store" in server_kwargs:
+        from gatekeeper.storeurl import parse_store_url
+
+        try:
+            location = parse_store_url(
+                server_kwargs["store"], str(server_kwargs["state_dir"]), str(base)
+            )
+        except InputError as exc:
+            checker.error(path_nodes.get("store"), f"server.store: {exc.message}")
+        else:
+            # Resolved once here, so the hot path never parses a relative path again.
+            if not location.is_postgres:
+                server_kwargs["store"] = location.path
     server = ServerSettings(**server_kwargs)
 
     # two_factor

@@ -259,7 +259,7 @@ BAD = [
         "server:\n  hostname: x\n",
         2,
         "unknown key 'hostname' in server (expected one of: host, port, user, repositories, "
-        "state_dir, listen_host, listen_port)",
+        "state_dir, listen_host, listen_port, store)",
     ),
     ("server:\n  port: ssh\n", 2, "server.port: expected a port number (1-65535), got 'ssh'"),
     ("server:\n  port: 70000\n", 2, "server.port: expected a port number (1-65535), got '70000'"),
