@@ -77,7 +77,7 @@ class Context:
 
     @contextmanager
     def store(self) -> Iterator[Store]:
-        store = Store.open(self.policy.server.state_dir)
+        store = Store.open(self.policy.server.state_dir, self.policy.server.store)
         try:
             record_policy_change(store, self.policy)
             yield store
@@ -123,9 +123,9 @@ def init(ctx: Context) -> None:
     """Create the state directory, the database and the server key (0600)."""
     from gatekeeper import totp
 
-    state_dir = ctx.policy.server.state_dir
-    existed = (state_dir / "gatekeeper.db").exists()
-    store = Store.create(state_dir)
+    server = ctx.policy.server
+    store = Store.create(server.state_dir, server.store)
+    existed = store.schema_before > 0
     try:
         if not store.server_key_path.exists():
             totp.create_server_key(store.server_key_path)
@@ -135,16 +135,16 @@ def init(ctx: Context) -> None:
         record_policy_change(store, ctx.policy)
     finally:
         store.close()
-    click.echo(f"{'store is up to date' if existed else 'created store'}: {store.path}")
+    click.echo(f"{'store is up to date' if existed else 'created store'}: {store.where}")
 
 
 @cli.command()
 @pass_ctx
 def migrate(ctx: Context) -> None:
     """Upgrade the state database's schema."""
-    store = Store.create(ctx.policy.server.state_dir)
+    store = Store.create(ctx.policy.server.state_dir, ctx.policy.server.store)
     store.close()
-    click.echo(f"store is at the current schema: {store.path}")
+    click.echo(f"store is at the current schema: {store.where}")
 
 
 # -- users -----------------------------------------------------------------------
@@ -418,7 +418,7 @@ def policy_check(ctx: Context, file: Path | None) -> None:
     loaded, _ = check_policy_text(text, str(path))
     if loaded is not None:
         try:
-            with Store.open(loaded.server.state_dir) as store:
+            with Store.open(loaded.server.state_dir, loaded.server.store) as store:
                 known = store.user_names()
         except GatekeeperError:
             known = None

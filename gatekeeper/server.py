@@ -341,7 +341,8 @@ class Connection(paramiko.ServerInterface):
         if self.policy is None or self.store is None:
             try:
                 self.policy = load_policy(self.server.config_path)
-                self.store = Store.open(self.policy.server.state_dir)
+                settings = self.policy.server
+                self.store = Store.open(settings.state_dir, settings.store)
             except GatekeeperError as exc:
                 self.note(f"refused: {exc.message}")
                 log.warning("connection %d: %s", self.number, " | ".join(exc.lines()))
@@ -933,7 +934,8 @@ def serve(
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
         logging.getLogger("paramiko").propagate = False
     state_dir = policy.server.state_dir
-    Store.open(state_dir).close()  # refuse to start without a store: `gatekeeper init`
+    # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
+    Store.open(state_dir, policy.server.store).close()
     host_key = load_host_key(state_dir)
     server = GatekeeperServer(
         config_path.absolute(),

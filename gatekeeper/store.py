@@ -1,10 +1,11 @@
 """All SQL lives here: users, keys, TOTP enrollments, sessions, lockouts, audit log.
 
-SQLite through the standard library, so the git-access path stays light. Rules
-learned the hard way (DESIGN.md):
-- WAL mode and a busy timeout, so many short-lived processes share the file.
-- Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
-  that upgrades to a write ignores the busy timeout and fails under concurrency.
+One set of statements for both stores: SQLite through the standard library (the
+default, so the git-access path stays light; see `sqlitedb`) and PostgreSQL for
+several front-ends sharing one state (see `pgdb`). The SQL is the common subset of
+the two, with `?` placeholders and `"user"` quoted (a reserved word in PostgreSQL).
+- Every write transaction takes the store's one write lock up front (`_write`), so
+  read-check-write steps cannot interleave, whichever process or host runs them.
 - Every change is audited inside its own transaction: no record, no change.
 - The replay guard is one conditional UPDATE: a timestep is accepted only if it is
   strictly greater than the last accepted one, so of two racing uses one wins.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,13 +24,18 @@ from pathlib import Path
 from gatekeeper import audit as chain
 from gatekeeper.errors import InputError, NotFound, StoreError
 from gatekeeper.record import record
+from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from gatekeeper.pgdb import PostgresDatabase
+    from gatekeeper.sqlitedb import SqliteDatabase
+
+    Database = SqliteDatabase | PostgresDatabase
+
 SCHEMA_VERSION = 2
-DB_NAME = "gatekeeper.db"
 SERVER_KEY_NAME = "server.key"
 HEAD_NAME = "audit.head"
 BUSY_TIMEOUT_MS = 5000
@@ -39,12 +44,12 @@ USER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE users (
-        id INTEGER PRIMARY KEY,
+        id {serial},
         name TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL
     );
     CREATE TABLE keys (
-        id INTEGER PRIMARY KEY,
+        id {serial},
         user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         fingerprint TEXT NOT NULL UNIQUE,
         key_type TEXT NOT NULL,
@@ -62,14 +67,14 @@ MIGRATIONS: dict[int, str] = {
         last_timestep INTEGER NOT NULL DEFAULT -1
     );
     CREATE TABLE recovery_codes (
-        id INTEGER PRIMARY KEY,
+        id {serial},
         user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         code_hash TEXT NOT NULL,
         used_at INTEGER
     );
     CREATE INDEX recovery_codes_user ON recovery_codes(user_id);
     CREATE TABLE sessions (
-        id INTEGER PRIMARY KEY,
+        id {serial},
         user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
         created_at INTEGER NOT NULL,
@@ -88,7 +93,7 @@ MIGRATIONS: dict[int, str] = {
         at TEXT NOT NULL,
         event TEXT NOT NULL,
         actor TEXT,
-        user TEXT,
+        "user" TEXT,
         key_fp TEXT,
         repo TEXT,
         action TEXT,
@@ -98,7 +103,7 @@ MIGRATIONS: dict[int, str] = {
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
     );
-    CREATE INDEX audit_user ON audit(user, seq);
+    CREATE INDEX audit_user ON audit("user", seq);
     CREATE INDEX audit_repo ON audit(repo, seq);
     CREATE TABLE audit_anchor (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -111,7 +116,7 @@ MIGRATIONS: dict[int, str] = {
     2: """
     CREATE TABLE hook_tokens (
         token_hash TEXT PRIMARY KEY,
-        user TEXT NOT NULL,
+        "user" TEXT NOT NULL,
         key_id INTEGER NOT NULL,
         key_fp TEXT NOT NULL,
         repo TEXT NOT NULL,
@@ -206,59 +211,46 @@ def validate_user_name(name: str) -> str:
 
 
 class Store:
-    """One open connection to the state database in `state_dir`."""
+    """One open connection to the state: a SQLite file or a PostgreSQL database.
 
-    def __init__(self, state_dir: Path, conn: sqlite3.Connection) -> None:
+    `state_dir` always holds this host's files beside the database: the server key
+    (which front-ends sharing a database must share too) and the audit head file."""
+
+    def __init__(self, state_dir: Path, db: Database) -> None:
         self.state_dir = state_dir
-        self.conn = conn
+        self.db = db
         # The head file as it was before this transaction wrote it (see `_write_head`):
         # None when not written yet, a hard link to the old head, or False if there was none.
         self._head_before: Path | bool | None = None
+        self.schema_before = -1  # the schema version `migrate` found
 
     # -- opening ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: Path | str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store:
-        """Open an existing store; refuse clearly if it is missing, corrupt or too new."""
+    def open(
+        cls,
+        state_dir: Path | str,
+        url: str = "",
+        *,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> Store:
+        """Open an existing store; refuse clearly if it is missing, unreachable,
+        corrupt or not at this schema. `url` is the policy's `server.store`."""
         state_dir = Path(state_dir)
-        path = state_dir / DB_NAME
-        if not path.exists():
-            if not state_dir.exists():
-                raise StoreError(
-                    f"state directory not found: {state_dir}",
-                    hint="run `gatekeeper init` (or check state_dir in the policy file).",
-                )
-            raise StoreError(f"state database not found: {path}", hint="run `gatekeeper init`.")
-        if not os.access(path, os.R_OK):
-            raise StoreError(
-                f"state database is not readable: {path}",
-                hint="run as the git user, or fix its owner and mode.",
-            )
-        conn = cls._connect(path, busy_timeout_ms)
-        store = cls(state_dir, conn)
+        location = _location(url, state_dir)
+        db = _connect(location, busy_timeout_ms)
+        store = cls(state_dir, db)
         try:
             version = store._schema_version()
-        except StoreError:
-            conn.close()
+            _check_version(version, store.where)
+        except BaseException:
+            db.close()
             raise
-        if version > SCHEMA_VERSION:
-            conn.close()
-            raise StoreError(
-                f"state database {path} has schema version {version}, newer than this "
-                f"gatekeeper understands ({SCHEMA_VERSION}).",
-                hint="upgrade gatekeeper; do not downgrade a store.",
-            )
-        if version < SCHEMA_VERSION:
-            conn.close()
-            raise StoreError(
-                f"state database {path} has schema version {version}; {SCHEMA_VERSION} is needed.",
-                hint="run `gatekeeper migrate`.",
-            )
         return store
 
     @classmethod
-    def create(cls, state_dir: Path | str) -> Store:
-        """Create (or migrate) the store and its directory with tight permissions."""
+    def create(cls, state_dir: Path | str, url: str = "") -> Store:
+        """Create (or migrate) the store, and the state directory with tight permissions."""
         state_dir = Path(state_dir)
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -272,44 +264,22 @@ class Store:
                 f"state directory is not writable: {state_dir}",
                 hint="run as the git user, or fix the directory's owner and mode.",
             )
-        path = state_dir / DB_NAME
+        location = _location(url, state_dir)
         old_umask = os.umask(0o077)
         try:
-            conn = cls._connect(path, BUSY_TIMEOUT_MS, create=True)
+            db = _connect(location, BUSY_TIMEOUT_MS, create=True)
         finally:
             os.umask(old_umask)
-        store = cls(state_dir, conn)
-        store.migrate()
+        store = cls(state_dir, db)
+        try:
+            store.migrate()
+        except BaseException:
+            db.close()
+            raise
         return store
 
-    @staticmethod
-    def _connect(path: Path, busy_timeout_ms: int, create: bool = False) -> sqlite3.Connection:
-        mode = "rwc" if create else "rw"
-        try:
-            conn = sqlite3.connect(
-                f"file:{path}?mode={mode}",
-                uri=True,
-                timeout=busy_timeout_ms / 1000,
-                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
-                check_same_thread=False,
-            )
-        except sqlite3.DatabaseError as exc:
-            raise _store_error(exc, path) from exc
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            mode_row = conn.execute("PRAGMA journal_mode").fetchone()
-            if mode_row[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise _store_error(exc, path) from exc
-        return conn
-
     def close(self) -> None:
-        self.conn.close()
+        self.db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -318,8 +288,23 @@ class Store:
         self.close()
 
     @property
+    def conn(self) -> Any:
+        """The driver's connection (sqlite3 or psycopg), for tests and tools."""
+        return self.db.conn
+
+    @property
+    def kind(self) -> str:
+        return self.db.kind
+
+    @property
+    def where(self) -> str:
+        """The database, for messages: a file path or a URL without its query."""
+        return self.db.where
+
+    @property
     def path(self) -> Path:
-        return self.state_dir / DB_NAME
+        """The SQLite file (for a PostgreSQL store: what `where` says)."""
+        return Path(self.db.where)
 
     @property
     def server_key_path(self) -> Path:
@@ -330,70 +315,88 @@ class Store:
         return self.state_dir / HEAD_NAME
 
     def _schema_version(self) -> int:
-        row = self._read_one("PRAGMA user_version")
-        return int(row[0]) if row else 0
+        try:
+            return self.db.schema_version()
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
     def migrate(self) -> int:
-        """Bring the schema up to date; return the version reached."""
-        version = self._schema_version()
+        """Bring the schema up to date; return the version reached. Safe to run from
+        several hosts at once: each step re-reads the version under the write lock."""
+        version = self.schema_before = self._schema_version()
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state database has schema version {version}, newer than this gatekeeper "
-                f"understands ({SCHEMA_VERSION}).",
-                hint="upgrade gatekeeper; do not downgrade a store.",
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+            _check_version(version, self.where)
+        while version < SCHEMA_VERSION:
             with self._write():
-                for statement in _split_sql(MIGRATIONS[target]):
-                    self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {target}")
+                version = self.db.schema_version()
+                if version >= SCHEMA_VERSION:
+                    break
+                target = version + 1
+                for statement in _split_sql(self.db.ddl(MIGRATIONS[target])):
+                    self.db.execute(statement)
+                self.db.set_schema_version(target)
+            version = target
         return SCHEMA_VERSION
+
+    def is_empty(self) -> bool:
+        """No users, keys or audit records: what `store copy` may write into."""
+        return all(
+            self._read_one(f"SELECT 1 AS one FROM {table} LIMIT 1") is None  # noqa: S608
+            for table in ("users", "keys", "audit", "audit_anchor")
+        )
 
     # -- transactions ----------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock up front (BEGIN IMMEDIATE)."""
+    def _write(self) -> Iterator[None]:
+        """A write transaction that takes the store's write lock up front."""
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            raise _store_error(exc, self.path) from exc
+            self.db.begin_write()
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
         try:
-            yield self.conn
+            yield
         except BaseException:
             self._rollback()
             raise
         try:
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
+            self.db.commit()
+        except self.db.errors as exc:
             # A full disk makes COMMIT fail after the audit head file was written.
             self._rollback()
-            raise _store_error(exc, self.path) from exc
+            raise self.db.error(exc) from exc
         self._settle_head(keep=True)
 
     def _rollback(self) -> None:
         try:
-            # SQLite rolls back by itself on some errors (SQLITE_FULL at COMMIT).
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            self.db.rollback()
+        except self.db.errors:
+            pass  # a lost connection: the server rolled back already
         finally:
             self._settle_head(keep=False)
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
-            return self.conn.execute(sql, params).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise _store_error(exc, self.path) from exc
+            return list(self.db.execute(sql, params).fetchall())
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
-    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = self._read(sql, params)
         return rows[0] if rows else None
 
-    def _exec(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> Any:
         try:
-            return self.conn.execute(sql, params)
-        except sqlite3.DatabaseError as exc:
-            raise _store_error(exc, self.path) from exc
+            return self.db.execute(sql, params)
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
+
+    def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        """An INSERT into a table with an `id` column; returns the new id."""
+        try:
+            return self.db.insert_id(sql, params)
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
     # -- audit -----------------------------------------------------------------
 
@@ -425,8 +428,8 @@ class Store:
         record["detail"] = json.dumps(fields.get("detail") or {}, sort_keys=True)
         digest = chain.record_hash(prev_hash, record)
         self._exec(
-            "INSERT INTO audit (seq, at, event, actor, user, key_fp, repo, action, reason, client,"
-            " detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            'INSERT INTO audit (seq, at, event, actor, "user", key_fp, repo, action, reason,'
+            " client, detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (*(record[f] for f in chain.FIELDS), prev_hash, digest),
         )
         # Written while we hold the write lock, so heads are written in chain order.
@@ -498,7 +501,7 @@ class Store:
         with self._write():
             self._exec("DELETE FROM hook_tokens WHERE expires_at <= ?", (int(now),))
             self._exec(
-                "INSERT INTO hook_tokens (token_hash, user, key_id, key_fp, repo, action, client,"
+                'INSERT INTO hook_tokens (token_hash, "user", key_id, key_fp, repo, action, client,'
                 " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     token_hash,
@@ -517,7 +520,7 @@ class Store:
     def hook_token(self, token_hash: str, now: float) -> HookToken | None:
         """The unexpired token with this digest, or None."""
         row = self._read_one(
-            "SELECT user, key_id, key_fp, repo, action, client, created_at, expires_at"
+            'SELECT "user", key_id, key_fp, repo, action, client, created_at, expires_at'
             " FROM hook_tokens WHERE token_hash = ? AND expires_at > ?",
             (token_hash, int(now)),
         )
@@ -547,7 +550,7 @@ class Store:
         params: list[Any] = [after_seq]
         for column, value in (("user", user), ("repo", repo), ("reason", reason), ("event", event)):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(f'"{column}" = ?')
                 params.append(value)
         if since is not None:
             where.append("at >= ?")
@@ -563,7 +566,7 @@ class Store:
         return (int(row["seq"]), str(row["hash"])) if row else None
 
     def verify_audit(self) -> list[chain.ChainProblem]:
-        rows = self._read("SELECT * FROM audit ORDER BY rowid")
+        rows = self._read("SELECT * FROM audit ORDER BY seq")
         return chain.verify_chain([dict(r) for r in rows], self.read_head(), self.audit_anchor())
 
     def prune_audit(self, before: str, *, actor: str | None = None) -> int:
@@ -613,9 +616,11 @@ class Store:
         with self._write():
             if self._read_one("SELECT 1 FROM users WHERE name = ?", (name,)):
                 raise InputError(f"user '{name}' already exists.")
-            cur = self._exec("INSERT INTO users (name, created_at) VALUES (?, ?)", (name, int(now)))
+            user_id = self._insert(
+                "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, int(now))
+            )
             self._append_audit("user-add", now, actor=actor, user=name)
-        return User(int(cur.lastrowid or 0), name, int(now))
+        return User(user_id, name, int(now))
 
     def get_user(self, name: str) -> User:
         row = self._read_one("SELECT id, name, created_at FROM users WHERE name = ?", (name,))
@@ -647,7 +652,7 @@ class Store:
     # -- keys ------------------------------------------------------------------
 
     _KEY_SELECT = (
-        "SELECT k.id, k.user_id, u.name AS user, k.fingerprint, k.key_type, k.blob, k.bits,"
+        'SELECT k.id, k.user_id, u.name AS "user", k.fingerprint, k.key_type, k.blob, k.bits,'
         " k.comment, k.added_at FROM keys k JOIN users u ON u.id = k.user_id"
     )
 
@@ -676,7 +681,7 @@ class Store:
                     f"key {fingerprint} is already registered to {whose}.",
                     hint="each key identifies one person: generate a new key for this user.",
                 )
-            cur = self._exec(
+            key_id = self._insert(
                 "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at)"
                 " VALUES (?,?,?,?,?,?,?)",
                 (user.id, fingerprint, key_type, blob_b64, bits, comment, int(now)),
@@ -689,7 +694,7 @@ class Store:
                 key_fp=fingerprint,
                 detail={"type": key_type, "bits": bits, "comment": comment},
             )
-        return self.key_by_id(int(cur.lastrowid or 0))  # type: ignore[return-value]
+        return self.key_by_id(key_id)  # type: ignore[return-value]
 
     def key_by_id(self, key_id: int) -> KeyRecord | None:
         row = self._read_one(f"{self._KEY_SELECT} WHERE k.id = ?", (key_id,))
@@ -722,7 +727,7 @@ class Store:
     def connection_facts(self, key_id: int, now: float) -> ConnectionFacts | None:
         """The key, its user, and their 2FA state in one query (None: unknown key)."""
         row = self._read_one(
-            "SELECT k.id, k.user_id, u.name AS user, k.fingerprint, k.key_type, k.blob, k.bits,"
+            'SELECT k.id, k.user_id, u.name AS "user", k.fingerprint, k.key_type, k.blob, k.bits,'
             " k.comment, k.added_at, t.confirmed_at, t.user_id AS totp_user,"
             " (SELECT max(s.expires_at) FROM sessions s"
             "   WHERE s.user_id = k.user_id AND s.key_id = k.id) AS verified_until,"
@@ -804,7 +809,7 @@ class Store:
                 " AND last_timestep < ?",
                 (timestep, user_id, timestep),
             )
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     def disable_2fa(self, user: User, *, actor: str | None, event: str = "2fa-disabled") -> bool:
         now = time.time()
@@ -820,16 +825,19 @@ class Store:
                 user=user.name,
                 detail={"had_enrollment": cur.rowcount == 1},
             )
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     # -- recovery codes --------------------------------------------------------
 
     def _replace_recovery_codes(self, user_id: int, code_hashes: list[str]) -> None:
         self._exec("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
-        self.conn.executemany(
-            "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
-            [(user_id, h) for h in code_hashes],
-        )
+        try:
+            self.db.executemany(
+                "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
+                [(user_id, h) for h in code_hashes],
+            )
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
     def replace_recovery_codes(
         self, user: User, code_hashes: list[str], *, actor: str | None = None
@@ -858,7 +866,7 @@ class Store:
                 "UPDATE recovery_codes SET used_at = ? WHERE id = ? AND used_at IS NULL",
                 (int(time.time()), code_id),
             )
-        return cur.rowcount == 1
+        return bool(cur.rowcount == 1)
 
     # -- verified sessions -----------------------------------------------------
 
@@ -959,9 +967,10 @@ class Store:
         lock it set if it was the last one allowed)."""
         with self._write():
             self._exec(
-                "UPDATE failures SET count = max(count - 1, 0), locked_until ="
-                " CASE WHEN ? THEN NULL ELSE locked_until END WHERE user_id = ?",
-                (attempt >= max_failures, user.id),
+                "UPDATE failures SET count = CASE WHEN count > 1 THEN count - 1 ELSE 0 END,"
+                " locked_until = CASE WHEN ? = 1 THEN NULL ELSE locked_until END"
+                " WHERE user_id = ?",
+                (int(attempt >= max_failures), user.id),
             )
 
     def record_failure(
@@ -1086,26 +1095,38 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _store_error(exc: sqlite3.DatabaseError, path: Path) -> StoreError:
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        return StoreError(
-            f"state database is busy: {path} is locked by another process.",
-            hint="try again in a moment; if it persists, look for a stuck gatekeeper process.",
+def _location(url: str, state_dir: Path) -> StoreLocation:
+    try:
+        return parse_store_url(url, str(state_dir))
+    except InputError as exc:
+        raise StoreError(f"invalid store URL: {exc.message}", hint=exc.hint) from exc
+
+
+def _connect(location: StoreLocation, busy_timeout_ms: int, *, create: bool = False) -> Database:
+    if location.is_postgres:
+        from gatekeeper.pgdb import PostgresDatabase
+
+        return PostgresDatabase(location, busy_timeout_ms)
+    from gatekeeper.sqlitedb import SqliteDatabase
+
+    if not create:
+        SqliteDatabase.check_openable(location.path)
+    return SqliteDatabase(location.path, busy_timeout_ms, create=create)
+
+
+def _check_version(version: int, where: str) -> None:
+    if version == 0:
+        raise StoreError(
+            f"the state database {where} is not set up.", hint="run `gatekeeper init`."
         )
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return StoreError(
-            f"state database is corrupt: {path} ({text}).",
-            hint="restore it from a backup; gatekeeper refuses all access until then.",
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"state database {where} has schema version {version}, newer than this "
+            f"gatekeeper understands ({SCHEMA_VERSION}).",
+            hint="upgrade gatekeeper; do not downgrade a store.",
         )
-    if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return StoreError(
-            f"state database cannot be written: {path} ({text}).",
-            hint="run as the git user; the state directory and database must be writable by it.",
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"state database {where} has schema version {version}; {SCHEMA_VERSION} is needed.",
+            hint="run `gatekeeper migrate`.",
         )
-    if "disk" in text and ("full" in text or "I/O" in text):
-        return StoreError(
-            f"state database cannot be written: {path} ({text}).",
-            hint="free disk space; gatekeeper refuses access while it cannot keep its audit log.",
-        )
-    return StoreError(f"state database error: {path}: {text}", hint="see the server log.")

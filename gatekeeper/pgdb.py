@@ -1,0 +1,186 @@
+"""The PostgreSQL side of the store: one database shared by several git front-ends.
+
+What SQLite's `BEGIN IMMEDIATE` gives for free, one writer at a time, is taken here
+with a transaction-scoped advisory lock at the start of every write transaction. The
+store's read-check-write steps (the replay guard, failure counting and lockout,
+session creation, appending to the audit chain) then run exactly as they do on
+SQLite, whichever front-end they come from: no forked chain, no double use of a
+timestep. Writes are a few short statements, so one lock costs little.
+
+Nothing here may hang a git client: connecting has a timeout, and so do waiting for
+that lock and every statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from gatekeeper.errors import StoreError
+from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# pg_advisory_xact_lock key for "a gatekeeper write transaction" ("gk" + "wr").
+WRITE_LOCK_KEY = 0x676B7772
+SCHEMA_TABLE = "gatekeeper_schema"
+_SCHEMA_READ = "SELECT max(version) AS v FROM gatekeeper_schema"
+_SCHEMA_WRITE = (
+    "CREATE TABLE IF NOT EXISTS gatekeeper_schema (version INTEGER NOT NULL)",
+    "DELETE FROM gatekeeper_schema",
+    "INSERT INTO gatekeeper_schema (version) VALUES (%s)",
+)
+
+
+def _driver() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise StoreError(
+            "the store is PostgreSQL, but the psycopg driver is not installed.",
+            hint="install gatekeeper with its postgres extra: pip install 'gatekeeper[postgres]'.",
+        ) from exc
+    return psycopg
+
+
+class PostgresDatabase:
+    """One connection to a PostgreSQL store, in the shape `Store` expects."""
+
+    kind = "postgresql"
+
+    def __init__(self, location: StoreLocation, busy_timeout_ms: int) -> None:
+        psycopg = _driver()
+        from psycopg.rows import dict_row
+
+        self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        self.where = location.describe()
+        self._sql: dict[str, str] = {}
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+        url = location.url
+        if "connect_timeout=" not in url:
+            kwargs["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+        if "application_name=" not in url:
+            kwargs["application_name"] = "gatekeeper"
+        if "options=" not in url:
+            timeout = int(busy_timeout_ms)
+            kwargs["options"] = (
+                f"-c lock_timeout={timeout} -c statement_timeout={timeout * 3}"
+                f" -c idle_in_transaction_session_timeout={timeout * 6}"
+            )
+        if location.password_file:
+            kwargs["password"] = read_password_file(location.password_file)
+        try:
+            self.conn = psycopg.connect(url, **kwargs)
+        except psycopg.Error as exc:
+            raise self.error(exc) from exc
+
+    def _translate(self, sql: str) -> str:
+        """The store writes SQLite's `?` placeholders; psycopg wants `%s` (and `%%`)."""
+        out = self._sql.get(sql)
+        if out is None:
+            out = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(self._translate(sql), tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._translate(sql), [tuple(r) for r in rows])
+
+    def insert_id(self, sql: str, params: Sequence[Any]) -> int:
+        row = self.execute(f"{sql} RETURNING id", params).fetchone()
+        return int(row["id"])
+
+    def begin_write(self) -> None:
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+        except BaseException:
+            self.rollback()
+            raise
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.closed:
+            return
+        # After a lost connection there is nothing to roll back.
+        if self.conn.info.transaction_status in (2, 3):  # INTRANS, INERROR
+            self.conn.execute("ROLLBACK")
+
+    def schema_version(self) -> int:
+        row = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AS present", (SCHEMA_TABLE,)
+        ).fetchone()
+        if not row["present"]:
+            return 0
+        row = self.conn.execute(_SCHEMA_READ).fetchone()
+        return int(row["v"] or 0)
+
+    def set_schema_version(self, version: int) -> None:
+        create, clear, insert = _SCHEMA_WRITE
+        self.conn.execute(create)
+        self.conn.execute(clear)
+        self.conn.execute(insert, (int(version),))
+
+    def ddl(self, script: str) -> str:
+        # 64-bit integers throughout (timestamps outlive 2038), identity columns for ids.
+        return (
+            script.replace("INTEGER", "BIGINT")
+            .replace("BLOB", "BYTEA")
+            .replace("{serial}", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+        )
+
+    def reset_sequences(self, tables: Sequence[str]) -> None:
+        """After rows were copied in with their ids, new ids must start above them."""
+        for table in tables:
+            self.conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"  # noqa: S608
+                f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def error(self, exc: BaseException) -> StoreError:
+        where = self.where
+        state = getattr(exc, "sqlstate", None) or ""
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if state in ("28P01", "28000") or "password authentication failed" in text:
+            return StoreError(
+                f"cannot log in to the state database {where}: {text}",
+                hint="check the user in the store URL and its password (password_file=, "
+                "PGPASSFILE or PGPASSWORD).",
+            )
+        if state == "3D000" or ("database" in text and "does not exist" in text):
+            return StoreError(
+                f"the state database {where} does not exist: {text}",
+                hint="create it (createdb -O USER NAME), then run `gatekeeper init`.",
+            )
+        if state in ("55P03", "57014", "40001", "40P01"):
+            return StoreError(
+                f"state database is busy: {where} ({text}).",
+                hint="try again in a moment; if it persists, look for a stuck gatekeeper "
+                "process or a long transaction.",
+            )
+        if state == "42501":
+            return StoreError(
+                f"state database cannot be written: {where} ({text}).",
+                hint="grant the store's user rights on gatekeeper's tables (it should own them).",
+            )
+        if state.startswith("53"):
+            return StoreError(
+                f"state database cannot be written: {where} ({text}).",
+                hint="free space on the database server; gatekeeper refuses access while it "
+                "cannot keep its audit log.",
+            )
+        if state.startswith("08") or not state:
+            return StoreError(
+                f"cannot reach the state database {where}: {text}",
+                hint="check that PostgreSQL is running and reachable from this host; "
+                "gatekeeper refuses access until it is.",
+            )
+        return StoreError(f"state database error: {where}: {text}", hint="see the server log.")

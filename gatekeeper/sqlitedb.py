@@ -1,0 +1,136 @@
+"""The SQLite side of the store: one file, many short-lived processes.
+
+Rules learned the hard way (DESIGN.md):
+- WAL mode and a busy timeout, so many short-lived processes share the file.
+- Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
+  that upgrades to a write ignores the busy timeout and fails under concurrency.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+
+from gatekeeper.errors import StoreError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class SqliteDatabase:
+    """One connection to a SQLite store file, in the shape `Store` expects."""
+
+    kind = "sqlite"
+    errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
+
+    def __init__(self, path: str, busy_timeout_ms: int, *, create: bool = False) -> None:
+        self.path = path
+        self.where = path
+        mode = "rwc" if create else "rw"
+        try:
+            conn = sqlite3.connect(
+                f"file:{path}?mode={mode}",
+                uri=True,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.DatabaseError as exc:
+            raise self.error(exc) from exc
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode_row = conn.execute("PRAGMA journal_mode").fetchone()
+            if mode_row[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self.error(exc) from exc
+        self.conn = conn
+
+    @staticmethod
+    def check_openable(path: str) -> None:
+        """Refuse clearly before connecting: SQLite would create a missing file."""
+        if not os.path.exists(path):
+            state_dir = os.path.dirname(path)
+            if not os.path.exists(state_dir):
+                raise StoreError(
+                    f"state directory not found: {state_dir}",
+                    hint="run `gatekeeper init` (or check state_dir in the policy file).",
+                )
+            raise StoreError(f"state database not found: {path}", hint="run `gatekeeper init`.")
+        if not os.access(path, os.R_OK):
+            raise StoreError(
+                f"state database is not readable: {path}",
+                hint="run as the git user, or fix its owner and mode.",
+            )
+
+    def exists(self) -> bool:
+        return self.schema_version() > 0
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def insert_id(self, sql: str, params: Sequence[Any]) -> int:
+        return int(self.conn.execute(sql, params).lastrowid or 0)
+
+    def begin_write(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        # SQLite rolls back by itself on some errors (SQLITE_FULL at COMMIT).
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def schema_version(self) -> int:
+        row = self.conn.execute("PRAGMA user_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_schema_version(self, version: int) -> None:
+        self.conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def ddl(self, script: str) -> str:
+        return script.replace("{serial}", "INTEGER PRIMARY KEY")
+
+    def reset_sequences(self, tables: Sequence[str]) -> None:
+        """Nothing to do: a rowid picks up after the largest id by itself."""
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def error(self, exc: BaseException) -> StoreError:
+        text = str(exc)
+        path = self.path
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"state database is busy: {path} is locked by another process.",
+                hint="try again in a moment; if it persists, look for a stuck gatekeeper process.",
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return StoreError(
+                f"state database is corrupt: {path} ({text}).",
+                hint="restore it from a backup; gatekeeper refuses all access until then.",
+            )
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return StoreError(
+                f"state database cannot be written: {path} ({text}).",
+                hint="run as the git user; the state directory and database must be writable "
+                "by it.",
+            )
+        if "disk" in text and ("full" in text or "I/O" in text):
+            return StoreError(
+                f"state database cannot be written: {path} ({text}).",
+                hint="free disk space; gatekeeper refuses access while it cannot keep its "
+                "audit log.",
+            )
+        return StoreError(f"state database error: {path}: {text}", hint="see the server log.")
