@@ -50,10 +50,17 @@ def verify_chain(
     records: Iterable[Mapping[str, Any]],
     head: tuple[int, str] | None = None,
     anchor: tuple[int, str] | None = None,
+    *,
+    head_is_witness: bool = False,
 ) -> list[ChainProblem]:
     """Check every link; `anchor` is (seq, hash) of the record before the first kept one
-    (after pruning), `head` what the head file says the newest record is."""
+    (after pruning), `head` what the head file says the newest record is.
+
+    With `head_is_witness` (a database shared by several front-ends, each with its own
+    head file) the head names the newest record *this host* appended: later records
+    from other hosts are expected, but the named one must still be there, unchanged."""
     problems: list[ChainProblem] = []
+    witnessed: str | None = None
     expected_seq, prev = (anchor[0] + 1, anchor[1]) if anchor else (1, GENESIS)
     last: tuple[int, str] | None = anchor
     for rec in records:
@@ -77,6 +84,8 @@ def verify_chain(
         if record_hash(str(rec["prev_hash"]), rec) != rec["hash"]:
             problems.append(ChainProblem(seq, f"record {seq} was edited (its hash does not match)"))
         prev = str(rec["hash"])
+        if head is not None and seq == head[0]:
+            witnessed = prev
         expected_seq = seq + 1
         last = (seq, prev)
     if head is not None:
@@ -88,6 +97,11 @@ def verify_chain(
                     "head file: records were cut off",
                 )
             )
+        elif head_is_witness:
+            if witnessed is not None and witnessed != head[1]:
+                problems.append(
+                    ChainProblem(head[0], f"record {head[0]} differs from the head file's hash")
+                )
         elif last[0] > head[0]:
             problems.append(
                 ChainProblem(last[0], f"records after {head[0]} are not covered by the head file")

@@ -28,7 +28,7 @@ from gatekeeper.policy import (
     default_config_path,
     load_policy,
 )
-from gatekeeper.store import Store
+from gatekeeper.store import SCHEMA_VERSION, Store
 
 
 def actor() -> str:
@@ -144,7 +144,50 @@ def migrate(ctx: Context) -> None:
     """Upgrade the state database's schema."""
     store = Store.create(ctx.policy.server.state_dir, ctx.policy.server.store)
     store.close()
-    click.echo(f"store is at the current schema: {store.where}")
+    before, now = store.schema_before, SCHEMA_VERSION
+    change = f"migrated from schema {before} to {now}" if before < now else f"at schema {now}"
+    click.echo(f"store {change}: {store.where}")
+
+
+# -- store -----------------------------------------------------------------------
+
+
+@cli.group("store")
+def store_group() -> None:
+    """Where the state lives: a SQLite file or a shared PostgreSQL database."""
+
+
+@store_group.command("copy")
+@click.argument("source")
+@click.argument("dest")
+@click.option("--replace", is_flag=True, help="Overwrite a destination that has data.")
+@pass_ctx
+def store_copy(ctx: Context, source: str, dest: str, replace: bool) -> None:
+    """Copy every user, key, 2FA state and audit record from SOURCE to DEST.
+
+    Each is a path (a directory means its gatekeeper.db), sqlite:///PATH or
+    postgresql://USER@HOST:PORT/DB (password from password_file=, PGPASSFILE or
+    PGPASSWORD, never in the URL). DEST is created at the current schema if needed.
+    Writes to SOURCE wait while it is copied; the copy is checked (row counts and the
+    audit chain) before it commits. Then point server.store at DEST on every host.
+    """
+    from gatekeeper.storecopy import copy_store
+
+    state_dir = ctx.policy.server.state_dir
+    with Store.open(state_dir, source) as src, Store.create(state_dir, dest) as dst:
+        result = copy_store(src, dst, replace=replace)
+    total = sum(result.rows.values())
+    counts = ", ".join(f"{n} {t}" for t, n in result.rows.items() if n)
+    click.echo(f"copied {total} rows from {src.where} to {dst.where}: {counts or 'nothing'}")
+    if result.audit_last:
+        seq, digest = result.audit_last
+        click.echo(f"audit chain verified: records up to {seq}, last hash {digest[:16]}")
+    if result.replaced:
+        click.echo("the destination's earlier contents were replaced")
+    click.echo(
+        "next: set server.store in the policy file of every front-end to the destination; "
+        f"each needs the same server key ({src.server_key_path.name} in its state_dir)."
+    )
 
 
 # -- users -----------------------------------------------------------------------

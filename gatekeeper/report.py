@@ -757,7 +757,8 @@ def check_log(store: Store) -> LogCheck:
         head = store.read_head()
     except StoreError as exc:
         findings.append(Finding(None, "head-unreadable", exc.message))
-    problems = chain.verify_chain(rows, head, anchor)
+    witness = store.kind != "sqlite"
+    problems = chain.verify_chain(rows, head, anchor, head_is_witness=witness)
     if head is None and not findings and (rows or anchor):
         findings.append(
             Finding(
@@ -768,7 +769,7 @@ def check_log(store: Store) -> LogCheck:
             )
         )
     if problems:
-        explained = explain_chain(rows, head, anchor)
+        explained = explain_chain(rows, head, anchor, head_is_witness=witness)
         findings.extend(explained)
         if not explained:
             findings.extend(Finding(p.seq, "chain", p.message) for p in problems)
@@ -800,6 +801,8 @@ def explain_chain(
     rows: Sequence[Mapping[str, Any]],
     head: tuple[int, str] | None,
     anchor: tuple[int, str] | None,
+    *,
+    head_is_witness: bool = False,
 ) -> list[Finding]:
     """Say what happened to a broken chain, record by record: edited (contents do not
     match the hash), moved or swapped (contents hashed for another position),
@@ -939,6 +942,19 @@ def explain_chain(
                     f"(the head file names record {head[0]}; the log ends at {last_seq})",
                 )
             )
+        elif last_seq > head[0] and head_is_witness:
+            # A shared database: later records are other front-ends'; the one this
+            # host wrote last must still be there as it was.
+            named = next((r for r in rows if int(r["seq"]) == head[0]), None)
+            if named is not None and named["hash"] != head[1] and head[0] not in origin:
+                findings.append(
+                    Finding(
+                        head[0],
+                        "head-mismatch",
+                        f"record {head[0]} differs from the head file: it was replaced or "
+                        "re-hashed",
+                    )
+                )
         elif last_seq > head[0]:
             findings.append(
                 Finding(

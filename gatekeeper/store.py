@@ -13,6 +13,7 @@ the two, with `?` placeholders and `"user"` quoted (a reserved word in PostgreSQ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -127,6 +128,26 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX hook_tokens_expires ON hook_tokens(expires_at);
     """,
+}
+
+# Every table, parents before children (so foreign keys hold at every insert).
+TABLES = (
+    "users",
+    "keys",
+    "totp",
+    "recovery_codes",
+    "sessions",
+    "failures",
+    "audit_anchor",
+    "audit",
+    "hook_tokens",
+)
+ID_TABLES = ("users", "keys", "recovery_codes", "sessions")  # ids from a sequence
+TABLE_ORDER = {
+    "audit": "seq",
+    "totp": "user_id",
+    "failures": "user_id",
+    "hook_tokens": "token_hash",
 }
 
 
@@ -338,12 +359,49 @@ class Store:
             version = target
         return SCHEMA_VERSION
 
+    # -- whole tables (`store copy`) ---------------------------------------------
+
     def is_empty(self) -> bool:
-        """No users, keys or audit records: what `store copy` may write into."""
-        return all(
-            self._read_one(f"SELECT 1 AS one FROM {table} LIMIT 1") is None  # noqa: S608
-            for table in ("users", "keys", "audit", "audit_anchor")
-        )
+        """No row in any table: what `store copy` may write into without --replace."""
+        return all(self.count_rows(table) == 0 for table in TABLES)
+
+    def count_rows(self, table: str) -> int:
+        row = self._read_one(f"SELECT count(*) AS n FROM {_table(table)}")  # noqa: S608
+        return int(row["n"])
+
+    def dump_table(self, table: str) -> list[dict[str, Any]]:
+        """Every row of `table`, in key order, as plain values."""
+        order = TABLE_ORDER.get(table, "id")
+        rows = self._read(f"SELECT * FROM {_table(table)} ORDER BY {order}")  # noqa: S608
+        # psycopg may hand BYTEA back as a memoryview.
+        return [
+            {k: bytes(v) if isinstance(v, memoryview) else v for k, v in dict(r).items()}
+            for r in rows
+        ]
+
+    def load_table(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows as they are, ids included; run inside `write_lock()`."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {_table(table)} ({names}) VALUES ({marks})"  # noqa: S608
+        try:
+            self.db.executemany(sql, [[r[c] for c in columns] for r in rows])
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
+        if table in ID_TABLES:
+            self.db.reset_sequences([table])
+
+    def clear_tables(self) -> None:
+        """Delete every row (children first); run inside `write_lock()`."""
+        for table in reversed(TABLES):
+            self._exec(f"DELETE FROM {_table(table)}")  # noqa: S608
+
+    def write_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's write lock (one transaction): nobody else writes meanwhile."""
+        return self._write()
 
     # -- transactions ----------------------------------------------------------
 
@@ -567,7 +625,12 @@ class Store:
 
     def verify_audit(self) -> list[chain.ChainProblem]:
         rows = self._read("SELECT * FROM audit ORDER BY seq")
-        return chain.verify_chain([dict(r) for r in rows], self.read_head(), self.audit_anchor())
+        return chain.verify_chain(
+            [dict(r) for r in rows],
+            self.read_head(),
+            self.audit_anchor(),
+            head_is_witness=self.kind != "sqlite",
+        )
 
     def prune_audit(self, before: str, *, actor: str | None = None) -> int:
         """Delete records older than `before` (ISO time), keeping the chain verifiable
@@ -1093,6 +1156,12 @@ class Store:
 
 def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _table(name: str) -> str:
+    if name not in TABLES:
+        raise ValueError(f"not a store table: {name!r}")
+    return name
 
 
 def _location(url: str, state_dir: Path) -> StoreLocation:
