@@ -132,8 +132,7 @@ def read_password_file(path: str) -> str:
         raise InputError(f"the store password file {path} is not UTF-8 text.") from exc
     if st.st_mode & 0o077:
         raise InputError(
-            f"the store password file {path} can be read by others (mode "
-            f"{st.st_mode & 0o777:o}).",
+            f"the store password file {path} can be read by others (mode {st.st_mode & 0o777:o}).",
             hint=f"chmod 600 {path}",
         )
     password = line.rstrip("\r\n")

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["pgfixtures"]  # postgres_server, postgres_url: a real PostgreSQL
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 GATEKEEPER = str(BIN / "gatekeeper")
@@ -82,8 +84,10 @@ class Installation:
         host: str = "git.example.com",
         port: int = 22,
         user: str = "git",
+        store_url: str = "",
     ) -> None:
         self.base = base
+        self.store_url = store_url  # "" is SQLite in the state directory
         self.config = base / "config.yaml"
         self.repos = base / "repositories"
         self.state = base / "state"
@@ -115,6 +119,8 @@ class Installation:
               repositories: {self.repos}
               state_dir: {self.state}
             """)
+        if self.store_url:
+            server += f"  store: {self.store_url}\n"
         tf = two_factor or "two_factor:\n  max_failures: 3\n"
         self.config.write_text(server + tf + body)
 
@@ -204,7 +210,7 @@ class Installation:
         from gatekeeper import totp
         from gatekeeper.store import Store
 
-        with Store.open(self.state) as store:
+        with Store.open(self.state, self.store_url) as store:
             record = store.get_user(user)
             row = store.get_totp(record.id)
             assert row is not None
@@ -241,13 +247,26 @@ class Installation:
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         from gatekeeper.store import Store
 
-        with Store.open(self.state) as store:
+        with Store.open(self.state, self.store_url) as store:
             return store.audit_records(**filters)
 
 
 @pytest.fixture
 def gk(tmp_path: Path) -> Iterator[Installation]:
     yield Installation(tmp_path / "gk").init()
+
+
+def password_file_url(server: Any, url: str) -> str:
+    """`url` with its password from `password_file=`: sshd hands forced commands a clean
+    environment, so PGPASSFILE would not reach them."""
+    return str(server.url_with_password_file(url.rsplit("/", 1)[1]))
+
+
+@pytest.fixture
+def pg_gk(tmp_path: Path, postgres_server: Any, postgres_url: str) -> Iterator[Installation]:
+    """An installation whose store is a fresh PostgreSQL database."""
+    url = password_file_url(postgres_server, postgres_url)
+    yield Installation(tmp_path / "gk", store_url=url).init()
 
 
 def avoid_step_boundary(margin: float = 3.0) -> None:
