@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one command that installs what the tests need and runs the whole suite from a fresh
 # checkout: ruff (lint and format), mypy, and pytest (including the end-to-end tests through a
-# real OpenSSH sshd). Extra arguments go to pytest, e.g. `scripts/test.sh tests/test_store.py -x`.
+# real OpenSSH sshd and the PostgreSQL store tests against a throwaway PostgreSQL server). Extra
+# arguments go to pytest, e.g. `scripts/test.sh tests/test_store.py -x`.
 # Environment: PYTHON (interpreter for a new .venv, default python3), PYTEST_WORKERS (default 2),
-# CI=true makes the sshd tests fail instead of skip when sshd is missing.
+# CI=true makes the sshd and PostgreSQL tests fail instead of skip when sshd or PostgreSQL is
+# missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,8 +18,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 say() { printf '==> %s\n' "$*"; }
 note() { printf 'note: %s\n' "$*" >&2; }
 have() { command -v "$1" >/dev/null 2>&1; }
+# PostgreSQL's server programs: on PATH, or where Debian puts them (tests/pgserver.py looks there).
+have_postgres_server() {
+    have initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
 
-# --- system packages: OpenSSH server and client, git, a Python that can make a venv ---------
+# --- system packages: OpenSSH, git, PostgreSQL, a Python that can make a venv ---------------
 missing=()
 if [[ ! -x /usr/sbin/sshd ]] && ! have sshd; then
     missing+=(openssh-server)
@@ -30,6 +36,11 @@ if ! have git; then
 fi
 if ! have shellcheck; then
     missing+=(shellcheck) # tests/test_install.py lints scripts/install.sh
+fi
+if ! have_postgres_server; then
+    # The tests run their own clusters (initdb in a temporary directory, a free port); the
+    # package's default cluster, if it makes and starts one, is never used.
+    missing+=(postgresql)
 fi
 if [[ ! -x "${VENV}/bin/python" ]]; then
     if ! have "${PYTHON}"; then
@@ -47,7 +58,8 @@ if [[ ${#missing[@]} -gt 0 ]]; then
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
         note "missing: ${missing[*]} (install them as root, e.g. with apt-get)."
-        note "without sshd the end-to-end tests are skipped (they fail when CI=true)."
+        note "without sshd the end-to-end tests are skipped (they fail when CI=true);"
+        note "without PostgreSQL the postgres tests are skipped (they fail when CI=true)."
     fi
 fi
 
