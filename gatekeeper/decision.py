@@ -127,7 +127,7 @@ def decide(policy: Policy, facts: UserFacts, repo: str, action: str, now: dateti
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     user = facts.name
-    matched = [rule for rule in policy.rules if rule.matches(repo)]
+    matched = policy.matching_rules(repo)
     rules = tuple(f"{rule.match} (line {rule.line})" for rule in matched)
     member_of = {team.name: team for team in policy.teams_of(user)}
 

@@ -5,18 +5,17 @@ carries its line, and all problems are reported at once. Only plain YAML is
 accepted: any tag outside the standard scalar/list/mapping set (`!!python/object`,
 `!custom`, `!!binary`) is an error and nothing is ever constructed from one.
 
-On the per-connection path `load_policy` hashes the file and reads a compiled JSON
-copy keyed by that hash, so `yaml` is imported only when the file has changed. This
-module imports only light standard-library modules at the top, and compiles no
-regular expression at import time.
+On the per-connection path `load_policy` hashes the file and reads a compiled copy
+keyed by that hash, so `yaml` is imported only when the file has changed. The
+compiled copy (`dump_compiled`) is marshal data with an index, so a connection
+builds only the rules that can match its repository and the teams of its user, at
+any policy size. This module imports only light standard-library modules at the top
+(not `re`, `json` or `hashlib`), and compiles no regular expression at import time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +24,14 @@ from gatekeeper.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import re
+    from hashlib import sha256
     from typing import Any
+else:
+    try:  # OpenSSL's hashlib costs a fresh process ~5 ms to import; this costs nothing.
+        from _sha256 import sha256
+    except ImportError:  # pragma: no cover - an interpreter built without it
+        from hashlib import sha256
 
 LEVELS = ("none", "enrolled", "verified")  # ordered, weakest first
 MODES = ("enforce", "report")
@@ -41,6 +47,8 @@ MAX_NUMBER = 1_000_000  # minutes, hours and counts beyond this are mistakes (an
 
 # Bump whenever validation or the JSON layout changes: older caches are then ignored.
 CACHE_FORMAT = 3
+# The same for the compiled cache (`dump_compiled`), which the hot path reads.
+COMPILED_FORMAT = 4
 
 
 @record
@@ -81,6 +89,8 @@ _GLOBS: dict[str, re.Pattern[str]] = {}
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """`*` stays within one path component; `**` (a whole component) crosses '/', and
     between slashes it also matches no component at all (`a/**/b` matches `a/b`)."""
+    import re
+
     out = []
     parts = pattern.split("/")
     for i, part in enumerate(parts):
@@ -140,11 +150,36 @@ class Policy:
     source: str = ""
     sha256: str = ""  # of the policy file's bytes
 
+    def matching_rules(self, repo: str) -> tuple[RepoRule, ...]:
+        """The rules that cover `repo`, in file order. A policy loaded from the compiled
+        cache looks only at the rules its index names for `repo`."""
+        compiled: _Compiled | None = self.__dict__.get("_compiled")
+        if compiled is not None and "rules" not in self.__dict__:
+            return compiled.matching_rules(repo)
+        return tuple(rule for rule in self.rules if rule.matches(repo))
+
     def teams_of(self, user: str) -> tuple[Team, ...]:
         """The teams that list `user`, in file order."""
+        compiled: _Compiled | None = self.__dict__.get("_compiled")
+        if compiled is not None and "teams" not in self.__dict__:
+            return compiled.teams_of(user)
         return tuple(t for t in self.teams.values() if user in t.members)
 
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name):
+            # Only reached for a missing attribute: the teams and rules of a policy
+            # loaded from the compiled cache are built on first use.
+            compiled = self.__dict__.get("_compiled")
+            if compiled is None or name not in ("teams", "rules"):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            value = compiled.all_teams() if name == "teams" else compiled.all_rules()
+            object.__setattr__(self, name, value)
+            return value
+
     def to_json(self) -> str:
+        import json
+
         s, tf = self.server, self.two_factor
         return json.dumps(
             {
@@ -203,6 +238,8 @@ class Policy:
         """The policy `to_json` wrote. Raises ValueError for anything else (a corrupt
         or foreign file): every field is type-checked, so a damaged cache can never
         become a different policy."""
+        import json
+
         try:
             data = _obj(json.loads(text), _POLICY_FIELDS)
             if data.get("format") != CACHE_FORMAT:
@@ -486,6 +523,8 @@ class _Checker:
         if not isinstance(node, yaml.ScalarNode):
             self.error(node, f"{where}: expected {expected}, got {_shown(node)}")
             return None
+        import re
+
         tag, value = node.tag, node.value
         if tag in (MERGE_TAG, VALUE_TAG):
             tag = STR_TAG  # a bare `<<` or `=` as a value is just text
@@ -556,6 +595,8 @@ class _Checker:
 
     def pattern(self, node: Any, value: str, where: str) -> str | None:
         """A repository name or glob, with a trailing `.git` dropped; None if invalid."""
+        import re
+
         pattern = value.removesuffix(".git")
         reason = ""
         if not pattern:
@@ -692,6 +733,8 @@ def check_policy_text(
 def _check(
     root: Any, text: str, source: str, known_users: set[str] | None, checker: _Checker
 ) -> Policy:
+    import re
+
     import yaml
 
     top = checker.mapping(root, "the policy", TOP_KEYS)
@@ -849,7 +892,7 @@ def _check(
             if match is not None:
                 rules.append(rule)
 
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    digest = sha256(text.encode("utf-8")).hexdigest()
     return Policy(server, two_factor, teams, tuple(rules), allow_local_push, source, digest)
 
 
@@ -894,7 +937,7 @@ def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None
             f"cannot read policy file {path}: {exc.strerror or exc}",
             hint="--config or GATEKEEPER_CONFIG must name a readable YAML file.",
         ) from None
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256(data).hexdigest()
     source = str(path.absolute())
     cache = _cache_file(cache_dir, digest)
     if cache is not None:
@@ -910,7 +953,7 @@ def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None
         ) from None
     policy = compile_policy_text(text, source)
     if cache is not None:
-        _write_cache(cache, policy.to_json())
+        _write_cache(cache, dump_compiled(policy))
     return policy
 
 
@@ -924,7 +967,7 @@ def _cache_file(cache_dir: Path | None, digest: str) -> Path | None:
             cache_dir = Path(home) / ".cache" / "gatekeeper"
         else:
             return None
-    return cache_dir / f"policy-{digest}.json"
+    return cache_dir / f"policy-{digest}.v{COMPILED_FORMAT}"
 
 
 def _read_cache(cache: Path, source: str, digest: str) -> Policy | None:
@@ -935,15 +978,15 @@ def _read_cache(cache: Path, source: str, digest: str) -> Policy | None:
             st = os.fstat(fh.fileno())
             if st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 return None
-            policy = Policy.from_json(fh.read().decode("utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            policy = load_compiled(fh.read())
+    except (OSError, ValueError):
         return None
     if policy.sha256 != digest or policy.source != source:
         return None
     return policy
 
 
-def _write_cache(cache: Path, text: str) -> None:
+def _write_cache(cache: Path, data: bytes) -> None:
     """Write atomically (a temporary file in the same directory, then rename), mode
     0600. Any failure only means no cache: slower, still correct."""
     import tempfile
@@ -952,8 +995,8 @@ def _write_cache(cache: Path, text: str) -> None:
     try:
         cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".policy-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, 0o600)
         os.replace(tmp, cache)
         tmp = None
@@ -965,3 +1008,306 @@ def _write_cache(cache: Path, text: str) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+# -- the compiled cache's format -----------------------------------------------------
+#
+# MAGIC, the CRC-32 of the rest, then one marshal'd tuple of plain values: the header
+# fields, the index and two tables (rules and teams), each table one bytes blob of
+# marshal'd records plus a bytes string of 4-byte offsets, so a record is decoded only
+# when it is needed. The index maps keys to tuples of record numbers (file order):
+#   "=NAME"  the rules whose match is exactly NAME (no glob),
+#   "/FIRST" the glob rules whose first path component is FIRST (no '*' in it),
+#   "@USER"  the teams that list USER;
+# glob rules whose first component has a '*' are listed in the header ("wild"), and
+# every lookup checks them. The index is a hash table on disk: keys are spread over
+# buckets by CRC-32, each bucket a marshal'd dict, so a lookup decodes one small bucket
+# whatever the policy's size. Only rules that can match are built, and only their
+# globs compiled (`re` keeps 512; a policy can have thousands).
+
+COMPILED_MAGIC = b"GKpolicy"
+_KEYS_PER_BUCKET = 4
+_RULE_FIELDS_N = 8
+_TEAM_FIELDS_N = 6
+
+
+def _rule_key(match: str) -> str | None:
+    if "*" not in match:
+        return "=" + match
+    first = match.split("/", 1)[0]
+    if "*" in first or "/" not in match:
+        return None
+    return "/" + first
+
+
+def _table(records: list[bytes]) -> tuple[bytes, bytes]:
+    offsets = [0]
+    for rec in records:
+        offsets.append(offsets[-1] + len(rec))
+    return b"".join(records), b"".join(o.to_bytes(4, "little") for o in offsets)
+
+
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
+def dump_compiled(policy: Policy) -> bytes:
+    """The compiled cache's bytes for `policy` (see above); `load_compiled` reads them."""
+    import marshal
+    from binascii import crc32
+
+    teams = list(policy.teams.values())
+    index: dict[str, list[int]] = {}
+    wild: list[int] = []
+    for i, rule in enumerate(policy.rules):
+        key = _rule_key(rule.match)
+        if key is None:
+            wild.append(i)
+        else:
+            index.setdefault(key, []).append(i)
+    for i, team in enumerate(teams):
+        for member in dict.fromkeys(team.members):
+            index.setdefault("@" + member, []).append(i)
+    nbuckets = max(1, len(index) // _KEYS_PER_BUCKET)
+    buckets: list[dict[str, tuple[int, ...]]] = [{} for _ in range(nbuckets)]
+    for key, numbers in index.items():
+        buckets[crc32(_key_bytes(key)) % nbuckets][key] = tuple(numbers)
+    rule_blob, rule_offsets = _table(
+        [
+            marshal.dumps(
+                (
+                    r.match,
+                    tuple(r.read),
+                    tuple(r.write),
+                    r.public,
+                    r.require_2fa,
+                    _iso(r.grace_until),
+                    r.mode,
+                    r.line,
+                )
+            )
+            for r in policy.rules
+        ]
+    )
+    team_blob, team_offsets = _table(
+        [
+            marshal.dumps(
+                (t.name, tuple(t.members), t.require_2fa, _iso(t.grace_until), t.mode, t.line)
+            )
+            for t in teams
+        ]
+    )
+    bucket_blob, bucket_offsets = _table([marshal.dumps(b) for b in buckets])
+    s, tf = policy.server, policy.two_factor
+    body = marshal.dumps(
+        (
+            COMPILED_FORMAT,
+            policy.source,
+            policy.sha256,
+            (
+                s.host,
+                s.port,
+                s.user,
+                str(s.repositories),
+                str(s.state_dir),
+                s.listen_host,
+                s.listen_port,
+                s.store,
+            ),
+            (
+                tf.issuer,
+                tf.session_hours,
+                tf.max_failures,
+                tf.failure_window_minutes,
+                tf.lockout_minutes,
+                tf.self_enroll,
+                tf.keyboard_interactive,
+            ),
+            policy.allow_local_push,
+            tuple(wild),
+            nbuckets,
+            bucket_offsets,
+            bucket_blob,
+            rule_offsets,
+            rule_blob,
+            team_offsets,
+            team_blob,
+        )
+    )
+    return COMPILED_MAGIC + crc32(body).to_bytes(4, "little") + body
+
+
+def load_compiled(data: bytes) -> Policy:
+    """The policy `dump_compiled` wrote. Raises ValueError for anything else: the
+    CRC-32 catches a damaged or truncated file, and every value is type-checked as it
+    is used, so a corrupt cache can never become a different policy."""
+    import marshal
+    from binascii import crc32
+
+    start = len(COMPILED_MAGIC) + 4
+    if data[: len(COMPILED_MAGIC)] != COMPILED_MAGIC:
+        raise ValueError("not a compiled policy")
+    body = memoryview(data)[start:]
+    if crc32(body) != int.from_bytes(data[len(COMPILED_MAGIC) : start], "little"):
+        raise ValueError("the compiled policy is damaged (CRC mismatch)")
+    try:
+        # Only a file this account wrote and alone can write (`_read_cache`), CRC-checked;
+        # nothing loaded is ever run, every value is type-checked.
+        top = marshal.loads(body)  # noqa: S302
+    except (EOFError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a compiled policy: {exc}") from None
+    if type(top) is not tuple or len(top) != 14 or top[0] != COMPILED_FORMAT:
+        raise ValueError("unknown compiled policy format")
+    (_, source, digest, s, tf, local_push, wild, nbuckets) = top[:8]
+    _tuple(s, 8)
+    _tuple(tf, 7)
+    server = ServerSettings(
+        host=_typed(s[0], str),
+        port=_typed(s[1], int),
+        user=_typed(s[2], str),
+        repositories=Path(_typed(s[3], str)),
+        state_dir=Path(_typed(s[4], str)),
+        listen_host=_typed(s[5], str),
+        listen_port=_typed(s[6], int),
+        store=_typed(s[7], str),
+    )
+    two_factor = TwoFactorSettings(
+        issuer=_typed(tf[0], str),
+        session_hours=_typed(tf[1], (int, float)),
+        max_failures=_typed(tf[2], int),
+        failure_window_minutes=_typed(tf[3], int),
+        lockout_minutes=_typed(tf[4], int),
+        self_enroll=_typed(tf[5], bool),
+        keyboard_interactive=_typed(tf[6], bool),
+    )
+    tables = _Compiled(
+        _numbers(wild, None),
+        _typed(nbuckets, int),
+        *(_typed(part, bytes) for part in top[8:]),
+    )
+    policy: Policy = object.__new__(Policy)
+    for name, value in (
+        ("server", server),
+        ("two_factor", two_factor),
+        ("allow_local_push", _typed(local_push, bool)),
+        ("source", _typed(source, str)),
+        ("sha256", _typed(digest, str)),
+        ("_compiled", tables),
+    ):
+        object.__setattr__(policy, name, value)
+    return policy
+
+
+def _tuple(value: Any, length: int) -> None:
+    if type(value) is not tuple or len(value) != length:
+        raise ValueError("unexpected value in the compiled policy")
+
+
+def _numbers(value: Any, limit: int | None) -> tuple[int, ...]:
+    if type(value) is not tuple or not all(
+        type(n) is int and 0 <= n and (limit is None or n < limit) for n in value
+    ):
+        raise ValueError("unexpected record numbers in the compiled policy")
+    numbers: tuple[int, ...] = value
+    return numbers
+
+
+class _Compiled:
+    """The tables of a compiled policy: records decoded (and checked) on demand."""
+
+    def __init__(
+        self,
+        wild: tuple[int, ...],
+        nbuckets: int,
+        bucket_offsets: bytes,
+        bucket_blob: bytes,
+        rule_offsets: bytes,
+        rule_blob: bytes,
+        team_offsets: bytes,
+        team_blob: bytes,
+    ) -> None:
+        self.nbuckets = nbuckets
+        self.buckets = (bucket_offsets, bucket_blob)
+        self.rules = (rule_offsets, rule_blob)
+        self.teams = (team_offsets, team_blob)
+        self.nrules = self._count(rule_offsets, rule_blob)
+        self.nteams = self._count(team_offsets, team_blob)
+        if nbuckets < 1 or self._count(bucket_offsets, bucket_blob) != nbuckets:
+            raise ValueError("the compiled policy's index is damaged")
+        self.wild = _numbers(wild, self.nrules)
+
+    @staticmethod
+    def _count(offsets: bytes, blob: bytes) -> int:
+        if not offsets or len(offsets) % 4 or int.from_bytes(offsets[-4:], "little") != len(blob):
+            raise ValueError("the compiled policy's tables are damaged")
+        return len(offsets) // 4 - 1
+
+    @staticmethod
+    def _record(table: tuple[bytes, bytes], i: int) -> Any:
+        import marshal
+
+        offsets, blob = table
+        start = int.from_bytes(offsets[4 * i : 4 * i + 4], "little")
+        end = int.from_bytes(offsets[4 * i + 4 : 4 * i + 8], "little")
+        try:
+            return marshal.loads(blob[start:end])  # noqa: S302 - see load_compiled
+        except (EOFError, TypeError, ValueError) as exc:
+            raise ValueError(f"a damaged record in the compiled policy: {exc}") from None
+
+    def lookup(self, key: str) -> tuple[int, ...]:
+        from binascii import crc32
+
+        bucket = self._record(self.buckets, crc32(_key_bytes(key)) % self.nbuckets)
+        if type(bucket) is not dict:
+            raise ValueError("the compiled policy's index is damaged")
+        return _numbers(bucket.get(key, ()), None)
+
+    def rule(self, i: int) -> RepoRule:
+        r = self._record(self.rules, i)
+        _tuple(r, _RULE_FIELDS_N)
+        return RepoRule(
+            match=_typed(r[0], str),
+            read=_names_tuple(r[1]),
+            write=_names_tuple(r[2]),
+            public=_typed(r[3], bool),
+            require_2fa=None if r[4] is None else _choice(r[4], LEVELS),
+            grace_until=_date(r[5]),
+            mode=None if r[6] is None else _choice(r[6], MODES),
+            line=_typed(r[7], int),
+        )
+
+    def team(self, i: int) -> Team:
+        t = self._record(self.teams, i)
+        _tuple(t, _TEAM_FIELDS_N)
+        return Team(
+            name=_typed(t[0], str),
+            members=_names_tuple(t[1]),
+            require_2fa=_choice(t[2], LEVELS),
+            grace_until=_date(t[3]),
+            mode=_choice(t[4], MODES),
+            line=_typed(t[5], int),
+        )
+
+    def matching_rules(self, repo: str) -> tuple[RepoRule, ...]:
+        numbers = {*self.lookup("=" + repo), *self.wild}
+        if "/" in repo:
+            numbers.update(self.lookup("/" + repo.split("/", 1)[0]))
+        rules = (self.rule(i) for i in sorted(_numbers(tuple(numbers), self.nrules)))
+        return tuple(rule for rule in rules if rule.matches(repo))
+
+    def teams_of(self, user: str) -> tuple[Team, ...]:
+        numbers = _numbers(self.lookup("@" + user), self.nteams)
+        return tuple(t for t in (self.team(i) for i in numbers) if user in t.members)
+
+    def all_rules(self) -> tuple[RepoRule, ...]:
+        return tuple(self.rule(i) for i in range(self.nrules))
+
+    def all_teams(self) -> dict[str, Team]:
+        teams = (self.team(i) for i in range(self.nteams))
+        return {team.name: team for team in teams}
+
+
+def _names_tuple(value: Any) -> tuple[str, ...]:
+    if type(value) is not tuple or not all(type(v) is str for v in value):
+        raise ValueError("unexpected names in the compiled policy")
+    return value

@@ -26,8 +26,11 @@ from gatekeeper.policy import (
     check_policy_text,
     compile_policy_text,
     default_config_path,
+    dump_compiled,
+    load_compiled,
     load_policy,
 )
+from gatekeeper.record import evolve
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
@@ -895,7 +898,18 @@ def config(tmp_path: Path) -> Path:
 
 
 def cache_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob("policy-*.json"))
+    return sorted(cache.glob("policy-*"))
+
+
+def cache_name(digest: str) -> str:
+    return f"policy-{digest}.v{policy_module.COMPILED_FORMAT}"
+
+
+def mark_cache(cached: Path) -> None:
+    """Rewrite a cached policy with listen_port 4444: a mark only the cache carries."""
+    policy = load_compiled(cached.read_bytes())
+    marked = evolve(policy, server=evolve(policy.server, listen_port=4444))
+    cached.write_bytes(dump_compiled(marked))
 
 
 def test_load_writes_the_compiled_policy_keyed_by_the_file_hash(
@@ -908,10 +922,10 @@ def test_load_writes_the_compiled_policy_keyed_by_the_file_hash(
     digest = hashlib.sha256(config.read_bytes()).hexdigest()
     assert policy.sha256 == digest
     assert policy.source == str(config.absolute())
-    assert cache_files(cache) == [cache / f"policy-{digest}.json"]
-    assert (cache / f"policy-{digest}.json").stat().st_mode & 0o777 == 0o600
-    assert Policy.from_json((cache / f"policy-{digest}.json").read_text()) == policy
-    assert [p.name for p in cache.iterdir()] == [f"policy-{digest}.json"]  # no temporary left
+    assert cache_files(cache) == [cache / cache_name(digest)]
+    assert (cache / cache_name(digest)).stat().st_mode & 0o777 == 0o600
+    assert load_compiled((cache / cache_name(digest)).read_bytes()) == policy
+    assert [p.name for p in cache.iterdir()] == [cache_name(digest)]  # no temporary left
     assert load_policy(config, cache_dir=cache) == policy
 
 
@@ -919,9 +933,7 @@ def test_a_warm_cache_is_what_is_loaded(config: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     load_policy(config, cache_dir=cache)
     (cached,) = cache_files(cache)
-    data = json.loads(cached.read_text())
-    data["server"]["listen_port"] = 4444  # a mark only the cache carries
-    cached.write_text(json.dumps(data))
+    mark_cache(cached)
     assert load_policy(config, cache_dir=cache).server.listen_port == 4444
 
 
@@ -929,9 +941,7 @@ def test_a_cache_others_could_write_is_not_trusted(config: Path, tmp_path: Path)
     cache = tmp_path / "cache"
     load_policy(config, cache_dir=cache)
     (cached,) = cache_files(cache)
-    data = json.loads(cached.read_text())
-    data["server"]["listen_port"] = 4444
-    cached.write_text(json.dumps(data))
+    mark_cache(cached)
     cached.chmod(0o666)
     assert load_policy(config, cache_dir=cache).server.listen_port == 2222
     assert cached.stat().st_mode & 0o777 == 0o600  # replaced by a fresh compile
@@ -981,7 +991,7 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(
     (cached,) = cache_files(cache)
     cached.write_bytes(garbage)
     assert load_policy(config, cache_dir=cache) == expected
-    assert Policy.from_json(cached.read_text()) == expected
+    assert load_compiled(cached.read_bytes()) == expected
 
 
 def test_no_cache_when_it_cannot_be_written(config: Path, tmp_path: Path) -> None:
