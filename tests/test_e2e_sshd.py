@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sshd
-from conftest import DEFAULT_POLICY, GATEKEEPER, Installation
+from conftest import DEFAULT_POLICY, GATEKEEPER, Installation, password_file_url
 
 from gatekeeper import totp
 
@@ -39,8 +39,12 @@ class Site:
         return result.returncode, result.stderr
 
 
-def start_site(tmp_path: Path, mode: str, policy: str = DEFAULT_POLICY) -> Iterator[Site]:
-    inst = Installation(tmp_path / "gk", policy, user=sshd.current_user()).init()
+def start_site(
+    tmp_path: Path, mode: str, policy: str = DEFAULT_POLICY, store_url: str = ""
+) -> Iterator[Site]:
+    inst = Installation(
+        tmp_path / "gk", policy, user=sshd.current_user(), store_url=store_url
+    ).init()
     keys: dict[str, Path] = {}
     for name in ("alice", "bob", "carol"):
         keys[name], _ = inst.add_user(name)
@@ -72,6 +76,32 @@ def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
 @pytest.fixture
 def ak_site(tmp_path: Path) -> Iterator[Site]:
     yield from start_site(tmp_path, "authorized-keys")
+
+
+@pytest.fixture
+def pg_site(tmp_path: Path, postgres_server: object, postgres_url: str) -> Iterator[Site]:
+    url = password_file_url(postgres_server, postgres_url)
+    yield from start_site(tmp_path, "keys-command", store_url=url)
+
+
+def test_a_postgres_store_gates_clone_and_push_through_sshd(pg_site: Site, tmp_path: Path) -> None:
+    """The same story with the state in PostgreSQL: sshd's keys-command and the forced
+    command both read it, the pre-receive hook re-checks the push against it."""
+    refused, err = pg_site.clone("bob", "platform/api", tmp_path / "no")
+    assert refused != 0 and "2fa enroll" in err
+    pg_site.inst.enroll("bob")
+    bob = pg_site.client("bob")
+    work = tmp_path / "work"
+    rc, err = pg_site.clone("bob", "platform/api", work)
+    assert rc == 0, err
+    (work / "f.txt").write_text("x\n")
+    assert bob.git("add", "f.txt", cwd=work).returncode == 0
+    assert bob.git("commit", "-qm", "f", cwd=work).returncode == 0
+    push = bob.git("push", "origin", "main", cwd=work)
+    assert push.returncode == 0, push.stderr
+    reasons = [r["reason"] for r in pg_site.inst.audit(event="access", user="bob")]
+    assert reasons == ["2fa-not-enrolled", "allowed", "allowed"]
+    assert pg_site.inst.gk("log", "verify").returncode == 0
 
 
 def secret_from_uri(text: str) -> str:
