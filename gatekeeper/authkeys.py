@@ -14,9 +14,7 @@ key comment or user name never reaches the line sshd hands to a shell.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,9 +22,28 @@ from gatekeeper.errors import GatekeeperError, InputError
 
 BEGIN = "# BEGIN gatekeeper: managed by `gatekeeper authorized-keys`; edits here are lost"
 END = "# END gatekeeper"
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+\Z")
-_KEY_TYPE = re.compile(r"[a-z0-9@.-]{3,64}\Z")
-_BLOB = re.compile(r"[A-Za-z0-9+/]+={0,2}\Z")
+# Character sets, not regular expressions: sshd runs keys-command for every key offered.
+_DIGITS = "0123456789"
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_SAFE_PATH_CHARS = frozenset(_LETTERS + _LETTERS.upper() + _DIGITS + "_./+-")
+_KEY_TYPE_CHARS = frozenset(_LETTERS + _DIGITS + "@.-")
+_BLOB_CHARS = frozenset(_LETTERS + _LETTERS.upper() + _DIGITS + "+/")
+
+
+def _safe_path(value: str) -> bool:
+    """`[A-Za-z0-9_./+-]+`, the whole string."""
+    return bool(value) and _SAFE_PATH_CHARS.issuperset(value)
+
+
+def _key_type_ok(value: str) -> bool:
+    """`[a-z0-9@.-]{3,64}`, the whole string."""
+    return 3 <= len(value) <= 64 and _KEY_TYPE_CHARS.issuperset(value)
+
+
+def _blob_ok(value: str) -> bool:
+    """`[A-Za-z0-9+/]+={0,2}`, the whole string."""
+    core = value.rstrip("=")
+    return bool(core) and len(value) - len(core) <= 2 and _BLOB_CHARS.issuperset(core)
 
 
 def shell_path() -> Path:
@@ -37,7 +54,7 @@ def shell_path() -> Path:
 def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
     shell = shell or shell_path()
     for value in (str(shell), str(config)):
-        if not _SAFE_PATH.match(value):
+        if not _safe_path(value):
             raise InputError(
                 f"refusing to write {value!r} into authorized_keys: unsafe characters.",
                 hint="install gatekeeper and its config under paths of letters, digits, ./_+-",
@@ -48,7 +65,7 @@ def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
 def key_line(
     key_id: int, key_type: str, blob_b64: str, config: Path, shell: Path | None = None
 ) -> str:
-    if not _KEY_TYPE.match(key_type) or not _BLOB.match(blob_b64):
+    if not _key_type_ok(key_type) or not _blob_ok(blob_b64):
         raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
     return f"{forced_command(key_id, config, shell)} {key_type} {blob_b64}"
 
@@ -79,6 +96,8 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
 
     Returns False when nothing needed to change.
     """
+    import hashlib
+
     try:
         existing = path.read_text()
     except FileNotFoundError:

@@ -12,7 +12,6 @@ access.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -29,8 +28,23 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import TextIO
 
-KEY_ID = re.compile(r"[0-9]{1,12}\Z")
-GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}\Z")
+_DIGITS = frozenset("0123456789")
+_PROTOCOL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=-")
+
+
+def valid_key_id(arg: str) -> bool:
+    """`[0-9]{1,12}`, the whole string (checked without compiling a regular expression)."""
+    return 1 <= len(arg) <= 12 and _DIGITS.issuperset(arg)
+
+
+def valid_git_protocol(value: str) -> bool:
+    """`[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}`, the whole string."""
+    parts = value.split(":")
+    return len(parts) <= 8 and all(
+        1 <= len(part) <= 32 and _PROTOCOL_CHARS.issuperset(part) for part in parts
+    )
+
+
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 PREFIX = "gatekeeper: "
 HOOK_TOKEN_SECONDS = 6 * 3600  # how long the hooks accept a connection's token
@@ -58,7 +72,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     args = list(argv)
     if len(args) >= 2 and args[0] == "--config":
         config, args = args[1], args[2:]
-    if len(args) != 1 or not KEY_ID.match(args[0]):
+    if len(args) != 1 or not valid_key_id(args[0]):
         raise InputError(
             "gatekeeper-shell must be run by sshd with one key id argument.",
             hint="see `gatekeeper authorized-keys` for the lines that call it.",
@@ -70,7 +84,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         key_id=int(args[0]),
         original_command=env.get("SSH_ORIGINAL_COMMAND"),
         client=client_address(env["SSH_CONNECTION"]),
-        git_protocol=protocol if protocol and GIT_PROTOCOL.match(protocol) else None,
+        git_protocol=protocol if protocol and valid_git_protocol(protocol) else None,
         config=Path(config or env.get("GATEKEEPER_CONFIG") or "/etc/gatekeeper/config.yaml"),
     )
 

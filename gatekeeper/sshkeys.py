@@ -13,14 +13,19 @@ Standard library only: this is imported on the per-connection path.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
-import re
-import struct
-from dataclasses import dataclass
 
 from gatekeeper.errors import InputError
+from gatekeeper.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from hashlib import sha256
+else:
+    try:  # OpenSSL's hashlib costs a fresh process ~5 ms to import; this costs nothing.
+        from _sha256 import sha256
+    except ImportError:  # pragma: no cover - an interpreter built without it
+        from hashlib import sha256
 
 MAX_INPUT_LENGTH = 64 * 1024
 """Longer text is refused before any parsing (an RSA-16384 key line is under 3 KiB)."""
@@ -112,14 +117,28 @@ _KNOWN_TYPES: frozenset[str] = frozenset(
 _NEW_KEY_HINT = "make a new key with `ssh-keygen -t ed25519` and add its .pub file"
 _COPY_AGAIN_HINT = "copy the whole line from your .pub file again (e.g. ~/.ssh/id_ed25519.pub)"
 
-_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}\Z")
-_TYPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.@-]{0,63}\Z")
+# Character sets, not regular expressions, for what sshd's keys-command path checks.
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_BASE64_CHARS = _ALNUM | frozenset("+/")
+_TYPE_NAME_CHARS = _ALNUM | frozenset(".@-")
 # A key type name followed by base64 that starts like every SSH key blob does
-# (the uint32 length of the type name has three zero bytes: "AAAA").
-_KEYISH = re.compile(r"(?<![^\s,\"'])([A-Za-z0-9][A-Za-z0-9.@-]*)\s+AAAA[A-Za-z0-9+/]")
+# (the uint32 length of the type name has three zero bytes: "AAAA"). A string: `re`
+# compiles (and caches) it only when a pasted key line is parsed.
+_KEYISH = r"(?<![^\s,\"'])([A-Za-z0-9][A-Za-z0-9.@-]*)\s+AAAA[A-Za-z0-9+/]"
 
 
-@dataclass(frozen=True)
+def _is_base64(text: str) -> bool:
+    """`[A-Za-z0-9+/]+={0,2}`, the whole string."""
+    core = text.rstrip("=")
+    return bool(core) and len(text) - len(core) <= 2 and _BASE64_CHARS.issuperset(core)
+
+
+def _is_type_name(text: str) -> bool:
+    """`[A-Za-z0-9][A-Za-z0-9.@-]{0,63}`, the whole string."""
+    return 1 <= len(text) <= 64 and text[0] in _ALNUM and _TYPE_NAME_CHARS.issuperset(text)
+
+
+@record
 class PublicKey:
     key_type: str
     """The OpenSSH key type name, for example `ssh-ed25519`."""
@@ -136,7 +155,7 @@ class PublicKey:
 
     @property
     def blob_b64(self) -> str:
-        return base64.b64encode(self.blob).decode("ascii")
+        return _b64encode(self.blob)
 
     def openssh_line(self) -> str:
         """`type base64`, without the comment."""
@@ -145,8 +164,13 @@ class PublicKey:
 
 def fingerprint_of_blob(blob: bytes) -> str:
     """The SHA256 fingerprint of a key blob, as `ssh-keygen -lf` prints it."""
-    digest = hashlib.sha256(blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+    digest = sha256(blob).digest()
+    return "SHA256:" + _b64encode(digest).rstrip("=")
+
+
+def _b64encode(data: bytes) -> str:
+    """`base64.b64encode(data)` as text, without importing base64 (and its `re`)."""
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def parse_public_key(text: str) -> PublicKey:
@@ -167,7 +191,9 @@ def parse_public_key(text: str) -> PublicKey:
     lines = [line for line in stripped if line and not line.startswith("#")]
     if not lines:
         raise InputError("no public key given", "paste the line from your .pub file")
-    keyish = _KEYISH.findall("\n".join(lines))
+    import re
+
+    keyish = re.findall(_KEYISH, "\n".join(lines))
     if sum(1 for name in keyish if name in _KNOWN_TYPES) > 1:
         raise InputError(
             "that is more than one public key; add one key at a time",
@@ -188,7 +214,7 @@ def parse_key_blob_b64(key_type: str, b64: str) -> PublicKey:
     b64 = b64.strip()
     if not key_type or not b64:
         raise InputError("no public key given", "pass the key type and the base64 key data")
-    if not _TYPE_NAME.match(key_type):
+    if not _is_type_name(key_type):
         raise InputError(
             f"{_show(key_type)!r} is not an SSH key type",
             f"supported types: {', '.join(SUPPORTED_TYPES)}",
@@ -234,14 +260,16 @@ def _parse_line(line: str) -> PublicKey:
             raise InputError(f"the {first} key has no key data after the type", _COPY_AGAIN_HINT)
         comment = parts[2] if len(parts) > 2 else ""
         return _parse_key(first, parts[1], comment)
-    match = _KEYISH.search(line)
+    import re
+
+    match = re.search(_KEYISH, line)
     if match and match.group(1) in _KNOWN_TYPES and match.start() > 0:
         raise InputError(
             "this line has authorized_keys options before the key; give the key alone",
             f"remove {_show(line[: match.start()].strip(), 40)!r} and keep "
             "`type base64 [comment]`; gatekeeper writes the options itself",
         )
-    if len(parts) >= 2 and _TYPE_NAME.match(first) and parts[1].startswith("AAAA"):
+    if len(parts) >= 2 and _is_type_name(first) and parts[1].startswith("AAAA"):
         _refuse_type(first)
     raise InputError(
         "this is not an OpenSSH public key",
@@ -276,7 +304,7 @@ def _refuse_type(key_type: str) -> None:
 
 
 def _decode_b64(b64: str) -> bytes:
-    if not _BASE64.match(b64):
+    if not _is_base64(b64):
         raise InputError(
             "the key data is not valid base64 (it contains characters that do not belong)",
             _COPY_AGAIN_HINT,
@@ -285,7 +313,8 @@ def _decode_b64(b64: str) -> bytes:
     if len(bare) % 4 == 1:
         raise _truncated()
     try:
-        return base64.b64decode(bare + "=" * (-len(bare) % 4), validate=True)
+        # The characters are checked above, which is what b64decode(validate=True) adds.
+        return binascii.a2b_base64(bare + "=" * (-len(bare) % 4))
     except (binascii.Error, ValueError):  # pragma: no cover - excluded by the checks above
         raise InputError("the key data is not valid base64", _COPY_AGAIN_HINT) from None
 
@@ -307,7 +336,7 @@ class _Reader:
     def string(self) -> bytes:
         if self.pos + 4 > len(self.data):
             raise _truncated()
-        (length,) = struct.unpack_from(">I", self.data, self.pos)
+        length = int.from_bytes(self.data[self.pos : self.pos + 4], "big")
         start = self.pos + 4
         if start + length > len(self.data):
             raise _truncated()

@@ -1,0 +1,100 @@
+"""The per-connection path checks its inputs with character sets instead of compiled
+regular expressions (each compile cost every connection), and imports neither
+OpenSSL's hashlib nor dataclasses. Each check must accept exactly what the regular
+expression it replaced accepted: the old patterns are kept here as the reference."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatekeeper import authkeys, shell, sshcmd, sshkeys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The characters the patterns are about, the ones around them, and anything at all.
+NEAR = list("aAzZ09_.+-=:@/ \t\n\r\x00\x1f\x7f;|&$`<>(){}\\!*?[]#'\"é٣ｱ")
+TEXT = st.text(alphabet=st.sampled_from(NEAR), max_size=80) | st.text(max_size=80)
+
+CASES: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("key id", r"[0-9]{1,12}\Z", shell.valid_key_id),
+    (
+        "GIT_PROTOCOL",
+        r"[A-Za-z0-9._=-]{1,32}(:[A-Za-z0-9._=-]{1,32}){0,7}\Z",
+        shell.valid_git_protocol,
+    ),
+    ("repository component", r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z", sshcmd._is_component),
+    ("user command word", r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z", sshcmd._is_user_word),
+    ("key base64", r"[A-Za-z0-9+/]+={0,2}\Z", sshkeys._is_base64),
+    ("key type name", r"[A-Za-z0-9][A-Za-z0-9.@-]{0,63}\Z", sshkeys._is_type_name),
+    ("authorized_keys path", r"[A-Za-z0-9_./+-]+\Z", authkeys._safe_path),
+    ("authorized_keys key type", r"[a-z0-9@.-]{3,64}\Z", authkeys._key_type_ok),
+    ("authorized_keys blob", r"[A-Za-z0-9+/]+={0,2}\Z", authkeys._blob_ok),
+]
+
+
+@pytest.mark.parametrize(("name", "pattern", "check"), CASES, ids=[c[0] for c in CASES])
+@settings(max_examples=400, deadline=None)
+@given(text=TEXT)
+def test_each_check_accepts_what_its_pattern_accepted(
+    name: str, pattern: str, check: Callable[[str], bool], text: str
+) -> None:
+    assert check(text) is (re.match(pattern, text) is not None), (name, text)
+
+
+@pytest.mark.parametrize(("name", "pattern", "check"), CASES, ids=[c[0] for c in CASES])
+def test_each_check_on_edges(name: str, pattern: str, check: Callable[[str], bool]) -> None:
+    edges = ["", "0", "1" * 12, "1" * 13, "a" * 32, "a" * 64, "a" * 65, "abc", "ab"]
+    edges += ["a:b", ":", "a:" * 7 + "a", "a:" * 8 + "a", "-a", "_a", ".a", "a\n", "AAAA=="]
+    edges += ["AAAA===", "=", "a/b", "ssh-ed25519", "Ssh", "x@y.z", "a b", "٣"]
+    for text in edges:
+        assert check(text) is (re.match(pattern, text) is not None), (name, text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=TEXT)
+def test_control_and_shell_syntax_sets_find_what_the_patterns_found(text: str) -> None:
+    control = re.search(r"[\x00-\x1f\x7f]", text) is not None
+    syntax = re.search(r"[;|&$`<>(){}\\!*?\[\]#]", text) is not None
+    assert (not sshcmd._CONTROL.isdisjoint(text)) is control
+    assert (not sshcmd._SHELL_SYNTAX.isdisjoint(text)) is syntax
+
+
+def imported_by(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))\n"
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    return set(out.split())
+
+
+def test_the_forced_command_imports_no_hashlib_or_dataclasses() -> None:
+    modules = imported_by("import gatekeeper.shell")
+    assert not {"hashlib", "_hashlib", "dataclasses", "inspect", "yaml", "json.tool"} & modules
+
+
+def test_the_keys_command_imports_no_hashlib_base64_or_dataclasses() -> None:
+    modules = imported_by("import gatekeeper.authkeys, gatekeeper.sshkeys")
+    assert not {"hashlib", "_hashlib", "base64", "struct", "dataclasses", "inspect"} & modules
+
+
+def test_policy_sshkeys_and_sshcmd_compile_nothing_at_import() -> None:
+    # `re` may come with other modules (json, pathlib); these three do not need it.
+    modules = imported_by(
+        "import datetime, json, pathlib, re, shlex\n"  # their own use of re comes first
+        "before = dict(re._cache)\n"
+        "import gatekeeper.policy, gatekeeper.sshkeys, gatekeeper.sshcmd, gatekeeper.authkeys\n"
+        "assert re._cache == before, [p for p in re._cache if p not in before]\n"
+    )
+    assert "gatekeeper.policy" in modules
