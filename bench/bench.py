@@ -13,6 +13,7 @@ Sections (all by default, in this order):
                plain git-shell on the same sshd
   concurrency  50 parallel clones and 20 parallel pushes through that sshd
   audit        verifying and querying 100,000 audit records
+  postgres     the decision with the state in PostgreSQL vs SQLite (driver import, connect)
 
 Every gatekeeper command measured runs from a non-editable install of the working tree
 in bench/.venv-bench (rebuilt when the tree changes), with .pyc files and an environment
@@ -50,7 +51,7 @@ from harness import BenchError, Cmd
 
 ROOT = h.ROOT
 DEFAULT_JSON = h.BENCH_DIR / "results" / "latest.json"
-SECTIONS = ("decision", "keys", "policy", "e2e", "concurrency", "audit")
+SECTIONS = ("decision", "keys", "policy", "e2e", "concurrency", "audit", "postgres")
 TITLES = {
     "decision": "1. Forced-command decision (gatekeeper-shell start -> exec git)",
     "keys": "2. AuthorizedKeysCommand key lookup",
@@ -58,6 +59,7 @@ TITLES = {
     "e2e": "4. End to end through a real sshd on loopback",
     "concurrency": "5. Concurrency through the real sshd",
     "audit": "6. Audit log: 100,000 records",
+    "postgres": "7. Shared PostgreSQL store (forced-command decision)",
 }
 HEAVY = ("click", "paramiko", "sqlite_utils", "cryptography", "pyotp", "yaml", "segno", "nacl")
 BUDGET_DECISION = 3.0  # x python -c pass (DESIGN.md); aim 2x
@@ -789,7 +791,7 @@ def bench_policy(ctx: Context) -> dict[str, Any]:
             h.run([shell, "--config", str(path), key], env=env, cwd=ctx.work)
             first.append(time.perf_counter() - start)
         entry["first_connection_after_change"] = h.summary(first)
-        entry["compiled_cache_bytes"] = sum(f.stat().st_size for f in cache.glob("policy-*.json"))
+        entry["compiled_cache_bytes"] = sum(f.stat().st_size for f in cache.glob("policy-*"))
         warm = {**dry, "GATEKEEPER_CACHE_DIR": str(cache)}
         entry["phases"] = phase_stats(ctx, path, site.key_id, warm, ctx.runs(3, 9))
         entry["command"] = name = f"{n:,} rules, {TEAMS:,} teams, warm cache"
@@ -1504,6 +1506,8 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "e2e": bench_e2e,
     "concurrency": bench_concurrency,
     "audit": bench_audit,
+    # Its own module (it starts a throwaway PostgreSQL); imported only when it runs.
+    "postgres": lambda ctx: __import__("pgstore").bench_postgres(ctx),
 }
 
 
