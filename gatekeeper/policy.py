@@ -16,6 +16,7 @@ any policy size. This module imports only light standard-library modules at the 
 from __future__ import annotations
 
 import os
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -892,7 +893,7 @@ def _check(
             if match is not None:
                 rules.append(rule)
 
-    digest = sha256(text.encode("utf-8")).hexdigest()
+    digest = _file_digest(text.encode("utf-8"))
     return Policy(server, two_factor, teams, tuple(rules), allow_local_push, source, digest)
 
 
@@ -937,7 +938,7 @@ def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None
             f"cannot read policy file {path}: {exc.strerror or exc}",
             hint="--config or GATEKEEPER_CONFIG must name a readable YAML file.",
         ) from None
-    digest = sha256(data).hexdigest()
+    digest = _file_digest(data)
     source = str(path.absolute())
     cache = _cache_file(cache_dir, digest)
     if cache is not None:
@@ -955,6 +956,19 @@ def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None
     if cache is not None:
         _write_cache(cache, dump_compiled(policy))
     return policy
+
+
+# Up to this size `_sha256` is the quicker way to hash the policy: OpenSSL's hashlib
+# costs ~5 ms to import and then hashes ~10x faster, which pays from about 500 KB on.
+_SMALL_FILE = 256 * 1024
+
+
+def _file_digest(data: bytes) -> str:
+    if len(data) <= _SMALL_FILE and "hashlib" not in sys.modules:
+        return sha256(data).hexdigest()
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _cache_file(cache_dir: Path | None, digest: str) -> Path | None:

@@ -355,3 +355,13 @@ def test_the_compiled_policy_decides_exactly_like_the_policy(
         policy, facts, repo, action, NOW
     )
     assert loaded == policy
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 1000, policy_module._SMALL_FILE, policy_module._SMALL_FILE + 1]
+)
+def test_the_policy_file_digest_is_its_sha256(size: int) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert policy_module._file_digest(data) == hashlib.sha256(data).hexdigest()
