@@ -177,7 +177,7 @@ def lookup_line(argv: list[str]) -> str | None:
     policy = load_policy(config)
     if login != policy.server.user:
         return None
-    with Store.open(policy.server.state_dir, policy.server.store) as store:
+    with Store.open(policy.server.state_dir, policy.server.store, light=True) as store:
         record = store.key_by_fingerprint(fingerprint)
     if record is None or (key is not None and key.key_type != record.key_type):
         return None

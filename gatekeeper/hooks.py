@@ -152,7 +152,7 @@ def load_or_deny(config: Path) -> tuple[Policy, Store]:
             audit=False,
         ) from exc
     try:
-        store = Store.open(policy.server.state_dir, policy.server.store)
+        store = Store.open(policy.server.state_dir, policy.server.store, light=True)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
         raise Denied(

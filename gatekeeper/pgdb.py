@@ -9,6 +9,10 @@ timestep. Writes are a few short statements, so one lock costs little.
 
 Nothing here may hang a git client: connecting has a timeout, and so do waiting for
 that lock and every statement.
+
+Two drivers speak the same SQL: psycopg for long-lived processes (the admin CLI, the
+embedded server) and libpq through ctypes for the per-connection path, which cannot
+afford psycopg's import (see `gatekeeper.libpq`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ if TYPE_CHECKING:
 # pg_advisory_xact_lock key for "a gatekeeper write transaction" ("gk" + "wr").
 WRITE_LOCK_KEY = 0x676B7772
 SCHEMA_TABLE = "gatekeeper_schema"
+_SCHEMA_PRESENT = "SELECT to_regclass(?) IS NOT NULL AS present"
 _SCHEMA_READ = "SELECT max(version) AS v FROM gatekeeper_schema"
 _SCHEMA_WRITE = (
     "CREATE TABLE IF NOT EXISTS gatekeeper_schema (version INTEGER NOT NULL)",
     "DELETE FROM gatekeeper_schema",
-    "INSERT INTO gatekeeper_schema (version) VALUES (%s)",
+    "INSERT INTO gatekeeper_schema (version) VALUES (?)",
 )
+IN_TRANSACTION = (2, 3)  # libpq's PQTRANS_INTRANS, PQTRANS_INERROR
+UNKNOWN = 4  # PQTRANS_UNKNOWN: no usable connection
 
 
 def _driver() -> Any:
@@ -44,87 +51,70 @@ def _driver() -> Any:
     return psycopg
 
 
-class PostgresDatabase:
-    """One connection to a PostgreSQL store, in the shape `Store` expects."""
+def connect_params(location: StoreLocation, busy_timeout_ms: int) -> dict[str, str]:
+    """libpq connection keywords beside the URL: timeouts so that nothing hangs a git
+    client, and the password from its file. The URL's own settings win."""
+    url = location.url
+    params: dict[str, str] = {}
+    if "connect_timeout=" not in url:
+        params["connect_timeout"] = str(DEFAULT_CONNECT_TIMEOUT)
+    if "application_name=" not in url:
+        params["application_name"] = "gatekeeper"
+    if "options=" not in url:
+        timeout = int(busy_timeout_ms)
+        params["options"] = (
+            f"-c lock_timeout={timeout} -c statement_timeout={timeout * 3}"
+            f" -c idle_in_transaction_session_timeout={timeout * 6}"
+        )
+    if location.password_file:
+        params["password"] = read_password_file(location.password_file)
+    return params
+
+
+class _Postgres:
+    """What both drivers share: the dialect, the write lock, the schema version table
+    and what each error means to the user."""
 
     kind = "postgresql"
-
-    def __init__(self, location: StoreLocation, busy_timeout_ms: int) -> None:
-        psycopg = _driver()
-        from psycopg.rows import dict_row
-
-        self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
-        self.where = location.describe()
-        self._sql: dict[str, str] = {}
-        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
-        url = location.url
-        if "connect_timeout=" not in url:
-            kwargs["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
-        if "application_name=" not in url:
-            kwargs["application_name"] = "gatekeeper"
-        if "options=" not in url:
-            timeout = int(busy_timeout_ms)
-            kwargs["options"] = (
-                f"-c lock_timeout={timeout} -c statement_timeout={timeout * 3}"
-                f" -c idle_in_transaction_session_timeout={timeout * 6}"
-            )
-        if location.password_file:
-            kwargs["password"] = read_password_file(location.password_file)
-        try:
-            self.conn = psycopg.connect(url, **kwargs)
-        except psycopg.Error as exc:
-            raise self.error(exc) from exc
-
-    def _translate(self, sql: str) -> str:
-        """The store writes SQLite's `?` placeholders; psycopg wants `%s` (and `%%`)."""
-        out = self._sql.get(sql)
-        if out is None:
-            out = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
-        return out
+    where = ""
+    errors: tuple[type[Exception], ...] = ()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(self._translate(sql), tuple(params))
+        raise NotImplementedError
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cur:
-            cur.executemany(self._translate(sql), [tuple(r) for r in rows])
+    def transaction_status(self) -> int:
+        raise NotImplementedError
 
     def insert_id(self, sql: str, params: Sequence[Any]) -> int:
         row = self.execute(f"{sql} RETURNING id", params).fetchone()
         return int(row["id"])
 
     def begin_write(self) -> None:
-        self.conn.execute("BEGIN")
+        self.execute("BEGIN")
         try:
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_KEY,))
         except BaseException:
             self.rollback()
             raise
 
     def commit(self) -> None:
-        self.conn.execute("COMMIT")
+        self.execute("COMMIT")
 
     def rollback(self) -> None:
-        if self.conn.closed:
-            return
         # After a lost connection there is nothing to roll back.
-        if self.conn.info.transaction_status in (2, 3):  # INTRANS, INERROR
-            self.conn.execute("ROLLBACK")
+        if self.transaction_status() in IN_TRANSACTION:
+            self.execute("ROLLBACK")
 
     def schema_version(self) -> int:
-        row = self.conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL AS present", (SCHEMA_TABLE,)
-        ).fetchone()
-        if not row["present"]:
+        if not self.execute(_SCHEMA_PRESENT, (SCHEMA_TABLE,)).fetchone()["present"]:
             return 0
-        row = self.conn.execute(_SCHEMA_READ).fetchone()
-        return int(row["v"] or 0)
+        return int(self.execute(_SCHEMA_READ).fetchone()["v"] or 0)
 
     def set_schema_version(self, version: int) -> None:
         create, clear, insert = _SCHEMA_WRITE
-        self.conn.execute(create)
-        self.conn.execute(clear)
-        self.conn.execute(insert, (int(version),))
+        self.execute(create)
+        self.execute(clear)
+        self.execute(insert, (int(version),))
 
     def ddl(self, script: str) -> str:
         # 64-bit integers throughout (timestamps outlive 2038), identity columns for ids.
@@ -137,13 +127,10 @@ class PostgresDatabase:
     def reset_sequences(self, tables: Sequence[str]) -> None:
         """After rows were copied in with their ids, new ids must start above them."""
         for table in tables:
-            self.conn.execute(
+            self.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"  # noqa: S608
                 f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
             )
-
-    def close(self) -> None:
-        self.conn.close()
 
     def error(self, exc: BaseException) -> StoreError:
         where = self.where
@@ -184,3 +171,82 @@ class PostgresDatabase:
                 "gatekeeper refuses access until it is.",
             )
         return StoreError(f"state database error: {where}: {text}", hint="see the server log.")
+
+
+class PostgresDatabase(_Postgres):
+    """One psycopg connection to a PostgreSQL store, in the shape `Store` expects."""
+
+    def __init__(self, location: StoreLocation, busy_timeout_ms: int) -> None:
+        psycopg = _driver()
+        from psycopg.rows import dict_row
+
+        self.errors = (psycopg.Error,)
+        self.where = location.describe()
+        self._sql: dict[str, str] = {}
+        params = connect_params(location, busy_timeout_ms)
+        try:
+            self.conn = psycopg.connect(
+                location.url, autocommit=True, row_factory=dict_row, **params
+            )
+        except psycopg.Error as exc:
+            raise self.error(exc) from exc
+
+    def _translate(self, sql: str) -> str:
+        """The store writes SQLite's `?` placeholders; psycopg wants `%s` (and `%%`)."""
+        out = self._sql.get(sql)
+        if out is None:
+            out = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(self._translate(sql), tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._translate(sql), [tuple(r) for r in rows])
+
+    def transaction_status(self) -> int:
+        return UNKNOWN if self.conn.closed else int(self.conn.info.transaction_status)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class LibpqDatabase(_Postgres):
+    """The same over libpq directly (see `gatekeeper.libpq`), for the per-connection
+    path, which cannot afford importing psycopg."""
+
+    def __init__(self, location: StoreLocation, busy_timeout_ms: int) -> None:
+        from gatekeeper import libpq
+
+        self.errors = (libpq.PgError,)
+        self.where = location.describe()
+        self._sql: dict[str, str] = {}
+        params = {"dbname": location.url, "client_encoding": "UTF8"}
+        params.update(connect_params(location, busy_timeout_ms))
+        try:
+            self.conn = libpq.Connection(params)
+        except libpq.PgError as exc:
+            raise self.error(exc) from exc
+
+    def _translate(self, sql: str) -> str:
+        """`?` placeholders become $1, $2, ... (the store's SQL has no `?` in a literal)."""
+        out = self._sql.get(sql)
+        if out is None:
+            parts = sql.split("?")
+            out = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+            self._sql[sql] = out
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(self._translate(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        for row in rows:
+            self.execute(sql, row)
+
+    def transaction_status(self) -> int:
+        return self.conn.transaction_status()
+
+    def close(self) -> None:
+        self.conn.close()

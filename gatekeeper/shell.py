@@ -100,7 +100,7 @@ def load(conn: Connection) -> tuple[Policy, Store]:
             hint="an administrator must run `gatekeeper policy check`.",
         ) from exc
     try:
-        store = Store.open(policy.server.state_dir, policy.server.store)
+        store = Store.open(policy.server.state_dir, policy.server.store, light=True)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
         raise Refused(

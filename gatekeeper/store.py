@@ -31,10 +31,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from gatekeeper.pgdb import PostgresDatabase
+    from gatekeeper.pgdb import LibpqDatabase, PostgresDatabase
     from gatekeeper.sqlitedb import SqliteDatabase
 
-    Database = SqliteDatabase | PostgresDatabase
+    Database = SqliteDatabase | PostgresDatabase | LibpqDatabase
 
 SCHEMA_VERSION = 2
 SERVER_KEY_NAME = "server.key"
@@ -254,12 +254,14 @@ class Store:
         url: str = "",
         *,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        light: bool = False,
     ) -> Store:
         """Open an existing store; refuse clearly if it is missing, unreachable,
-        corrupt or not at this schema. `url` is the policy's `server.store`."""
+        corrupt or not at this schema. `url` is the policy's `server.store`. `light`:
+        a short-lived process on the git-access path (PostgreSQL through libpq)."""
         state_dir = Path(state_dir)
         location = _location(url, state_dir)
-        db = _connect(location, busy_timeout_ms)
+        db = _connect(location, busy_timeout_ms, light=light)
         store = cls(state_dir, db)
         try:
             version = store._schema_version()
@@ -270,7 +272,7 @@ class Store:
         return store
 
     @classmethod
-    def create(cls, state_dir: Path | str, url: str = "") -> Store:
+    def create(cls, state_dir: Path | str, url: str = "", *, light: bool = False) -> Store:
         """Create (or migrate) the store, and the state directory with tight permissions."""
         state_dir = Path(state_dir)
         try:
@@ -288,7 +290,7 @@ class Store:
         location = _location(url, state_dir)
         old_umask = os.umask(0o077)
         try:
-            db = _connect(location, BUSY_TIMEOUT_MS, create=True)
+            db = _connect(location, BUSY_TIMEOUT_MS, create=True, light=light)
         finally:
             os.umask(old_umask)
         store = cls(state_dir, db)
@@ -1171,11 +1173,22 @@ def _location(url: str, state_dir: Path) -> StoreLocation:
         raise StoreError(f"invalid store URL: {exc.message}", hint=exc.hint) from exc
 
 
-def _connect(location: StoreLocation, busy_timeout_ms: int, *, create: bool = False) -> Database:
+def _connect(
+    location: StoreLocation, busy_timeout_ms: int, *, create: bool = False, light: bool = False
+) -> Database:
     if location.is_postgres:
-        from gatekeeper.pgdb import PostgresDatabase
+        from gatekeeper import pgdb
 
-        return PostgresDatabase(location, busy_timeout_ms)
+        if light:
+            from gatekeeper import libpq
+
+            try:
+                libpq.load()
+            except libpq.PgError:
+                pass  # no libpq of its own: psycopg's way, slower but there
+            else:
+                return pgdb.LibpqDatabase(location, busy_timeout_ms)
+        return pgdb.PostgresDatabase(location, busy_timeout_ms)
     from gatekeeper.sqlitedb import SqliteDatabase
 
     if not create:

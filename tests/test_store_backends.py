@@ -8,6 +8,7 @@ failure counting, session creation and the audit chain must hold across them.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -19,12 +20,26 @@ from gatekeeper.store import SCHEMA_VERSION, Store
 FP = "SHA256:" + "B" * 43
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("postgresql-libpq", marks=pytest.mark.postgres),
+    ]
+)
+def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The store's URL; with "postgresql-libpq" every Store.open/create in this test
+    (and in the processes it starts) goes through libpq instead of psycopg."""
+    if request.param.startswith("postgresql"):
+        if request.param.endswith("libpq"):
+            monkeypatch.setenv("GK_TEST_LIGHT", "1")
         return str(request.getfixturevalue("postgres_url"))
     (tmp_path / "shared").mkdir()
     return f"sqlite://{tmp_path}/shared/gatekeeper.db"
+
+
+def light() -> bool:
+    return os.environ.get("GK_TEST_LIGHT") == "1"
 
 
 def state_dir(base: Path | str, url: str, host: object) -> Path:
@@ -35,7 +50,7 @@ def state_dir(base: Path | str, url: str, host: object) -> Path:
 
 def open_store(tmp_path: Path, url: str, host: str = "a") -> Store:
     """The store as front-end `host` sees it."""
-    return Store.create(state_dir(tmp_path, url, host), url)
+    return Store.create(state_dir(tmp_path, url, host), url, light=light())
 
 
 def enrolled(store: Store, name: str = "alice") -> tuple[int, int]:
@@ -48,12 +63,17 @@ def enrolled(store: Store, name: str = "alice") -> tuple[int, int]:
 
 def test_create_is_idempotent_and_reports_the_schema_it_found(tmp_path: Path, url: str) -> None:
     first = open_store(tmp_path, url)
+    driver = {"sqlite": "SqliteDatabase", "": "PostgresDatabase", "1": "LibpqDatabase"}
+    assert (
+        type(first.db).__name__
+        == driver["sqlite" if "sqlite" in url else os.environ.get("GK_TEST_LIGHT", "")]
+    )
     assert first.schema_before == 0
     first.close()
     again = open_store(tmp_path, url, "b")
     assert again.schema_before == SCHEMA_VERSION
     again.close()
-    Store.open(state_dir(tmp_path, url, "c"), url).close()
+    Store.open(state_dir(tmp_path, url, "c"), url, light=light()).close()
 
 
 def test_users_keys_enrollment_and_status_round_trip(tmp_path: Path, url: str) -> None:
@@ -159,14 +179,14 @@ def test_hook_tokens_expire(tmp_path: Path, url: str) -> None:
 
 
 def _race_step(base: str, url: str, host: int, user_id: int, go: object, out: object) -> None:
-    store = Store.open(state_dir(base, url, host), url)
+    store = Store.open(state_dir(base, url, host), url, light=light())
     go.wait()  # type: ignore[attr-defined]
     out.put(store.accept_timestep(user_id, 99))  # type: ignore[attr-defined]
     store.close()
 
 
 def _race_audit(base: str, url: str, host: int, count: int, go: object, out: object) -> None:
-    store = Store.open(state_dir(base, url, host), url)
+    store = Store.open(state_dir(base, url, host), url, light=light())
     go.wait()  # type: ignore[attr-defined]
     try:
         for i in range(count):
@@ -178,7 +198,7 @@ def _race_audit(base: str, url: str, host: int, count: int, go: object, out: obj
 
 
 def _race_guess(base: str, url: str, host: int, go: object, out: object) -> None:
-    store = Store.open(state_dir(base, url, host), url)
+    store = Store.open(state_dir(base, url, host), url, light=light())
     user = store.get_user("alice")
     go.wait()  # type: ignore[attr-defined]
     now = time.time()
@@ -191,7 +211,7 @@ def _race_guess(base: str, url: str, host: int, go: object, out: object) -> None
 
 
 def _race_session(base: str, url: str, host: int, go: object, out: object) -> None:
-    store = Store.open(state_dir(base, url, host), url)
+    store = Store.open(state_dir(base, url, host), url, light=light())
     user = store.get_user("alice")
     key = store.key_by_fingerprint(FP)
     go.wait()  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Installation, password_file_url
+from conftest import GATEKEEPER_SHELL, Installation, password_file_url
 from test_shell import assert_clean_refusal
 
 from gatekeeper.errors import StoreError
@@ -324,3 +324,78 @@ def test_store_copy_to_an_unreachable_database_changes_nothing(tmp_path: Path) -
     assert refused.returncode != 0 and "cannot reach" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert [u["user"] for u in json.loads(site.gk("user", "list", "--json").stdout)] == ["alice"]
+
+
+# -- the per-connection driver (libpq through ctypes) -------------------------------------
+
+
+def test_libpq_round_trips_every_type_the_store_uses(postgres_url: str) -> None:
+    from gatekeeper import libpq
+
+    conn = libpq.Connection({"dbname": postgres_url, "client_encoding": "UTF8"})
+    try:
+        blob = bytes(range(256)) + b"\x00\\x"
+        row = conn.execute(
+            "SELECT $1::bytea AS b, $2::bigint AS big, $3::text AS t, $4::text AS n,"
+            " $5::boolean AS yes, $6::int AS small, 1.5::float8 AS f",
+            (blob, 2**40, "zoë 'quoted' \\ $1 ?", None, True, -7),
+        ).fetchone()
+        assert row == {
+            "b": blob,
+            "big": 2**40,
+            "t": "zoë 'quoted' \\ $1 ?",
+            "n": None,
+            "yes": True,
+            "small": -7,
+            "f": 1.5,
+        }
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        assert conn.execute("INSERT INTO t VALUES (1), (2)").rowcount == 2
+        with pytest.raises(libpq.PgError) as info:
+            conn.execute("INSERT INTO t VALUES ($1)", (1,))
+        assert info.value.sqlstate == "23505" and "duplicate key" in str(info.value)
+        assert conn.transaction_status() == libpq.TRANS_IDLE
+    finally:
+        conn.close()
+    assert conn.closed
+    with pytest.raises(libpq.PgError, match="closed"):
+        conn.execute("SELECT 1")
+
+
+def test_the_git_access_path_does_not_import_psycopg(pg_site: tuple[Installation, int]) -> None:
+    gk, key = pg_site
+    code = (
+        "import sys\n"
+        "from gatekeeper.store import Store\n"
+        "store = Store.open(sys.argv[1], sys.argv[2], light=True)\n"
+        "facts = store.connection_facts(int(sys.argv[3]), 0)\n"
+        "print(type(store.db).__name__, facts.enrolled, 'psycopg' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(gk.state), gk.store_url, str(key)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["LibpqDatabase", "True", "False"]
+    trace = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            GATEKEEPER_SHELL,
+            "--config",
+            str(gk.config),
+            str(key),
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            **gk.env,
+            "SSH_CONNECTION": "127.0.0.1 1 127.0.0.1 22",
+            "SSH_ORIGINAL_COMMAND": FETCH,
+            "GATEKEEPER_DRY_RUN": "1",
+        },
+    )
+    assert trace.returncode == 0, trace.stderr[-2000:]
+    assert "psycopg" not in trace.stderr and "gatekeeper.libpq" in trace.stderr
