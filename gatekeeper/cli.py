@@ -151,6 +151,8 @@ def migrate(ctx: Context) -> None:
 
 # -- store -----------------------------------------------------------------------
 
+COPY_TIMEOUT_MS = 60_000
+
 
 @cli.group("store")
 def store_group() -> None:
@@ -174,7 +176,11 @@ def store_copy(ctx: Context, source: str, dest: str, replace: bool) -> None:
     from gatekeeper.storecopy import copy_store
 
     state_dir = ctx.policy.server.state_dir
-    with Store.open(state_dir, source) as src, Store.create(state_dir, dest) as dst:
+    # An admin command may wait longer than a git client: a big log takes a while.
+    with (
+        Store.open(state_dir, source, busy_timeout_ms=COPY_TIMEOUT_MS) as src,
+        Store.create(state_dir, dest, busy_timeout_ms=COPY_TIMEOUT_MS) as dst,
+    ):
         result = copy_store(src, dst, replace=replace)
     total = sum(result.rows.values())
     counts = ", ".join(f"{n} {t}" for t, n in result.rows.items() if n)

@@ -272,7 +272,14 @@ class Store:
         return store
 
     @classmethod
-    def create(cls, state_dir: Path | str, url: str = "", *, light: bool = False) -> Store:
+    def create(
+        cls,
+        state_dir: Path | str,
+        url: str = "",
+        *,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        light: bool = False,
+    ) -> Store:
         """Create (or migrate) the store, and the state directory with tight permissions."""
         state_dir = Path(state_dir)
         try:
@@ -290,7 +297,7 @@ class Store:
         location = _location(url, state_dir)
         old_umask = os.umask(0o077)
         try:
-            db = _connect(location, BUSY_TIMEOUT_MS, create=True, light=light)
+            db = _connect(location, busy_timeout_ms, create=True, light=light)
         finally:
             os.umask(old_umask)
         store = cls(state_dir, db)

@@ -399,3 +399,13 @@ def test_the_git_access_path_does_not_import_psycopg(pg_site: tuple[Installation
     )
     assert trace.returncode == 0, trace.stderr[-2000:]
     assert "psycopg" not in trace.stderr and "gatekeeper.libpq" in trace.stderr
+
+
+def test_store_copy_refuses_a_password_on_the_command_line(tmp_path: Path) -> None:
+    site = Installation(tmp_path / "gk").init()
+    result = site.gk(
+        "store", "copy", str(site.state), "postgresql://gk:hunter2@127.0.0.1/gate", check=False
+    )
+    assert result.returncode != 0 and "password in the URL" in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+    assert "password_file" in result.stderr
