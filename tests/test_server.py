@@ -27,7 +27,7 @@ from typing import Any
 
 import paramiko
 import pytest
-from conftest import GATEKEEPER, Installation, avoid_step_boundary, git
+from conftest import GATEKEEPER, Installation, avoid_step_boundary, git, password_file_url
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
     MSG_USERAUTH_FAILURE,
@@ -185,9 +185,13 @@ def url(port: int, repo: str, user: str = "git") -> str:
 class Site:
     """An installation with users, repositories and a running server."""
 
-    def __init__(self, base: Path, two_factor: str = "", *serve_args: str) -> None:
+    def __init__(
+        self, base: Path, two_factor: str = "", *serve_args: str, store_url: str = ""
+    ) -> None:
         self.port = free_port()
-        self.inst = Installation(base, POLICY, host=HOST, port=self.port, user="git")
+        self.inst = Installation(
+            base, POLICY, host=HOST, port=self.port, user="git", store_url=store_url
+        )
         if two_factor:
             self.inst.write_policy(
                 POLICY, host=HOST, port=self.port, user="git", two_factor=two_factor
@@ -223,6 +227,14 @@ class Site:
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     s = Site(tmp_path / "gk", "", "--auth-timeout", "3")
+    yield s
+    assert s.server.stop() == 0
+
+
+@pytest.fixture
+def pg_site(tmp_path: Path, postgres_server: object, postgres_url: str) -> Iterator[Site]:
+    url = password_file_url(postgres_server, postgres_url)
+    s = Site(tmp_path / "gk", "", "--auth-timeout", "3", store_url=url)
     yield s
     assert s.server.stop() == 0
 
@@ -271,6 +283,35 @@ def processes_with(text: str) -> list[str]:
 
 
 # -- the git workflows -------------------------------------------------------------------
+
+
+def test_the_embedded_server_on_a_postgres_store(pg_site: Site, tmp_path: Path) -> None:
+    """Clone and push, and a 2fa verify that opens a session for the vault, with the
+    state in PostgreSQL."""
+    work = tmp_path / "work"
+    env = pg_site.env("alice")
+    assert run(["git", "clone", url(pg_site.port, "project"), str(work)], env=env).returncode == 0
+    (work / "f.txt").write_text("x\n")
+    git("add", "f.txt", cwd=work)
+    git("commit", "-q", "-m", "f", cwd=work)
+    pushed = run(["git", "push", "origin", "main"], env=env, cwd=work)
+    assert pushed.returncode == 0, pushed.stderr
+    pg_site.inst.enroll("olga")
+    vault = run(
+        ["git", "clone", url(pg_site.port, "vault"), str(tmp_path / "v")], env=pg_site.env("olga")
+    )
+    assert vault.returncode != 0 and "2fa verify" in vault.stderr
+    verify = pg_site.ssh("olga", "2fa", "verify", pg_site.inst.code("olga"))
+    assert verify.returncode == 0, verify.stderr
+    vault = run(
+        ["git", "clone", url(pg_site.port, "vault"), str(tmp_path / "v")], env=pg_site.env("olga")
+    )
+    assert vault.returncode == 0, vault.stderr
+    reasons = [(r["user"], r["repo"], r["reason"]) for r in pg_site.inst.audit(event="access")]
+    assert ("alice", "project", "allowed") in reasons
+    assert ("olga", "vault", "2fa-not-verified") in reasons
+    assert ("olga", "vault", "allowed") in reasons
+    assert pg_site.inst.gk("log", "verify").returncode == 0
 
 
 def test_clone_push_and_fetch_through_the_embedded_server(site: Site, tmp_path: Path) -> None:
