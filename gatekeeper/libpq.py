@@ -50,9 +50,12 @@ class PgError(Exception):
 
 def _candidates() -> list[str]:
     names = ["libpq.so.5", "libpq.5.dylib", "libpq.so"]
-    # The copy in psycopg's binary wheel (found without importing psycopg).
+    # The copy in psycopg's binary wheel (found without importing psycopg). Never
+    # relative to the working directory: a library there could be anyone's.
     for entry in sys.path:
-        libs = os.path.join(entry or ".", "psycopg_binary.libs")
+        if not os.path.isabs(entry):
+            continue
+        libs = os.path.join(entry, "psycopg_binary.libs")
         try:
             found = sorted(f for f in os.listdir(libs) if f.startswith("libpq"))
         except OSError:

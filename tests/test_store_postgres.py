@@ -409,3 +409,34 @@ def test_store_copy_refuses_a_password_on_the_command_line(tmp_path: Path) -> No
     assert result.returncode != 0 and "password in the URL" in result.stderr
     assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
     assert "password_file" in result.stderr
+
+
+def test_libpq_falls_back_to_the_copy_in_psycopgs_wheel(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ctypes
+
+    from gatekeeper import libpq
+
+    real_cdll = ctypes.CDLL
+    tried: list[str] = []
+
+    def only_paths(name: str) -> object:
+        tried.append(name)
+        if "/" not in name:
+            raise OSError(f"{name}: not found")
+        return real_cdll(name)
+
+    (tmp_path / "psycopg_binary.libs").mkdir()
+    (tmp_path / "psycopg_binary.libs" / "libpq-evil.so.5").write_text("not a library")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    monkeypatch.setattr(libpq, "_lib", None)
+    monkeypatch.setattr(ctypes, "CDLL", only_paths)
+    lib = libpq.load()
+    assert "psycopg_binary.libs" in tried[-1] and lib.PQstatus is not None
+    assert not any("evil" in name for name in tried)  # never from the working directory
+    monkeypatch.setattr(libpq, "_lib", None)
+    monkeypatch.setattr(sys, "path", [])
+    with pytest.raises(libpq.PgError, match="not installed"):
+        libpq.load()
