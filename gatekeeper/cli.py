@@ -133,6 +133,9 @@ def init(ctx: Context) -> None:
         else:
             totp.load_server_key(store.server_key_path)
         record_policy_change(store, ctx.policy)
+        head = store.adopt_head()
+        if head is not None:
+            click.echo(f"this host's audit head starts at record {head[0]}")
     finally:
         store.close()
     click.echo(f"{'store is up to date' if existed else 'created store'}: {store.where}")

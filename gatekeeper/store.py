@@ -543,6 +543,22 @@ class Store:
         except OSError:
             pass  # best effort: `gatekeeper audit verify` reports a head that is off
 
+    def adopt_head(self) -> tuple[int, str] | None:
+        """A front-end joining a shared store starts its head file at the chain's
+        current end, so `log verify` here has a record to hold the log to. Returns the
+        head written, or None (a SQLite store, a head already there, an empty log)."""
+        if self.kind == "sqlite":
+            return None
+        with self._write():
+            if self.read_head() is not None:
+                return None
+            last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            end = (int(last["seq"]), str(last["hash"])) if last else self.audit_anchor()
+            if end is None:
+                return None
+            self._write_head(*end)
+        return end
+
     def read_head(self) -> tuple[int, str] | None:
         try:
             text = self.head_path.read_text()

@@ -440,3 +440,36 @@ def test_libpq_falls_back_to_the_copy_in_psycopgs_wheel(
     monkeypatch.setattr(sys, "path", [])
     with pytest.raises(libpq.PgError, match="not installed"):
         libpq.load()
+
+
+def test_a_front_end_joining_with_the_same_policy_verifies_the_log_at_once(
+    tmp_path: Path, postgres_server: object, postgres_url: str
+) -> None:
+    """Identical policy files on every front-end (relative paths): the second host's
+    init records no policy change, yet its `log verify` has a head to hold the log to."""
+    url = password_file_url(postgres_server, postgres_url)
+    text = f"server:\n  state_dir: state\n  repositories: repos\n  store: {url}\nrepositories: []\n"
+    hosts = []
+    for name in ("one", "two"):
+        inst = Installation(tmp_path / name, store_url=url)
+        inst.config.write_text(text)
+        hosts.append(inst)
+    one, two = hosts
+    one.init()
+    one.gk("user", "add", "alice")
+    two.state.mkdir(mode=0o700)
+    shutil.copy2(one.state / "server.key", two.state / "server.key")
+    joined = two.gk("init").stdout
+    assert "this host's audit head starts at record 2" in joined
+    assert "store is up to date" in joined
+    assert [r["event"] for r in two.audit()] == ["policy-change", "user-add"]
+    assert two.gk("log", "verify", check=False).returncode == 0
+    assert "audit head" not in two.gk("init").stdout  # once
+    # Host one's witness still holds while host two appends.
+    two.gk("user", "add", "bob")
+    assert one.gk("log", "verify", check=False).returncode == 0
+    # Cutting host two's record off the end is seen on host two.
+    with Store.open(two.state, url) as store:
+        store.db.execute("DELETE FROM audit WHERE seq = 3")
+    cut = two.gk("log", "verify", check=False)
+    assert cut.returncode != 0 and "cut off" in cut.stdout + cut.stderr
