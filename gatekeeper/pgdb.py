@@ -116,7 +116,8 @@ class _Postgres:
         self.execute(clear)
         self.execute(insert, (int(version),))
 
-    def ddl(self, script: str) -> str:
+    @staticmethod
+    def ddl(script: str) -> str:
         # 64-bit integers throughout (timestamps outlive 2038), identity columns for ids.
         return (
             script.replace("INTEGER", "BIGINT")

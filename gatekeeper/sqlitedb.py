@@ -99,7 +99,8 @@ class SqliteDatabase:
     def set_schema_version(self, version: int) -> None:
         self.conn.execute(f"PRAGMA user_version = {int(version)}")
 
-    def ddl(self, script: str) -> str:
+    @staticmethod
+    def ddl(script: str) -> str:
         return script.replace("{serial}", "INTEGER PRIMARY KEY")
 
     def reset_sequences(self, tables: Sequence[str]) -> None:

@@ -954,12 +954,13 @@ def test_expired_tokens_are_dropped_when_the_next_one_is_recorded(local: Install
 
 
 def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
+    from gatekeeper.sqlitedb import SqliteDatabase
     from gatekeeper.store import MIGRATIONS, _split_sql
 
     path = tmp_path / "state"
     path.mkdir()
     db = sqlite3.connect(path / "gatekeeper.db")
-    for statement in _split_sql(MIGRATIONS[1]):
+    for statement in _split_sql(SqliteDatabase.ddl(MIGRATIONS[1])):
         db.execute(statement)
     db.execute("PRAGMA user_version = 1")
     db.commit()
