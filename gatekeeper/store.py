@@ -200,9 +200,9 @@ class HookToken:
 
 def token_digest(token: str) -> str:
     """How a hook token is stored: its SHA-256, so reading the database forges nothing."""
-    import hashlib
+    from gatekeeper.audit import sha256  # the one that does not import OpenSSL's hashlib
 
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return sha256(token.encode("utf-8")).hexdigest()
 
 
 @record
