@@ -200,7 +200,7 @@ class HookToken:
 
 def token_digest(token: str) -> str:
     """How a hook token is stored: its SHA-256, so reading the database forges nothing."""
-    from gatekeeper.audit import sha256  # the one that does not import OpenSSL's hashlib
+    from gatekeeper.audit import sha256  # the builtin one, not OpenSSL's hashlib
 
     return sha256(token.encode("utf-8")).hexdigest()
 
