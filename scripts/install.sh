@@ -4,14 +4,18 @@
 #   sudo scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
 #                           [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
 #                           [--ssh-port N] [--extra-sshd-option 'Keyword value']...
+#                           [--store URL [--password-file FILE]] [--server-key FILE]
 #                           [--root DIR] [--dry-run] [--uninstall [--purge]]
 #
 # What it does (each step only when something is missing or out of date):
 #   - creates the git system user (login shell /bin/sh, no password, not locked);
-#   - a virtualenv in the prefix with gatekeeper installed (non-editable) from this checkout;
-#   - the policy file from config/example.yaml (server.user, repositories, state_dir, host and
-#     port filled in) if there is none: an existing one is never touched;
-#   - the state directory (owned by the git user, 0700) and `gatekeeper init` as the git user;
+#   - a virtualenv in the prefix with gatekeeper installed (non-editable) from this checkout,
+#     with its postgres extra (psycopg) when the store is PostgreSQL;
+#   - with --password-file, the store's password file (the git user's, 0600);
+#   - the policy file from config/example.yaml (server.user, repositories, state_dir, host,
+#     port and --store filled in) if there is none: an existing one is never touched;
+#   - the state directory (owned by the git user, 0700), with --server-key the first
+#     front-end's server key in it, and `gatekeeper init` as the git user;
 #   - the git hooks in every repository under the root, if this gatekeeper has `hooks`;
 #   - in authorized-keys mode, the git user's ~/.ssh/authorized_keys with gatekeeper's block;
 #   - an sshd_config.d drop-in (Match User <git>) for the chosen mode, validated with
@@ -19,6 +23,11 @@
 # Everything it created is listed in a manifest (PREFIX/install-manifest); --uninstall removes
 # exactly that (the state directory and a policy edited since only with --purge). Running it
 # again changes nothing and says so.
+#
+# A second front-end on a shared PostgreSQL store: --store with the same URL as the first,
+# --password-file with the database password, --server-key with a copy of the first
+# front-end's STATE_DIR/server.key (it encrypts the TOTP secrets). The database itself is
+# never dropped, not even by --uninstall --purge.
 #
 # --root DIR is a staging root: every path above lives under DIR, no system user is created
 # (the user must exist), sshd is not reloaded, and DIR/etc/ssh/sshd_config is written (if
@@ -52,6 +61,10 @@ DRY_RUN=0
 UNINSTALL=0
 PURGE=0
 EXTRA_OPTIONS=()
+STORE=
+PASSWORD_FILE=
+SERVER_KEY=
+DEFAULT_PASSWORD_FILE=/etc/gatekeeper/db.password
 
 usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
@@ -67,6 +80,15 @@ Options:
   --ssh-port N             port users connect to, for a new policy file (default 22; 2222 with
                            --root, where the staged sshd listens on 127.0.0.1:N)
   --extra-sshd-option LINE an extra line for the Match block, e.g. 'MaxSessions 4' (repeatable)
+  --store URL              server.store for a new policy file, e.g.
+                           postgresql://gatekeeper@db/gk (never a password in it; default:
+                           the SQLite file in the state directory)
+  --password-file FILE     with a PostgreSQL --store: install FILE (the database password) as
+                           the URL's password_file=, or /etc/gatekeeper/db.password (added to
+                           the URL), the git user's, 0600; a different one there is replaced
+  --server-key FILE        put this server key (another front-end's STATE_DIR/server.key) in
+                           the state directory before `gatekeeper init`; never replaces a
+                           different one
   --python PATH            interpreter for the virtualenv (default /usr/bin/python3)
   --source DIR             the gatekeeper checkout to install (default: this script's checkout)
   --sshd PATH              the sshd binary used to validate (default /usr/sbin/sshd)
@@ -110,6 +132,9 @@ while [[ $# -gt 0 ]]; do
     --source) need_value "$@"; SOURCE=$2; shift ;;
     --sshd) need_value "$@"; SSHD=$2; shift ;;
     --extra-sshd-option) need_value "$@"; EXTRA_OPTIONS+=("$2"); shift ;;
+    --store) need_value "$@"; STORE=$2; shift ;;
+    --password-file) need_value "$@"; PASSWORD_FILE=$2; shift ;;
+    --server-key) need_value "$@"; SERVER_KEY=$2; shift ;;
     --dry-run) DRY_RUN=1 ;;
     --uninstall) UNINSTALL=1 ;;
     --purge) PURGE=1 ;;
@@ -171,6 +196,26 @@ for line in "${EXTRA_OPTIONS[@]}"; do
     esac
 done
 ((PURGE == 0 || UNINSTALL == 1)) || die "--purge goes with --uninstall"
+# The URL goes into the policy file (YAML) and sed: URL characters only. Not echoed here (it
+# might hold a password); gatekeeper's own parser checks the rest below.
+STORE_CHARS='^[][A-Za-z0-9._~:/?@=&%+,;-]+$'
+[[ -z ${STORE} || ${STORE} =~ ${STORE_CHARS} ]] ||
+    die "--store: use only letters, digits and ._~:/?@=&%+,;[]- in the URL (percent-encode the rest)"
+if [[ -n ${PASSWORD_FILE} ]]; then
+    [[ -n ${STORE} ]] || die "--password-file goes with --store"
+    [[ -f ${PASSWORD_FILE} && -r ${PASSWORD_FILE} ]] ||
+        die "--password-file ${PASSWORD_FILE@Q}: no such file (a file holding only the database password)"
+    first_line=
+    IFS= read -r first_line <"${PASSWORD_FILE}" || true
+    [[ -n ${first_line%$'\r'} ]] || die "--password-file ${PASSWORD_FILE@Q}: its first line is empty (it holds the password)"
+    unset first_line
+fi
+if [[ -n ${SERVER_KEY} ]]; then
+    [[ -f ${SERVER_KEY} && -r ${SERVER_KEY} ]] ||
+        die "--server-key ${SERVER_KEY@Q}: no such file (copy STATE_DIR/server.key from the first front-end)"
+    [[ $(stat -c '%s' "${SERVER_KEY}") == 32 ]] ||
+        die "--server-key ${SERVER_KEY@Q}: not a server key (gatekeeper init writes 32 bytes)"
+fi
 [[ ${EUID} -eq 0 ]] || die "run it as root (sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
 
 if [[ -z ${SSHD} ]]; then
@@ -573,6 +618,47 @@ fi
     die "${PYTHON} cannot make a virtualenv with pip, or is older than 3.10 (install python3-venv)"
 [[ -f ${SOURCE}/pyproject.toml && -d ${SOURCE}/gatekeeper && -f ${SOURCE}/config/example.yaml ]] ||
     die "--source ${SOURCE@Q} is not a gatekeeper checkout"
+# --store: gatekeeper's own parser (standard library only) from the checkout, so a password
+# in the URL, an unknown scheme... are refused before anything changes.
+STORE_KIND=          # sqlite or postgresql, with --store
+STORE_NEW=           # what a new policy file's server.store says
+PW_DEST=             # where --password-file goes
+if [[ -n ${STORE} ]]; then
+    parsed=$(PYTHONPATH='' "${PYTHON}" -I -B - "${SOURCE}" "${STORE}" 2>&1 <<'PY'
+import sys
+
+sys.path.insert(0, sys.argv[1])
+from gatekeeper.errors import GatekeeperError
+from gatekeeper.storeurl import parse_store_url
+
+try:
+    location = parse_store_url(sys.argv[2], "/nonexistent")
+except GatekeeperError as exc:
+    sys.exit(exc.message + (f" ({exc.hint})" if exc.hint else ""))
+print(location.kind, location.password_file or "-")
+PY
+    ) || die "--store: ${parsed:-gatekeeper.storeurl cannot read it}"
+    read -r STORE_KIND url_password_file <<<"${parsed}"
+    STORE_NEW=${STORE}
+    if [[ ${STORE_KIND} != postgresql ]]; then
+        [[ -z ${PASSWORD_FILE} ]] || die "--password-file goes with a PostgreSQL --store"
+    elif [[ -n ${PASSWORD_FILE} ]]; then
+        if [[ ${url_password_file} == - ]]; then
+            PW_DEST=${ROOT}${DEFAULT_PASSWORD_FILE}
+            STORE_NEW+=$([[ ${STORE} == *\?* ]] && echo '&' || echo '?')password_file=${PW_DEST}
+        else
+            PW_DEST=${url_password_file}
+            [[ -z ${ROOT} || ${PW_DEST} == "${ROOT}"/* ]] ||
+                die "--store names password_file=${PW_DEST}, outside the staging root ${ROOT}"
+        fi
+        check_path "the password file" "${PW_DEST}"
+        [[ ! -e ${PW_DEST} || -f ${PW_DEST} ]] || die "${PW_DEST} exists and is not a file"
+    fi
+fi
+# A second front-end gets the first one's server key; a different key is never replaced.
+if [[ -n ${SERVER_KEY} && -f ${P_STATE}/server.key ]] && ! cmp -s -- "${SERVER_KEY}" "${P_STATE}/server.key"; then
+    die "${P_STATE}/server.key is already there and differs from --server-key ${SERVER_KEY}: not replaced (the TOTP secrets encrypted with it would be lost; move it away yourself if you mean it)"
+fi
 command -v runuser >/dev/null 2>&1 || die "runuser not found (util-linux)"
 if [[ -z ${ROOT} ]]; then
     [[ -f ${MAIN_CFG} ]] || die "${MAIN_CFG} not found: install openssh-server first"
@@ -638,15 +724,17 @@ source_digest() {
 }
 DIGEST=$(source_digest)
 VENV_UPDATED=0
+EXTRAS=   # pyproject.toml's postgres extra (psycopg) for a PostgreSQL store
+[[ ${STORE_KIND} != postgresql ]] || EXTRAS='[postgres]'
 installed=$(manifest_data venv "${P_PREFIX}")
 if [[ -x ${P_PREFIX}/bin/python && ${installed} == "${DIGEST}" && -x ${GK} ]]; then
     ok "virtualenv ${P_PREFIX} has gatekeeper from ${SOURCE} (unchanged)"
 else
     ensure_dir "${P_PREFIX}" root:root 755
     if [[ -x ${P_PREFIX}/bin/python ]]; then
-        change "reinstall gatekeeper in ${P_PREFIX} from ${SOURCE} (the source changed)"
+        change "reinstall gatekeeper${EXTRAS} in ${P_PREFIX} from ${SOURCE} (the source changed)"
     else
-        change "create virtualenv ${P_PREFIX} (${PYTHON}) and install gatekeeper from ${SOURCE}"
+        change "create virtualenv ${P_PREFIX} (${PYTHON}) and install gatekeeper${EXTRAS} from ${SOURCE}"
     fi
     if ! dry; then
         VENV_UPDATED=1
@@ -666,7 +754,7 @@ else
         if ! { "${pip[@]}" wheel --no-deps -w "${work}/wheel" "${work}/src" &&
             wheel=$(find "${work}/wheel" -name 'gatekeeper-*.whl' | head -n1) &&
             { [[ ${#reinstall[@]} -eq 0 ]] || "${pip[@]}" install "${reinstall[@]}" "${wheel}"; } &&
-            "${pip[@]}" install "${wheel}"; } >"${work}/pip.log" 2>&1; then
+            "${pip[@]}" install "${wheel}${EXTRAS}"; } >"${work}/pip.log" 2>&1; then
             cat "${work}/pip.log" >&2
             die "pip could not install gatekeeper into ${P_PREFIX} (its output is above)"
         fi
@@ -684,15 +772,52 @@ if [[ -x ${P_PREFIX}/bin/python ]] && ! as_git "${P_PREFIX}/bin/python" -c 'impo
     die "user ${GIT_USER} cannot run ${P_PREFIX}/bin/python ($(readlink -f "${P_PREFIX}/bin/python") is not reachable for it?): pass --python /usr/bin/python3 and --uninstall first"
 fi
 
+# 2b. --password-file: the PostgreSQL store's password, readable by the git user alone. Before
+#     the policy file (its check reads the store) and `gatekeeper init`.
+if [[ -n ${PASSWORD_FILE} ]]; then
+    if [[ -f ${PW_DEST} ]] && cmp -s -- "${PASSWORD_FILE}" "${PW_DEST}"; then
+        if [[ $(owner_of "${PW_DEST}") != "${OWNER}" || $(mode_of "${PW_DEST}") != 600 ]]; then
+            change "set store password file ${PW_DEST} to ${OWNER} 0600 (was $(owner_of "${PW_DEST}") $(mode_of "${PW_DEST}"))"
+            dry || { chown "${OWNER}" "${PW_DEST}" && chmod 0600 "${PW_DEST}"; }
+        else
+            ok "store password file ${PW_DEST} (${OWNER} 0600)"
+        fi
+    else
+        ensure_dir "$(dirname "${PW_DEST}")" root:root 755
+        if [[ -f ${PW_DEST} ]]; then
+            change "replace store password file ${PW_DEST} with ${PASSWORD_FILE} (${OWNER} 0600; it differed)"
+        else
+            change "install store password file ${PW_DEST} from ${PASSWORD_FILE} (${OWNER} 0600)"
+        fi
+        if ! dry; then
+            existed=no
+            [[ -f ${PW_DEST} ]] && existed=yes
+            # umask 077: not even the temporary file is readable by others for a moment.
+            (umask 077 && write_file "${PW_DEST}" "${OWNER}" 600 <"${PASSWORD_FILE}")
+            if [[ ${existed} == no ]]; then
+                manifest_add file "${PW_DEST}" "$(sha256_of "${PW_DEST}")"
+            elif [[ -n $(manifest_data file "${PW_DEST}") ]]; then
+                manifest_set file "${PW_DEST}" "$(sha256_of "${PW_DEST}")"
+            fi
+        fi
+    fi
+fi
+
 # 3. The policy file: from the example if there is none; never touched once it exists.
 CONFIG_CREATED=0
 if [[ -f ${P_CONFIG} ]]; then
     ok "policy file ${P_CONFIG} exists (left as it is)"
 else
     ensure_dir "$(dirname "${P_CONFIG}")" root:root 755
-    change "create policy file ${P_CONFIG} from config/example.yaml (user ${GIT_USER}, repositories ${P_REPOS}, state_dir ${P_STATE}, host ${HOST}, port ${SSH_PORT})"
+    change "create policy file ${P_CONFIG} from config/example.yaml (user ${GIT_USER}, repositories ${P_REPOS}, state_dir ${P_STATE}, host ${HOST}, port ${SSH_PORT}${STORE_NEW:+, store ${STORE_NEW}})"
     if ! dry; then
         CONFIG_CREATED=1
+        store_expr=
+        if [[ -n ${STORE_NEW} ]]; then
+            # Single-quoted in YAML; for sed, & and | are escaped (no ' or \ gets this far).
+            # shellcheck disable=SC2001 # ${var//} treats & differently across bash versions
+            store_expr="s|^\(  store:\)[[:space:]]*\$|\1 '$(sed 's/[&|]/\\&/g' <<<"${STORE_NEW}")'|"
+        fi
         # Only the server section's values; the comments after them stay.
         sed -e "/^server:/,/^[^[:space:]#]/{
 s|^\(  host:[[:space:]]*\)[^[:space:]#]*|\1${HOST}|
@@ -700,6 +825,7 @@ s|^\(  port:[[:space:]]*\)[^[:space:]#]*|\1${SSH_PORT}|
 s|^\(  user:[[:space:]]*\)[^[:space:]#]*|\1${GIT_USER}|
 s|^\(  repositories:[[:space:]]*\)[^[:space:]#]*|\1${P_REPOS}|
 s|^\(  state_dir:[[:space:]]*\)[^[:space:]#]*|\1${P_STATE}|
+${store_expr}
 }" "${SOURCE}/config/example.yaml" | {
             printf '# Written by gatekeeper scripts/install.sh from config/example.yaml; yours to edit:\n'
             printf '# install.sh never overwrites it. Check it with: %s --config %s policy check\n' "${GK}" "${P_CONFIG}"
@@ -713,28 +839,75 @@ s|^\(  state_dir:[[:space:]]*\)[^[:space:]#]*|\1${P_STATE}|
 fi
 
 # The settings that count are the policy file's (it may be an older, edited one).
+POLICY_STORE_KIND=${STORE_KIND:-sqlite}
 if [[ -x ${GK} && -f ${P_CONFIG} ]]; then
-    settings=$(env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "${P_PREFIX}/bin/python" - "${P_CONFIG}" <<'PY'
+    # Line 1: user repositories state_dir; line 2: the store's kind, whether it is the one
+    # --store names (same, differs, or - without --store), and what server.store says.
+    # (-I: the installed gatekeeper, never a checkout in the current directory.)
+    settings=$(env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "${P_PREFIX}/bin/python" -I - "${P_CONFIG}" "${STORE_NEW}" <<'PY'
+import os
 import sys
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.policy import load_policy
+from gatekeeper.storeurl import parse_store_url
 
 try:
     server = load_policy(sys.argv[1]).server
+    location = parse_store_url(server.store, str(server.state_dir))
+    same = "-"
+    if sys.argv[2]:
+        wanted = parse_store_url(sys.argv[2], str(server.state_dir), os.path.dirname(sys.argv[1]))
+        same = "same" if wanted == location else "differs"
 except GatekeeperError as exc:
     sys.exit(f"{exc.message}")
 print(server.user, server.repositories, server.state_dir)
+print(location.kind, same, server.store or "(empty: the SQLite file in state_dir)")
 PY
     ) || die "cannot read ${P_CONFIG}: ${settings:-see above}"
     wanted="${GIT_USER} ${P_REPOS} ${P_STATE}"
+    store_line=$(sed -n 2p <<<"${settings}")
+    settings=$(sed -n 1p <<<"${settings}")
     read -r cfg_user P_REPOS P_STATE <<<"${settings}"
-    if ((CONFIG_CREATED == 1)) && [[ ${settings} != "${wanted}" ]]; then
-        die "the new ${P_CONFIG} says (user repositories state_dir) ${settings}, not ${wanted}: has config/example.yaml's server section changed?"
+    read -r POLICY_STORE_KIND store_same cfg_store <<<"${store_line}"
+    if ((CONFIG_CREATED == 1)) && [[ ${settings} != "${wanted}" || ${store_same} == differs ]]; then
+        die "the new ${P_CONFIG} says (user repositories state_dir) ${settings}, store ${cfg_store}, not ${wanted}, store ${STORE_NEW:-(empty)}: has config/example.yaml's server section changed?"
+    fi
+    if [[ ${store_same} == differs ]]; then
+        say "  note     ${P_CONFIG} has server.store ${cfg_store}, not --store ${STORE_NEW}: the policy file is left as it is (edit it to change the store)"
     fi
     [[ ${cfg_user} == "${GIT_USER}" ]] ||
         die "${P_CONFIG} says server.user: ${cfg_user}, but --user is ${GIT_USER}: make them agree"
     check_path "server.repositories in ${P_CONFIG}" "${P_REPOS}"
     check_path "server.state_dir in ${P_CONFIG}" "${P_STATE}"
+fi
+
+# 3b. A PostgreSQL store (--store, or an existing policy's) needs psycopg in the virtualenv:
+#     installed with gatekeeper above, or here from the installed gatekeeper's postgres extra.
+if [[ ${POLICY_STORE_KIND} == postgresql && -x ${P_PREFIX}/bin/python ]]; then
+    if as_git "${P_PREFIX}/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+        ok "psycopg in ${P_PREFIX} (the store is PostgreSQL)"
+    else
+        change "install gatekeeper's postgres extra (psycopg) into ${P_PREFIX} (the store is PostgreSQL)"
+        if ! dry; then
+            postgres_extra() {   # the requirements of the installed gatekeeper's postgres extra
+                env -i PATH="${SAFE_PATH}" LC_ALL=C.UTF-8 "${P_PREFIX}/bin/python" -I - <<'PY'
+from importlib.metadata import requires
+
+for line in requires("gatekeeper") or ():
+    spec, _, marker = line.partition(";")
+    if "".join(marker.split()).replace("'", '"') == 'extra=="postgres"':
+        print(spec.strip())
+PY
+            }
+            mapfile -t requirements < <(postgres_extra)
+            ((${#requirements[@]} > 0)) || die "the installed gatekeeper has no postgres extra: install one from a newer checkout"
+            if ! out=$("${P_PREFIX}/bin/python" -m pip --disable-pip-version-check --no-input install "${requirements[@]}" 2>&1); then
+                printf '%s\n' "${out}" >&2
+                die "pip could not install ${requirements[*]} into ${P_PREFIX} (its output is above)"
+            fi
+            chmod -R go-w "${P_PREFIX}"
+        fi
+    fi
 fi
 
 # 4. The state directory: the git user's alone. Then the store, as the git user.
@@ -754,7 +927,52 @@ else
         manifest_add state "${P_STATE}"
     fi
 fi
-if [[ -f ${P_STATE}/gatekeeper.db ]]; then
+# --server-key: the first front-end's key, before `gatekeeper init` would make a new one.
+SERVER_KEY_PATH=${P_STATE}/server.key
+if [[ -n ${SERVER_KEY} ]]; then
+    if [[ -f ${SERVER_KEY_PATH} ]]; then
+        cmp -s -- "${SERVER_KEY}" "${SERVER_KEY_PATH}" ||
+            die "${SERVER_KEY_PATH} is already there and differs from --server-key ${SERVER_KEY}: not replaced (the TOTP secrets encrypted with it would be lost; move it away yourself if you mean it)"
+        ok "server key ${SERVER_KEY_PATH} is the one in ${SERVER_KEY}"
+    else
+        change "install server key ${SERVER_KEY_PATH} from ${SERVER_KEY} (${OWNER} 0600)"
+        dry || (umask 077 && write_file "${SERVER_KEY_PATH}" "${OWNER}" 600 <"${SERVER_KEY}")
+    fi
+fi
+# A PostgreSQL store is ready for this host when it is at this gatekeeper's schema and this
+# host has its server key and its audit head (`gatekeeper init` on a second front-end writes
+# the head). A read-only check, as the git user (its password file). Prints where, or why not.
+store_ready() {
+    as_git "${P_PREFIX}/bin/python" - "${P_CONFIG}" 2>&1 <<'PY'
+import sys
+from gatekeeper.errors import GatekeeperError
+from gatekeeper.policy import load_policy
+from gatekeeper.store import Store
+
+try:
+    server = load_policy(sys.argv[1]).server
+    store = Store.open(server.state_dir, server.store)
+    try:
+        if not store.server_key_path.is_file():
+            sys.exit(f"no server key {store.server_key_path} yet")
+        if store.read_head() is None:
+            sys.exit(f"this host has no audit head {store.head_path} yet")
+        print(store.where)
+    finally:
+        store.close()
+except GatekeeperError as exc:
+    sys.exit(exc.message)
+PY
+}
+where=
+if [[ ${POLICY_STORE_KIND} == postgresql ]]; then
+    if [[ -x ${P_PREFIX}/bin/python && -f ${P_CONFIG} ]] && where=$(store_ready); then
+        ok "store ${where} is at this gatekeeper's schema; server key ${SERVER_KEY_PATH}"
+    else
+        change "run gatekeeper init as ${GIT_USER} (PostgreSQL store${where:+: ${where%%$'\n'*}})"
+        dry || as_git "${GK}" --config "${P_CONFIG}" init | sed 's/^/           /'
+    fi
+elif [[ -f ${P_STATE}/gatekeeper.db ]]; then
     if ((VENV_UPDATED == 1)); then
         change "run gatekeeper migrate as ${GIT_USER} (new gatekeeper, existing store)"
         dry || as_git "${GK}" --config "${P_CONFIG}" migrate >/dev/null

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import pwd
 import random
@@ -37,12 +38,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sshd
+from pgserver import PostgresServer
 
 from gatekeeper import totp
 
@@ -262,8 +265,9 @@ def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture
-def box(tmp_path: Path, source_copy: Path) -> Iterator[Box]:
+@contextmanager
+def staging_box(tmp: Path, source: Path) -> Iterator[Box]:
+    """A fresh staging root with its own throwaway git user, both removed afterwards."""
     need_root()
     sshd_bin = sshd.require_sshd()
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
@@ -293,10 +297,17 @@ def box(tmp_path: Path, source_copy: Path) -> Iterator[Box]:
         timeout=60,
     )
     try:
-        yield Box(root, user, source_copy, _free_port(), tmp_path, sshd_bin)
+        tmp.mkdir(parents=True, exist_ok=True)
+        yield Box(root, user, source, _free_port(), tmp, sshd_bin)
     finally:
         subprocess.run(["userdel", user], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def box(tmp_path: Path, source_copy: Path) -> Iterator[Box]:
+    with staging_box(tmp_path, source_copy) as made:
+        yield made
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,6 +713,12 @@ def test_dry_run_on_a_fresh_root_prints_every_change_and_makes_none(
         (["--ssh-port", "70000"], "not a port number"),
         (["--purge"], "--purge goes with --uninstall"),
         (["--user", "no-such-user-here"], "with --root no system user is created"),
+        (["--store", "mysql://gatekeeper@db/gk"], "unknown scheme"),
+        (["--store", "postgresql://gatekeeper@db/gk?password=x"], "a password parameter"),
+        (["--store", "postgresql://gk@db/gk", "--password-file", "/no/such/file"], "no such file"),
+        (["--password-file", "/etc/hostname"], "--password-file goes with --store"),
+        (["--server-key", "/no/such/server.key"], "--server-key '/no/such/server.key': no such"),
+        (["--server-key", "/etc/hostname"], "not a server key"),
     ],
 )
 def test_bad_options_are_refused_before_anything_changes(
@@ -711,6 +728,23 @@ def test_bad_options_are_refused_before_anything_changes(
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
     assert list(empty_root.iterdir()) == []
+
+
+def test_a_password_in_the_store_url_is_refused_up_front_and_not_shown(empty_root: Path) -> None:
+    for extra in ([], ["--dry-run"]):
+        result = run_script(
+            "--root",
+            str(empty_root),
+            "--user",
+            "root",
+            "--store",
+            "postgresql://gatekeeper:s3cret-pw@db.example.com/gk",
+            *extra,
+        )
+        assert result.returncode != 0
+        assert "a password in the URL" in result.stderr, result.stderr
+        assert "s3cret-pw" not in result.stdout + result.stderr
+        assert list(empty_root.iterdir()) == []
 
 
 def test_keys_command_under_a_world_writable_directory_is_refused_up_front(
@@ -736,6 +770,8 @@ def test_help_lists_the_options() -> None:
     result = run_script("--help")
     assert result.returncode == 0
     for option in ("--mode", "--user", "--prefix", "--config", "--repos", "--root", "--dry-run"):
+        assert option in result.stdout
+    for option in ("--store URL", "--password-file FILE", "--server-key FILE"):
         assert option in result.stdout
     assert "--uninstall" in result.stdout and "--purge" in result.stdout
 
@@ -807,3 +843,91 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
         )
         == ""
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Two front-ends on one PostgreSQL store
+
+
+@pytest.mark.sshd
+def test_second_front_end_on_a_shared_postgresql_store(
+    tmp_path: Path,
+    source_copy: Path,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only the password file install.sh puts in place: no PGPASSFILE from the fixture.
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    password = postgres_server.password_file
+    pg = ["--store", postgres_url, "--password-file", str(password)]
+    with (
+        staging_box(tmp_path / "first", source_copy) as first,
+        staging_box(tmp_path / "second", source_copy) as second,
+    ):
+        installed = first.install(*pg)
+        assert "install gatekeeper[postgres]" in installed.stdout
+        assert "created store: postgresql://" in installed.stdout
+        # The policy points at the store, with the password file install.sh put in place:
+        # the git user's alone, and listed for --uninstall.
+        password_dest = first.root / "etc" / "gatekeeper" / "db.password"
+        store_line = f"  store: '{postgres_url}?password_file={password_dest}'"
+        assert store_line in first.config.read_text().splitlines()
+        st = password_dest.stat()
+        git_uid = pwd.getpwnam(first.user).pw_uid
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (git_uid, 0o600)
+        assert password_dest.read_bytes() == password.read_bytes()
+        assert f"file {password_dest} " in (first.prefix / "install-manifest").read_text()
+        assert not (first.state / "gatekeeper.db").exists()
+        # alice is added and starts enrolling on the first front-end.
+        first.gk("user", "add", "alice")
+        secret = secret_from(first.gk("2fa", "enroll", "alice", "--no-qr").stdout)
+
+        # The second front-end: same store, the first one's server key. A dry run lists it all.
+        key = ["--server-key", str(first.state / "server.key")]
+        before = snapshot(second.root)
+        dry = second.install(*pg, *key, "--dry-run")
+        for expected in (
+            "would    create virtualenv",
+            "install gatekeeper[postgres]",
+            f"would    install store password file {second.root}/etc/gatekeeper/db.password",
+            f"would    install server key {second.state}/server.key",
+            "would    run gatekeeper init",
+        ):
+            assert expected in dry.stdout, dry.stdout
+        assert differences(before, snapshot(second.root)) == ""
+        joined = second.install(*pg, *key)
+        assert "store is up to date: postgresql://" in joined.stdout
+        assert (second.state / "server.key").read_bytes() == (
+            first.state / "server.key"
+        ).read_bytes()
+        # Again: nothing to change (the store is ready, the key and password file in place).
+        ready = snapshot(second.root)
+        again = second.install(*pg, *key)
+        assert "nothing to change" in again.stdout and "change   " not in again.stdout
+        assert "is at this gatekeeper's schema" in again.stdout
+        assert differences(ready, snapshot(second.root)) == ""
+
+        # They agree: the second decrypts the secret the first encrypted (same server key)
+        # and confirms alice; both see her enrolled.
+        code = totp.current_code(secret, time.time())
+        second.gk("2fa", "confirm", "alice", code)
+        for front_end in (first, second):
+            status = json.loads(front_end.gk("2fa", "status", "--json").stdout)
+            assert [(row["user"], row["state"]) for row in status] == [("alice", "enrolled")]
+
+        # A different server key is refused before anything changes.
+        other = tmp_path / "other.key"
+        other.write_bytes(os.urandom(32))
+        used = snapshot(second.root)
+        refused = second.install(*pg, "--server-key", str(other), check=False)
+        assert refused.returncode != 0
+        assert "differs from --server-key" in refused.stderr and "not replaced" in refused.stderr
+        assert differences(used, snapshot(second.root)) == ""
+
+        # --uninstall removes the password file it installed; the shared store stays.
+        removed = second.install("--uninstall")
+        assert f"remove file {second.root}/etc/gatekeeper/db.password" in removed.stdout
+        assert not (second.root / "etc" / "gatekeeper" / "db.password").exists()
+        status = json.loads(first.gk("2fa", "status", "--json").stdout)
+        assert [(row["user"], row["state"]) for row in status] == [("alice", "enrolled")]
