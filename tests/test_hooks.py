@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 import sshd
 from conftest import DEFAULT_POLICY, Installation, git, make_bare_repo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_e2e_sshd import Site, start_site
 
 from gatekeeper import hooks
@@ -968,3 +971,40 @@ def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
     with Store.create(path) as store:
         assert store.hook_token("0" * 64, time.time()) is None
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+# -- the checks that replaced regular expressions (the fetch hook must not import `re`) --
+
+_OLD_TOKEN = re.compile(r"[0-9a-f]{64}\Z")
+_OLD_OID = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
+_OLD_REF_BAD_CHAR = re.compile(rb"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet="0123456789abcdefABCDEF\n", min_size=60, max_size=68),
+    )
+)
+def test_token_check_equals_the_old_pattern(text: str) -> None:
+    assert hooks._is_token(text) == bool(_OLD_TOKEN.match(text))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.binary(),
+        st.binary(min_size=38, max_size=66).map(lambda b: b.hex().encode()[: len(b)]),
+        st.sampled_from([b"0" * 40, b"a" * 64, b"0" * 41, b"F" * 40, b"0" * 40 + b"\n"]),
+    )
+)
+def test_oid_check_equals_the_old_pattern(data: bytes) -> None:
+    assert hooks._is_oid(data) == bool(_OLD_OID.match(data))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40))
+def test_bad_ref_byte_equals_the_old_pattern(ref: bytes) -> None:
+    old = _OLD_REF_BAD_CHAR.search(ref)
+    assert hooks._first_bad_ref_byte(ref) == (old.start() if old else None)
