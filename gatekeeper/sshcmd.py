@@ -1,7 +1,8 @@
 """The one place that parses what an SSH client asked to run.
 
-`SSH_ORIGINAL_COMMAND` is split with shell-word rules (`shlex`, no shell ever sees
-it) into an allow-listed verb and exactly one argument. Anything else is refused
+`SSH_ORIGINAL_COMMAND` is split with POSIX shell-word rules (`split_words`, which
+splits exactly as `shlex.split` does; no shell ever sees it) into an allow-listed verb
+and exactly one argument. Anything else is refused
 with a message that says what was wrong. Standard library only: this runs on every
 connection.
 """
@@ -9,11 +10,13 @@ connection.
 from __future__ import annotations
 
 import os
-import shlex
-from pathlib import Path
 
 from gatekeeper.errors import InputError
 from gatekeeper.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MAX_COMMAND_LENGTH = 1024
 MAX_REPO_NAME_LENGTH = 200
@@ -73,6 +76,62 @@ class UserCommand:
         return self.words[0] if self.words else "info"
 
 
+# shlex's whitespace in POSIX mode; its quotes, its escape, the quote escapes work in.
+_WHITESPACE = " \t\r\n"
+
+
+def split_words(text: str) -> list[str]:
+    """`shlex.split(text)` (POSIX mode, no comments) without importing shlex, which
+    imports `re`: words separated by whitespace, `'...'` literal, `"..."` with `\\`
+    escaping only `"` and `\\`, `\\` escaping any character outside quotes. Raises
+    ValueError with shlex's messages for an unclosed quote or a trailing escape.
+    tests/test_hotpath.py checks it against shlex on arbitrary text."""
+    words: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _WHITESPACE:
+            i += 1
+        if i >= n:
+            return words
+        word: list[str] = []
+        while i < n and text[i] not in _WHITESPACE:
+            c = text[i]
+            if c == "\\":
+                if i + 1 >= n:
+                    raise ValueError("No escaped character")
+                word.append(text[i + 1])
+                i += 2
+            elif c == "'":
+                end = text.find("'", i + 1)
+                if end < 0:
+                    raise ValueError("No closing quotation")
+                word.append(text[i + 1 : end])
+                i = end + 1
+            elif c == '"':
+                i += 1
+                while True:
+                    if i >= n:
+                        raise ValueError("No closing quotation")
+                    c = text[i]
+                    if c == '"':
+                        i += 1
+                        break
+                    if c == "\\":
+                        if i + 1 >= n:
+                            raise ValueError("No escaped character")
+                        if text[i + 1] not in '"\\':
+                            word.append(c)
+                        word.append(text[i + 1])
+                        i += 2
+                    else:
+                        word.append(c)
+                        i += 1
+            else:
+                word.append(c)
+                i += 1
+        words.append("".join(word))
+
+
 def parse_command(text: str | None) -> GitRequest | UserCommand:
     """Parse `SSH_ORIGINAL_COMMAND`; raise `InputError` for anything not allowed."""
     if text is None or not text.strip():
@@ -87,7 +146,7 @@ def parse_command(text: str | None) -> GitRequest | UserCommand:
             hint=HELP_HINT,
         )
     try:
-        words = shlex.split(text, posix=True)
+        words = split_words(text)
     except ValueError as exc:
         raise InputError(f"command refused: {exc} (unbalanced quotes?).", hint=HELP_HINT) from exc
     if not words:
@@ -153,16 +212,26 @@ def normalize_repo_name(arg: str) -> str:
     return name
 
 
-def resolve_repo_path(root: Path, name: str) -> Path | None:
+def resolve_repo_path(root: str | os.PathLike[str], name: str) -> Path | None:
     """The bare repository `<root>/<name>.git`, or None if it is missing or escapes the root.
 
     The real path is checked, so a symlink inside the root that points outside it is
     treated as missing.
     """
+    real = resolve_repo(root, name)
+    if real is None:
+        return None
+    from pathlib import Path
+
+    return Path(real)
+
+
+def resolve_repo(root: str | os.PathLike[str], name: str) -> str | None:
+    """`resolve_repo_path` as a string, for the forced command (no pathlib import)."""
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, name + ".git"))
     if not real.startswith(real_root + os.sep):
         return None
     if not os.path.isdir(real) or not os.path.isfile(os.path.join(real, "HEAD")):
         return None
-    return Path(real)
+    return real

@@ -98,3 +98,70 @@ def test_policy_sshkeys_and_sshcmd_compile_nothing_at_import() -> None:
         "assert re._cache == before, [p for p in re._cache if p not in before]\n"
     )
     assert "gatekeeper.policy" in modules
+
+
+# -- the shell-word splitter that replaced shlex.split -------------------------------------
+
+SHELLISH = list("ab -_/.~'\"\\ \t\r\n\x00;$`é")
+SHELL_TEXT = st.text(alphabet=st.sampled_from(SHELLISH), max_size=60) | st.text(max_size=60)
+
+
+def shlex_outcome(split: Callable[[str], list[str]], text: str) -> list[str] | str:
+    try:
+        return split(text)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=SHELL_TEXT)
+def test_split_words_splits_as_shlex_does(text: str) -> None:
+    """The same words for every input, and the same refusal (shlex's message) for
+    every input shlex refuses; not only for the subset parse_command accepts."""
+    import shlex
+
+    assert shlex_outcome(sshcmd.split_words, text) == shlex_outcome(shlex.split, text), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "''",
+        "'' ''",
+        '""',
+        "a''b",
+        "git-upload-pack 'a/b.git'",
+        'git-upload-pack "a/b.git"',
+        "git upload-pack '/x'",
+        r"a\ b",
+        "a\\",
+        "'a",
+        '"a',
+        '"a\\',
+        r'"a\"b"',
+        r'"a\\b"',
+        r'"a\b"',
+        r"'a\b'",
+        "'a\"b'",
+        '"a\'b"',
+        "a#b #c",
+        "\ta\r\nb\n",
+        "a\x0bb",
+        "a\u00a0b",
+    ],
+)
+def test_split_words_on_edges(text: str) -> None:
+    import shlex
+
+    assert shlex_outcome(sshcmd.split_words, text) == shlex_outcome(shlex.split, text)
+
+
+def test_parse_command_refuses_unbalanced_quotes_with_shlexs_message() -> None:
+    with pytest.raises(sshcmd.InputError) as info:
+        sshcmd.parse_command("git-upload-pack 'a")
+    assert info.value.message == "command refused: No closing quotation (unbalanced quotes?)."
+    with pytest.raises(sshcmd.InputError) as info:
+        sshcmd.parse_command("git-upload-pack a\\")
+    assert info.value.message == "command refused: No escaped character (unbalanced quotes?)."
