@@ -8,7 +8,6 @@ also kept outside the database, in `audit.head` beside it. Standard library only
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 
 from gatekeeper.record import record
@@ -41,8 +40,93 @@ FIELDS = (
 
 def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
     """SHA-256 over the previous hash and the record's canonical JSON."""
-    body = json.dumps({f: record.get(f) for f in FIELDS}, sort_keys=True, separators=(",", ":"))
+    body = canonical_json({f: record.get(f) for f in FIELDS}, compact=True)
     return sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+class _Unhandled(Exception):
+    """A value `canonical_json` leaves to the json module."""
+
+
+def canonical_json(value: Any, *, compact: bool = False) -> str:
+    """`json.dumps(value, sort_keys=True)`, with `separators=(",", ":")` if `compact`,
+    byte for byte, without importing json (which imports `re`) for what the audit log
+    holds: dicts with string keys, lists, tuples, strings, ints, floats, bools and None.
+    Anything else (other key types, subclasses, deep nesting) goes to json itself.
+    tests/test_hotpath.py checks it against json on generated values."""
+    try:
+        return _encode(value, "," if compact else ", ", ":" if compact else ": ", 0)
+    except _Unhandled:
+        import json
+
+        separators = (",", ":") if compact else None
+        return json.dumps(value, sort_keys=True, separators=separators)
+
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\b": "\\b",
+    "\f": "\\f",
+}
+
+
+def _encode_str(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    out = []
+    for c in text:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            n = ord(c)
+            if n > 0xFFFF:
+                n -= 0x10000
+                out.append(f"\\u{0xD800 | (n >> 10):04x}\\u{0xDC00 | (n & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{n:04x}")
+    return '"' + "".join(out) + '"'
+
+
+def _encode(value: Any, item_sep: str, key_sep: str, depth: int) -> str:
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "Infinity" if value > 0 else "-Infinity"
+        return float.__repr__(value)
+    if depth > 50:
+        raise _Unhandled
+    if kind is dict:
+        if not all(type(k) is str for k in value):
+            raise _Unhandled
+        return (
+            "{"
+            + item_sep.join(
+                _encode_str(k) + key_sep + _encode(v, item_sep, key_sep, depth + 1)
+                for k, v in sorted(value.items())
+            )
+            + "}"
+        )
+    if kind is list or kind is tuple:
+        return "[" + item_sep.join(_encode(v, item_sep, key_sep, depth + 1) for v in value) + "]"
+    raise _Unhandled
 
 
 @record

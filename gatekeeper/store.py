@@ -14,7 +14,6 @@ the two, with `?` placeholders and `"user"` quoted (a reserved word in PostgreSQ
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -492,7 +491,7 @@ class Store:
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
         record["event"] = event
-        record["detail"] = json.dumps(fields.get("detail") or {}, sort_keys=True)
+        record["detail"] = chain.canonical_json(fields.get("detail") or {})
         digest = chain.record_hash(prev_hash, record)
         self._exec(
             'INSERT INTO audit (seq, at, event, actor, "user", key_fp, repo, action, reason,'
@@ -692,6 +691,8 @@ class Store:
         )
         if row is None:
             return None
+        import json
+
         detail = json.loads(row["detail"])
         value = detail.get("new" if row["event"] == "policy-change" else "policy")
         return str(value) if value is not None else None

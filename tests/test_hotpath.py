@@ -165,3 +165,101 @@ def test_parse_command_refuses_unbalanced_quotes_with_shlexs_message() -> None:
     with pytest.raises(sshcmd.InputError) as info:
         sshcmd.parse_command("git-upload-pack a\\")
     assert info.value.message == "command refused: No escaped character (unbalanced quotes?)."
+
+
+# -- the canonical JSON of audit records, without the json module ---------------------------
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.sampled_from(NEAR), max_size=20)
+    | st.text(max_size=20)
+    | st.characters(min_codepoint=0x10000)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(value=JSON_VALUES)
+def test_canonical_json_is_json_dumps_byte_for_byte(value: object) -> None:
+    import json
+
+    from gatekeeper.audit import canonical_json
+
+    assert canonical_json(value) == json.dumps(value, sort_keys=True)
+    compact = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    assert canonical_json(value, compact=True) == compact
+
+
+DEEP: list[object] = ["x"]
+for _ in range(60):
+    DEEP = [DEEP]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1: "a", 2: "b"},  # non-string keys: json converts them, canonical_json defers
+        {"x": {3.5: None, True: 1}},
+        {"a": {"b": [1.5, -0.0, float("nan"), float("inf"), float("-inf")]}},
+        [True, False, None, 10**30, "\x7f\x00\u2028\ud800\U0001f600"],
+        {"deep": DEEP},  # deeper than canonical_json goes: json itself encodes it
+    ],
+)
+def test_canonical_json_on_edges(value: object) -> None:
+    import json
+
+    from gatekeeper.audit import canonical_json
+
+    assert canonical_json(value) == json.dumps(value, sort_keys=True)
+    compact = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    assert canonical_json(value, compact=True) == compact
+
+
+def test_unsupported_values_fail_as_json_fails() -> None:
+    import json
+
+    from gatekeeper.audit import canonical_json
+
+    for value in ({"a": object()}, {"a": b"x"}, {1: 1, "a": 2}):
+        with pytest.raises(TypeError) as expected:
+            json.dumps(value, sort_keys=True)
+        with pytest.raises(TypeError) as got:
+            canonical_json(value)
+        assert str(got.value) == str(expected.value)
+
+
+def test_audit_record_hashes_are_unchanged() -> None:
+    """A record hashed by the code before canonical_json (json.dumps), pinned: logs
+    written by earlier versions must still verify."""
+    from gatekeeper.audit import GENESIS, record_hash
+
+    rec = {
+        "seq": 1,
+        "at": "2024-01-02T03:04:05.000006Z",
+        "event": "access",
+        "actor": None,
+        "user": "alice",
+        "key_fp": "SHA256:abc",
+        "repo": "platform/api",
+        "action": "read",
+        "reason": "verified",
+        "client": "192.0.2.1",
+        "detail": '{"allowed": true, "level": "enforce", "verb": "git-upload-pack"}',
+    }
+    import json
+    from hashlib import sha256
+
+    body = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    assert record_hash(GENESIS, rec) == sha256(f"{GENESIS}\n{body}".encode()).hexdigest()
