@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import sys
 from datetime import date
-from pathlib import Path
 
+from gatekeeper import pathstr
 from gatekeeper.errors import InputError, PolicyError
 from gatekeeper.record import record
 
@@ -27,6 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import re
     from hashlib import sha256
+    from pathlib import Path
     from typing import Any
 else:
     try:  # OpenSSL's hashlib costs a fresh process ~5 ms to import; this costs nothing.
@@ -77,14 +78,77 @@ class RepoRule:
         """Whether `repo` (like "platform/api", without .git) is covered by this rule."""
         if "*" not in self.match:
             return repo == self.match
-        regex = _GLOBS.get(self.match)
-        if regex is None:
-            regex = _GLOBS[self.match] = glob_regex(self.match)
-        return regex.match(repo) is not None
+        glob = _GLOBS.get(self.match)
+        if glob is None:
+            glob = _GLOBS[self.match] = glob_tokens(self.match)
+        return glob_match(glob, repo)
 
 
 # Compiled globs, by pattern: built on first use, shared by every rule with that pattern.
-_GLOBS: dict[str, re.Pattern[str]] = {}
+_GLOBS: dict[str, tuple[tuple[int, str], ...]] = {}
+# glob_tokens' token kinds: literal text, `[^/]*`, `(?:[^/]+/)*`, `.*`.
+_TEXT, _STAR, _DIRS, _REST = 0, 1, 2, 3
+
+
+def glob_tokens(pattern: str) -> tuple[tuple[int, str], ...]:
+    """`glob_regex(pattern)` as (kind, text) tokens for `glob_match`, which needs no
+    `re` on the forced command's path (tests/test_hotpath.py holds it to the regex)."""
+    out: list[tuple[int, str]] = []
+
+    def text(piece: str) -> None:
+        if out and out[-1][0] == _TEXT:
+            out[-1] = (_TEXT, out[-1][1] + piece)
+        elif piece:
+            out.append((_TEXT, piece))
+
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append((_REST if last else _DIRS, ""))
+            continue
+        for j, piece in enumerate(part.split("*")):
+            if j:
+                out.append((_STAR, ""))
+            text(piece)
+        if not last:
+            text("/")
+    return tuple(out)
+
+
+def glob_match(tokens: tuple[tuple[int, str], ...], name: str) -> bool:
+    """Whether `glob_regex`'s pattern for `tokens` matches all of `name`."""
+    end = len(name)
+    seen: set[tuple[int, int]] = set()
+
+    def walk(t: int, pos: int) -> bool:
+        if (t, pos) in seen:
+            return False
+        seen.add((t, pos))
+        if t == len(tokens):
+            return pos == end  # \Z
+        kind, literal = tokens[t]
+        if kind == _TEXT:
+            return name.startswith(literal, pos) and walk(t + 1, pos + len(literal))
+        if kind == _REST:  # `.*`: anything but a newline, to the end
+            return "\n" not in name[pos:] and walk(t + 1, end)
+        if kind == _STAR:  # `[^/]*`: up to the next "/"
+            stop = name.find("/", pos)
+            stop = end if stop < 0 else stop
+            return any(walk(t + 1, k) for k in range(pos, stop + 1))
+        # `(?:[^/]+/)*`: nothing, or whole non-empty components, each with its "/"
+        if walk(t + 1, pos):
+            return True
+        k = pos
+        while True:
+            slash = name.find("/", k)
+            if slash <= k:  # no more "/", or an empty component
+                return False
+            k = slash + 1
+            if walk(t + 1, k):
+                return True
+
+    return walk(0, 0)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -105,18 +169,98 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-@record
 class ServerSettings:
-    host: str = "localhost"
-    port: int = 22
-    user: str = "git"
-    repositories: Path = Path("repositories")
-    state_dir: Path = Path("state")
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 2222
+    """The policy's `server` section: a frozen value like the `@record` classes.
+
+    `repositories` and `state_dir` are `Path`s to everyone, but kept as strings
+    spelled as pathlib spells them (`pathstr.norm`): the forced command reads
+    `repositories_str` and `state_dir_str` and never imports pathlib."""
+
+    FIELDS = (
+        "host",
+        "port",
+        "user",
+        "repositories",
+        "state_dir",
+        "listen_host",
+        "listen_port",
+        "store",
+    )
+    __record_fields__ = FIELDS  # for record.evolve
+    __slots__ = (
+        "host",
+        "listen_host",
+        "listen_port",
+        "port",
+        "repositories_str",
+        "state_dir_str",
+        "store",
+        "user",
+    )
+    host: str
+    port: int
+    user: str
+    repositories_str: str
+    state_dir_str: str
+    listen_host: str
+    listen_port: int
     # Where users, keys, 2FA state and the audit log live: "" is the SQLite file in
     # state_dir; otherwise a store URL (see gatekeeper.storeurl), e.g. postgresql://...
-    store: str = ""
+    store: str
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 22,
+        user: str = "git",
+        repositories: str | os.PathLike[str] = "repositories",
+        state_dir: str | os.PathLike[str] = "state",
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 2222,
+        store: str = "",
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "host", host)
+        setter(self, "port", port)
+        setter(self, "user", user)
+        setter(self, "repositories_str", pathstr.norm(repositories))
+        setter(self, "state_dir_str", pathstr.norm(state_dir))
+        setter(self, "listen_host", listen_host)
+        setter(self, "listen_port", listen_port)
+        setter(self, "store", store)
+
+    @property
+    def repositories(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.repositories_str)
+
+    @property
+    def state_dir(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.state_dir_str)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ServerSettings is frozen: cannot set {name!r}")
+
+    __delattr__ = __setattr__  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ServerSettings)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.FIELDS)
+        return f"ServerSettings({inner})"
 
 
 @record
@@ -251,8 +395,8 @@ class Policy:
                 host=_typed(s["host"], str),
                 port=_typed(s["port"], int),
                 user=_typed(s["user"], str),
-                repositories=Path(_typed(s["repositories"], str)),
-                state_dir=Path(_typed(s["state_dir"], str)),
+                repositories=_typed(s["repositories"], str),
+                state_dir=_typed(s["state_dir"], str),
                 listen_host=_typed(s["listen_host"], str),
                 listen_port=_typed(s["listen_port"], int),
                 store=_typed(s["store"], str),
@@ -315,7 +459,7 @@ def _obj(value: Any, keys: frozenset[str] | None = None) -> dict[str, Any]:
 
 
 _POLICY_FIELDS = frozenset({"format", *Policy.__annotations__})
-_SERVER_FIELDS = frozenset(ServerSettings.__annotations__)
+_SERVER_FIELDS = frozenset(ServerSettings.FIELDS)
 _TWO_FACTOR_FIELDS = frozenset(TwoFactorSettings.__annotations__)
 _TEAM_FIELDS = frozenset(Team.__annotations__)
 _RULE_FIELDS = frozenset(RepoRule.__annotations__)
@@ -346,8 +490,13 @@ def _date(s: Any) -> date | None:
     return None if s is None else date.fromisoformat(_typed(s, str))
 
 
+DEFAULT_CONFIG = "/etc/gatekeeper/config.yaml"
+
+
 def default_config_path() -> Path:
-    return Path(os.environ.get("GATEKEEPER_CONFIG") or "/etc/gatekeeper/config.yaml")
+    from pathlib import Path
+
+    return Path(os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG)
 
 
 # -- validation ----------------------------------------------------------------------
@@ -735,6 +884,7 @@ def _check(
     root: Any, text: str, source: str, known_users: set[str] | None, checker: _Checker
 ) -> Policy:
     import re
+    from pathlib import Path
 
     import yaml
 
@@ -754,7 +904,7 @@ def _check(
                 server_kwargs[key] = value
                 path_nodes[key] = vnode
     for key in ("repositories", "state_dir"):
-        raw = server_kwargs.get(key, str(getattr(ServerSettings, key)))
+        raw = server_kwargs.get(key, getattr(ServerSettings(), f"{key}_str"))
         try:
             server_kwargs[key] = (base / Path(raw).expanduser()).resolve()
         except (OSError, RuntimeError, ValueError) as exc:
@@ -913,15 +1063,21 @@ def compile_policy_text(text: str, source: str) -> Policy:
 # -- loading, with a compiled cache -----------------------------------------------
 
 
-def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None) -> Policy:
+def load_policy(
+    path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
+) -> Policy:
     """The policy at `path` (default: `default_config_path()`).
 
     This runs on every connection: it hashes the file and, when a compiled copy for
     that hash exists in the cache directory, returns it without importing yaml.
-    Otherwise it compiles the file and caches the result (best effort)."""
-    path = Path(path) if path is not None else default_config_path()
+    Otherwise it compiles the file and caches the result (best effort). Paths are
+    strings here, spelled as pathlib spells them (`pathstr`): no pathlib import."""
+    if path is None:
+        path = os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG
+    path = pathstr.norm(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         raise PolicyError(
             f"policy file not found: {path}",
@@ -939,7 +1095,7 @@ def load_policy(path: Path | str | None = None, *, cache_dir: Path | None = None
             hint="--config or GATEKEEPER_CONFIG must name a readable YAML file.",
         ) from None
     digest = _file_digest(data)
-    source = str(path.absolute())
+    source = pathstr.absolute(path)
     cache = _cache_file(cache_dir, digest)
     if cache is not None:
         cached = _read_cache(cache, source, digest)
@@ -971,20 +1127,20 @@ def _file_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _cache_file(cache_dir: Path | None, digest: str) -> Path | None:
+def _cache_file(cache_dir: str | os.PathLike[str] | None, digest: str) -> str | None:
     if cache_dir is None:
         env = os.environ.get("GATEKEEPER_CACHE_DIR")
         home = os.environ.get("HOME")
         if env:
-            cache_dir = Path(env)
+            cache_dir = env
         elif home:
-            cache_dir = Path(home) / ".cache" / "gatekeeper"
+            cache_dir = pathstr.join(pathstr.join(pathstr.norm(home), ".cache"), "gatekeeper")
         else:
             return None
-    return cache_dir / f"policy-{digest}.v{COMPILED_FORMAT}"
+    return pathstr.join(pathstr.norm(cache_dir), f"policy-{digest}.v{COMPILED_FORMAT}")
 
 
-def _read_cache(cache: Path, source: str, digest: str) -> Policy | None:
+def _read_cache(cache: str, source: str, digest: str) -> Policy | None:
     """The cached policy, or None when it is missing, corrupt, compiled from this
     content at another path, or not a file this account wrote and alone can write."""
     try:
@@ -1000,10 +1156,13 @@ def _read_cache(cache: Path, source: str, digest: str) -> Policy | None:
     return policy
 
 
-def _write_cache(cache: Path, data: bytes) -> None:
+def _write_cache(path: str, data: bytes) -> None:
     """Write atomically (a temporary file in the same directory, then rename), mode
     0600. Any failure only means no cache: slower, still correct."""
     import tempfile
+    from pathlib import Path
+
+    cache = Path(path)
 
     tmp = None
     try:
@@ -1179,8 +1338,8 @@ def load_compiled(data: bytes) -> Policy:
         host=_typed(s[0], str),
         port=_typed(s[1], int),
         user=_typed(s[2], str),
-        repositories=Path(_typed(s[3], str)),
-        state_dir=Path(_typed(s[4], str)),
+        repositories=_typed(s[3], str),
+        state_dir=_typed(s[4], str),
         listen_host=_typed(s[5], str),
         listen_port=_typed(s[6], int),
         store=_typed(s[7], str),

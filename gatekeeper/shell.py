@@ -16,11 +16,10 @@ import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from pathlib import Path
 
-from gatekeeper import decision, logs, sshcmd
+from gatekeeper import decision, logs, pathstr, sshcmd
 from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
-from gatekeeper.policy import Policy, load_policy
+from gatekeeper.policy import DEFAULT_CONFIG, Policy, load_policy
 from gatekeeper.record import record
 from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
 
@@ -58,7 +57,8 @@ class Connection:
     original_command: str | None
     client: str
     git_protocol: str | None
-    config: Path
+    config: str
+    """The policy file, spelled as pathlib spells it (`pathstr`; no pathlib import here)."""
 
 
 def client_address(ssh_connection: str) -> str:
@@ -85,7 +85,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         original_command=env.get("SSH_ORIGINAL_COMMAND"),
         client=client_address(env["SSH_CONNECTION"]),
         git_protocol=protocol if protocol and valid_git_protocol(protocol) else None,
-        config=Path(config or env.get("GATEKEEPER_CONFIG") or "/etc/gatekeeper/config.yaml"),
+        config=pathstr.norm(config or env.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG),
     )
 
 
@@ -100,7 +100,7 @@ def load(conn: Connection) -> tuple[Policy, Store]:
             hint="an administrator must run `gatekeeper policy check`.",
         ) from exc
     try:
-        store = Store.open(policy.server.state_dir, policy.server.store, light=True)
+        store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
         raise Refused(
@@ -177,7 +177,7 @@ def git_access(
     reason, message = verdict.reason, verdict.message
     path = None
     if verdict.allowed:
-        path = sshcmd.resolve_repo_path(policy.server.repositories, request.repo)
+        path = sshcmd.resolve_repo(policy.server.repositories_str, request.repo)
         if path is None:
             reason, message = "not-found", decision.not_found_message(policy, request.repo)
     allowed = path is not None
@@ -218,7 +218,7 @@ def git_access(
         stderr.write(PREFIX + line + "\n")
     stderr.flush()
     store.close()
-    config = conn.config.resolve()
+    config = pathstr.resolve(conn.config)
     argv = git_argv(request, path, config)
     git_env = {
         "PATH": SAFE_PATH,
@@ -228,7 +228,7 @@ def git_access(
         "GATEKEEPER_KEY_ID": str(facts.key.id),
         "GATEKEEPER_REPO": request.repo,
         "GATEKEEPER_ACTION": request.action,
-        "GATEKEEPER_CONFIG": str(config),
+        "GATEKEEPER_CONFIG": config,
         "GATEKEEPER_TOKEN": token,
     }
     if env.get("GATEKEEPER_CACHE_DIR"):
@@ -243,7 +243,11 @@ def git_access(
     return 1  # pragma: no cover - execve does not return
 
 
-def git_argv(request: sshcmd.GitRequest, path: Path, config: Path | None = None) -> list[str]:
+def git_argv(
+    request: sshcmd.GitRequest,
+    path: str | os.PathLike[str],
+    config: str | os.PathLike[str] | None = None,
+) -> list[str]:
     sub = request.git_subcommand
     if sub == "upload-archive":
         # upload-archive takes no options; the absolute path cannot look like one.
@@ -258,14 +262,26 @@ def git_argv(request: sshcmd.GitRequest, path: Path, config: Path | None = None)
     return ["git", sub, "--", str(path)]
 
 
-def pack_objects_hook(config: Path) -> str:
+def pack_objects_hook(config: str | os.PathLike[str]) -> str:
     """The shell command upload-pack runs instead of `git pack-objects` (it appends the
     pack-objects command line): this interpreter, isolated (`-I`: no PYTHON* variables,
     no current directory on sys.path), re-checking the read before packing."""
-    from shlex import quote
-
     python = quote(sys.executable)
-    return f"{python} -I -m gatekeeper.hooks pack-objects --config {quote(str(config))}"
+    return f"{python} -I -m gatekeeper.hooks pack-objects --config {quote(os.fspath(config))}"
+
+
+# What shlex.quote leaves unquoted: `[\w@%+=:,./-]` with `\w` ASCII only.
+_SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+
+def quote(text: str) -> str:
+    """`shlex.quote(text)` without importing shlex (and re): unchanged when every
+    character is safe, otherwise single-quoted, a `'` written as `'"'"'`."""
+    if not text:
+        return "''"
+    if _SHELL_SAFE.issuperset(text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def git_binary() -> str:

@@ -19,15 +19,16 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 from gatekeeper import audit as chain
+from gatekeeper import pathstr
 from gatekeeper.errors import InputError, NotFound, StoreError
 from gatekeeper.record import record
 from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
     from gatekeeper.pgdb import LibpqDatabase, PostgresDatabase
@@ -236,12 +237,15 @@ class Store:
     `state_dir` always holds this host's files beside the database: the server key
     (which front-ends sharing a database must share too) and the audit head file."""
 
-    def __init__(self, state_dir: Path, db: Database) -> None:
-        self.state_dir = state_dir
+    def __init__(self, state_dir: str | os.PathLike[str], db: Database) -> None:
+        # Strings spelled as pathlib spells them (`pathstr`): the forced command opens
+        # a store and writes the head file without importing pathlib.
+        self._state_dir = pathstr.norm(state_dir)
+        self._head_file = pathstr.join(self._state_dir, HEAD_NAME)
         self.db = db
         # The head file as it was before this transaction wrote it (see `_write_head`):
         # None when not written yet, a hard link to the old head, or False if there was none.
-        self._head_before: Path | bool | None = None
+        self._head_before: str | bool | None = None
         self.schema_before = -1  # the schema version `migrate` found
 
     # -- opening ---------------------------------------------------------------
@@ -258,7 +262,7 @@ class Store:
         """Open an existing store; refuse clearly if it is missing, unreachable,
         corrupt or not at this schema. `url` is the policy's `server.store`. `light`:
         a short-lived process on the git-access path (PostgreSQL through libpq)."""
-        state_dir = Path(state_dir)
+        state_dir = pathstr.norm(state_dir)
         location = _location(url, state_dir)
         db = _connect(location, busy_timeout_ms, light=light)
         store = cls(state_dir, db)
@@ -280,6 +284,8 @@ class Store:
         light: bool = False,
     ) -> Store:
         """Create (or migrate) the store, and the state directory with tight permissions."""
+        from pathlib import Path
+
         state_dir = Path(state_dir)
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -293,7 +299,7 @@ class Store:
                 f"state directory is not writable: {state_dir}",
                 hint="run as the git user, or fix the directory's owner and mode.",
             )
-        location = _location(url, state_dir)
+        location = _location(url, str(state_dir))
         old_umask = os.umask(0o077)
         try:
             db = _connect(location, busy_timeout_ms, create=True, light=light)
@@ -331,8 +337,16 @@ class Store:
         return self.db.where
 
     @property
+    def state_dir(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._state_dir)
+
+    @property
     def path(self) -> Path:
         """The SQLite file (for a PostgreSQL store: what `where` says)."""
+        from pathlib import Path
+
         return Path(self.db.where)
 
     @property
@@ -504,27 +518,28 @@ class Store:
         return int(record["seq"])
 
     def _write_head(self, seq: int, digest: str) -> None:
-        tmp = self.head_path.with_name(f".{HEAD_NAME}.{os.getpid()}")
+        head = self._head_file
+        tmp = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}")
         try:
             if self._head_before is None:
                 # Keep the old head (a hard link: no space needed to put it back) until
                 # the transaction commits, so a failed COMMIT does not leave a head that
                 # names a record the database does not have ("records were cut off").
-                before = self.head_path.with_name(f".{HEAD_NAME}.{os.getpid()}.before")
-                before.unlink(missing_ok=True)
+                before = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}.before")
+                _unlink_missing_ok(before)
                 try:
-                    os.link(self.head_path, before)
+                    os.link(head, before)
                     self._head_before = before
                 except FileNotFoundError:
                     self._head_before = False
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{seq} {digest}\n")
-            os.replace(tmp, self.head_path)
+            os.replace(tmp, head)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _unlink_missing_ok(tmp)
             raise StoreError(
-                f"cannot write the audit head file {self.head_path}: {exc.strerror}",
+                f"cannot write the audit head file {head}: {exc.strerror}",
                 hint="the state directory must be writable by the git user (and not full).",
             ) from exc
 
@@ -532,13 +547,13 @@ class Store:
         """After COMMIT drop the old head; after ROLLBACK put it back."""
         before, self._head_before = self._head_before, None
         try:
-            if isinstance(before, Path):
+            if isinstance(before, str):
                 if keep:
-                    before.unlink()
+                    os.unlink(before)
                 else:
-                    os.replace(before, self.head_path)
+                    os.replace(before, self._head_file)
             elif before is False and not keep:
-                self.head_path.unlink(missing_ok=True)
+                _unlink_missing_ok(self._head_file)
         except OSError:
             pass  # best effort: `gatekeeper audit verify` reports a head that is off
 
@@ -560,14 +575,15 @@ class Store:
 
     def read_head(self) -> tuple[int, str] | None:
         try:
-            text = self.head_path.read_text()
+            with open(self._head_file) as fh:
+                text = fh.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreError(f"cannot read {self.head_path}: {exc.strerror}") from exc
+            raise StoreError(f"cannot read {self._head_file}: {exc.strerror}") from exc
         parts = text.split()
         if len(parts) != 2 or not parts[0].isdigit():
-            raise StoreError(f"the audit head file {self.head_path} is malformed")
+            raise StoreError(f"the audit head file {self._head_file} is malformed")
         return int(parts[0]), parts[1]
 
     def audit(self, event: str, *, now: float | None = None, **fields: Any) -> int:
@@ -1190,9 +1206,16 @@ def _table(name: str) -> str:
     return name
 
 
-def _location(url: str, state_dir: Path) -> StoreLocation:
+def _unlink_missing_ok(path: str) -> None:
     try:
-        return parse_store_url(url, str(state_dir))
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _location(url: str, state_dir: str) -> StoreLocation:
+    try:
+        return parse_store_url(url, state_dir)
     except InputError as exc:
         raise StoreError(f"invalid store URL: {exc.message}", hint=exc.hint) from exc
 

@@ -263,3 +263,163 @@ def test_audit_record_hashes_are_unchanged() -> None:
 
     body = json.dumps(rec, sort_keys=True, separators=(",", ":"))
     assert record_hash(GENESIS, rec) == sha256(f"{GENESIS}\n{body}".encode()).hexdigest()
+
+
+# -- paths as strings (pathstr) and shell quoting without pathlib and shlex ------------------
+
+PATHISH = st.text(alphabet=st.sampled_from(list("/./a.b/..//x é")), max_size=30) | st.text(
+    max_size=20
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=PATHISH)
+def test_pathstr_spells_paths_as_pathlib_does(text: str) -> None:
+    import os
+    from pathlib import Path, PurePosixPath
+
+    from gatekeeper import pathstr
+
+    assert pathstr.norm(text) == str(PurePosixPath(text))
+    assert pathstr.norm(Path(text)) == str(Path(text))
+    assert pathstr.absolute(text) == str(Path(text).absolute())
+    name = text.replace("/", "")
+    if name not in ("", ".", ".."):
+        assert pathstr.join(pathstr.norm(text), name) == str(Path(text) / name)
+    if "\x00" not in text:
+        assert pathstr.resolve(text) == str(Path(text).resolve()), os.getcwd()
+
+
+def test_pathstr_resolve_follows_symlinks_as_pathlib_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gatekeeper import pathstr
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "config.yaml").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    monkeypatch.chdir(tmp_path)
+    for text in ("link/config.yaml", "link/../link//config.yaml", "./missing/x", "", "/"):
+        assert pathstr.resolve(text) == str(Path(text).resolve())
+        assert pathstr.absolute(text) == str(Path(text).absolute())
+    try:
+        expected: object = str(Path("loop").resolve())
+    except RuntimeError as exc:
+        expected = ("RuntimeError", str(exc))
+    try:
+        got: object = pathstr.resolve("loop")
+    except RuntimeError as exc:
+        got = ("RuntimeError", str(exc))
+    assert got == expected
+    with pytest.raises(TypeError):
+        pathstr.norm(b"/x")  # type: ignore[arg-type]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=TEXT)
+def test_shell_quote_is_shlex_quote(text: str) -> None:
+    import shlex
+
+    assert shell.quote(text) == shlex.quote(text)
+
+
+# -- what the forced command imports, for real ----------------------------------------------
+
+
+def dry_run_modules(gk: object, key_id: int, command: str) -> set[str]:
+    """The modules loaded once gatekeeper-shell's main() returns, run the way the
+    installed script runs it (`bin/gatekeeper-shell`), without site-packages (-S: the
+    editable install's path finder imports pathlib itself)."""
+    from conftest import Installation
+
+    assert isinstance(gk, Installation)
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from gatekeeper.shell import main\n"
+        f"rc = main(['--config', {str(gk.config)!r}, '{key_id}'])\n"
+        "print(rc, ' '.join(sorted(sys.modules)))\n"
+    )
+    env = {k: v for k, v in gk.env.items() if not k.startswith("SSH_")}
+    env.update(
+        SSH_CONNECTION="127.0.0.1 50000 127.0.0.1 22",
+        SSH_ORIGINAL_COMMAND=command,
+        GATEKEEPER_DRY_RUN="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    ).stdout
+    rc, _, names = out.partition(" ")
+    return {f"rc={rc}", *names.split()}
+
+
+HOT_PATH_FREE_OF = {"re", "pathlib", "json", "shlex", "enum", "hashlib", "dataclasses", "yaml"}
+
+
+def test_the_dry_run_imports_no_re_pathlib_json_or_shlex(gk: object) -> None:
+    from conftest import Installation
+
+    assert isinstance(gk, Installation)
+    gk.init()
+    gk.repo("platform/api")
+    _, key_id = gk.add_user("bob")
+    gk.enroll("bob")
+    # The first connection after a policy change compiles it (yaml, re): warm the cache.
+    assert gk.shell(key_id, "git-upload-pack 'platform/api.git'", stdin="0000").returncode == 0
+    for command, rc in [
+        ("git-upload-pack 'platform/api.git'", "rc=0"),  # allowed: token, hook command
+        ("git-receive-pack 'platform/api.git'", "rc=0"),
+        ("git-upload-pack 'platform/nothing.git'", "rc=1"),  # refused, audited
+    ]:
+        modules = dry_run_modules(gk, key_id, command)
+        assert rc in modules, (command, sorted(modules))
+        assert not HOT_PATH_FREE_OF & modules, (command, sorted(HOT_PATH_FREE_OF & modules))
+    unknown = dry_run_modules(gk, 999, "git-upload-pack 'platform/api.git'")
+    assert "rc=1" in unknown and not HOT_PATH_FREE_OF & unknown
+
+
+# -- repository globs without re --------------------------------------------------------------
+
+GLOB_PATTERN = st.text(alphabet=st.sampled_from(list("ab*/.+-")), min_size=1, max_size=14)
+GLOB_NAME = st.text(alphabet=st.sampled_from(list("ab/.+-\n*")), max_size=16)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(pattern=GLOB_PATTERN, name=GLOB_NAME)
+def test_glob_match_matches_what_glob_regex_matches(pattern: str, name: str) -> None:
+    from gatekeeper.policy import glob_match, glob_regex, glob_tokens
+
+    expected = glob_regex(pattern).match(name) is not None
+    assert glob_match(glob_tokens(pattern), name) is expected, (pattern, name)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name"),
+    [
+        ("**", ""),
+        ("**", "a\nb"),
+        ("a/**", "a/"),
+        ("a/**", "a"),
+        ("**/b", "b"),
+        ("**/b", "/b"),
+        ("a/**/b", "a//b"),
+        ("a/**/**/b", "a/x/b"),
+        ("*/*", "a/"),
+        ("a*b*c", "abbc"),
+        ("a**b", "axxb"),
+        ("***", "abc"),
+        ("platform/*", "platform/api"),
+        ("platform/*", "platform/api/x"),
+    ],
+)
+def test_glob_match_on_edges(pattern: str, name: str) -> None:
+    from gatekeeper.policy import glob_match, glob_regex, glob_tokens
+
+    expected = glob_regex(pattern).match(name) is not None
+    assert glob_match(glob_tokens(pattern), name) is expected

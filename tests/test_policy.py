@@ -1098,10 +1098,13 @@ def test_an_unreadable_file(config: Path, tmp_path: Path) -> None:
 def test_a_permission_error_says_what_to_check(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(self: Path) -> bytes:
-        raise PermissionError(13, "Permission denied", str(self))
+    import gatekeeper.policy
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    def refuse(file: str, *args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", file)
+
+    # load_policy opens the file with open() (no pathlib on the forced command's path).
+    monkeypatch.setattr(gatekeeper.policy, "open", refuse, raising=False)
     with pytest.raises(PolicyError) as raised:
         load_policy(config, cache_dir=tmp_path / "cache")
     assert raised.value.message == f"cannot read policy file {config}: permission denied"
