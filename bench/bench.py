@@ -412,7 +412,7 @@ def import_profile(ctx: Context, gk_argv: list[str], env: dict[str, str]) -> dic
     wrapper = [m for m in extra if m["depth"] == 0 and not m["module"].startswith("gatekeeper")]
     if wrapper:
         print(
-            "  imported by the gatekeeper-shell script itself (pip's console-script wrapper),"
+            "  imported by the gatekeeper-shell script itself (a console-script wrapper),"
             " before gatekeeper: "
             + ", ".join(f"{m['module']} {m['cumulative_ms']:.1f} ms" for m in wrapper),
             flush=True,

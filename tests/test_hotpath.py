@@ -423,3 +423,64 @@ def test_glob_match_on_edges(pattern: str, name: str) -> None:
 
     expected = glob_regex(pattern).match(name) is not None
     assert glob_match(glob_tokens(pattern), name) is expected
+
+
+# -- the gatekeeper-shell launcher ---------------------------------------------------------
+
+LAUNCHER = ROOT / "gatekeeper" / "launcher" / "gatekeeper-shell"
+
+
+def test_the_launcher_is_installed_as_a_script_and_not_as_an_entry_point() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "gatekeeper-shell" not in project["project"]["scripts"]
+    assert project["tool"]["setuptools"]["script-files"] == [str(LAUNCHER.relative_to(ROOT))]
+    text = LAUNCHER.read_text()
+    assert text.startswith("#!python\n")  # pip writes the virtualenv's interpreter here
+    assert LAUNCHER.stat().st_mode & 0o111
+    code = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert code == [
+        "import sys",
+        "from gatekeeper.shell import main",
+        'if __name__ == "__main__":',
+        "    sys.exit(main())",
+    ]
+
+
+def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
+    """The launcher as sshd runs it, from a fresh interpreter: `-X importtime` lists
+    every module it imports (-S: the editable install's path finder imports pathlib)."""
+    from conftest import Installation
+
+    assert isinstance(gk, Installation)
+    gk.init()
+    gk.repo("platform/api")
+    _, key_id = gk.add_user("bob")
+    gk.enroll("bob")
+    assert gk.shell(key_id, "git-upload-pack 'platform/api.git'", stdin="0000").returncode == 0
+    env = {k: v for k, v in gk.env.items() if not k.startswith(("SSH_", "PYTHON"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        SSH_CONNECTION="127.0.0.1 50000 127.0.0.1 22",
+        SSH_ORIGINAL_COMMAND="git-upload-pack 'platform/api.git'",
+        GATEKEEPER_DRY_RUN="1",
+    )
+    args = ["--config", str(gk.config), str(key_id)]
+    result = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(LAUNCHER), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "gatekeeper.shell" in imported
+    assert not HOT_PATH_FREE_OF & imported, sorted(HOT_PATH_FREE_OF & imported)
+    # Audited as the same request through the installed script was.
+    before, after = gk.audit(event="access")[-2:]
+    assert after["reason"] == before["reason"] == "allowed" and after["seq"] == before["seq"] + 1

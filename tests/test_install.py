@@ -576,6 +576,11 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert (site / "gatekeeper" / "shell.py").is_file()
     assert not list(site.glob("__editable__*"))
     assert box.prefix.stat().st_uid == 0 and (box.prefix / "bin" / "gatekeeper").stat().st_uid == 0
+    # gatekeeper-shell is the plain launcher (script-files), not pip's console-script
+    # wrapper, which imports `re`; pip pointed its #! at the prefix's interpreter.
+    launcher = (box.prefix / "bin" / "gatekeeper-shell").read_text()
+    assert launcher.startswith(f"#!{box.prefix}/bin/python"), launcher.splitlines()[0]
+    assert "import re" not in launcher and "from gatekeeper.shell import main" in launcher
     # The hooks, when this gatekeeper has them.
     if hooks_available(box):
         assert (box.repos / "project.git" / "hooks" / "pre-receive").is_file()
