@@ -262,7 +262,19 @@ def test_audit_record_hashes_are_unchanged() -> None:
     from hashlib import sha256
 
     body = json.dumps(rec, sort_keys=True, separators=(",", ":"))
-    assert record_hash(GENESIS, rec) == sha256(f"{GENESIS}\n{body}".encode()).hexdigest()
+    expected = sha256(f"{GENESIS}\n{body}".encode()).hexdigest()
+    assert record_hash(GENESIS, rec) == expected  # json is imported here: its encoder
+    # and in a process without json (the forced command's): canonical_json
+    probe = (
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from gatekeeper.audit import GENESIS, record_hash\n"
+        f"print(record_hash(GENESIS, {rec!r}))\n"
+        "assert 'json' not in sys.modules\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe], check=True, capture_output=True, text=True
+    ).stdout
+    assert out.strip() == expected
 
 
 # -- paths as strings (pathstr) and shell quoting without pathlib and shlex ------------------
