@@ -60,7 +60,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 
 from gatekeeper import decision, logs, sshcmd
 from gatekeeper.errors import GatekeeperError, PolicyError, StoreError
@@ -70,6 +69,7 @@ from gatekeeper.store import Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any, TextIO
 
     import click
@@ -155,7 +155,7 @@ def log(message: str) -> None:
 # -- the checks both hooks share ---------------------------------------------------
 
 
-def load_or_deny(config: Path) -> tuple[Policy, Store]:
+def load_or_deny(config: str | Path) -> tuple[Policy, Store]:
     """Policy and store, or a refusal worded like the forced command's."""
     try:
         policy = load_policy(config)
@@ -168,7 +168,7 @@ def load_or_deny(config: Path) -> tuple[Policy, Store]:
             audit=False,
         ) from exc
     try:
-        store = Store.open(policy.server.state_dir, policy.server.store, light=True)
+        store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
         raise Denied(
@@ -203,7 +203,7 @@ def identify(
     audit: dict[str, Any],
 ) -> Identity:
     """Whose request this is, proven by the connection's token; refuse otherwise."""
-    root = os.path.realpath(policy.server.repositories)
+    root = os.path.realpath(policy.server.repositories_str)
     derived = repo_name(root, git_dir)
     shown = derived or os.path.basename(git_dir)
     audit["repo"] = derived or git_dir
@@ -244,7 +244,7 @@ def identify(
             ("key", grant.key_fp == env.get("GATEKEEPER_KEY")),
             ("key id", key_id is None or key_id == str(grant.key_id)),
             ("action", grant.action == action),
-            ("repository", str(sshcmd.resolve_repo_path(Path(root), grant.repo)) == git_dir),
+            ("repository", sshcmd.resolve_repo(root, grant.repo) == git_dir),
         )
         if not ok
     ]
@@ -473,7 +473,7 @@ def local_account() -> str:
 
 
 def pack_objects(
-    config: Path,
+    config: str | Path,
     command: Sequence[str],
     env: Mapping[str, str],
     stderr: TextIO,
@@ -527,9 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) < 3 or args[1] != "--config":
             sys.stderr.write(USAGE)
             return 2
-        name, config = args[0], Path(args[2])
+        name, config = args[0], args[2]
         rest = args[3:]
         if name == "pre-receive":
+            # pathlib only here: the fetch hook runs on every clone and does without.
+            from pathlib import Path
+
             hook = None
             if rest[:1] == ["--hook"] and len(rest) == 2:
                 hook, rest = Path(rest[1]), []
@@ -537,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(USAGE)
                 return 2
             data = sys.stdin.buffer.read()
-            return pre_receive(config, hook, os.environ, data, sys.stderr)
+            return pre_receive(Path(config), hook, os.environ, data, sys.stderr)
         if name == "pack-objects":
             return pack_objects(config, rest, os.environ, sys.stderr)
         sys.stderr.write(USAGE)
@@ -582,6 +585,8 @@ class Outcome:
 
 
 def template_text() -> str:
+    from pathlib import Path
+
     return (Path(__file__).parent / "resources" / TEMPLATE).read_text(encoding="utf-8")
 
 
@@ -601,6 +606,8 @@ def is_ours(text: bytes) -> bool:
 def find_repositories(root: Path) -> list[tuple[str, Path]]:
     """Every bare repository `<name>.git` under `root` (not followed through symlinks,
     not looked into), whose name gatekeeper can serve; sorted by name."""
+    from pathlib import Path
+
     real_root = os.path.realpath(root)
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, _ in os.walk(real_root):

@@ -1008,3 +1008,40 @@ def test_oid_check_equals_the_old_pattern(data: bytes) -> None:
 def test_bad_ref_byte_equals_the_old_pattern(ref: bytes) -> None:
     old = _OLD_REF_BAD_CHAR.search(ref)
     assert hooks._first_bad_ref_byte(ref) == (old.start() if old else None)
+
+
+def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: Installation) -> None:
+    """The pack-objects hook is a fresh interpreter on every clone: load the policy and
+    the store, look the token up, refuse and audit, without re, pathlib, json or shlex
+    (-S: the editable install's path finder imports pathlib itself)."""
+    repo = gk.repo("docs")
+    root = Path(__file__).resolve().parent.parent
+    probe = (
+        "import io, os, sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from gatekeeper.hooks import pack_objects\n"
+        "err = io.StringIO()\n"
+        f"rc = pack_objects({str(gk.config)!r}, ['git', 'pack-objects'], os.environ, err)\n"
+        "print(rc, ' '.join(sorted(sys.modules)))\n"
+    )
+    env = {
+        **gk.env,
+        "GIT_DIR": str(repo),
+        "GATEKEEPER_USER": "bob",
+        "GATEKEEPER_TOKEN": "0" * 64,
+    }
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=repo,
+    ).stdout
+    rc, _, names = out.partition(" ")
+    assert rc == "1"  # refused: an unknown token
+    assert {"gatekeeper.store", "gatekeeper.policy"} <= set(names.split())
+    assert not {"re", "pathlib", "json", "shlex"} & set(names.split())
+    records = gk.audit(event="access")
+    assert records and records[-1]["reason"] == hooks.BAD_IDENTITY
