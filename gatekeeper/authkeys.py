@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from gatekeeper.errors import GatekeeperError, InputError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 BEGIN = "# BEGIN gatekeeper: managed by `gatekeeper authorized-keys`; edits here are lost"
 END = "# END gatekeeper"
@@ -46,12 +49,12 @@ def _blob_ok(value: str) -> bool:
     return bool(core) and len(value) - len(core) <= 2 and _BLOB_CHARS.issuperset(core)
 
 
-def shell_path() -> Path:
+def shell_path() -> str:
     """gatekeeper-shell beside the interpreter running us (the installed virtualenv)."""
-    return Path(sys.executable).parent / "gatekeeper-shell"
+    return os.path.join(os.path.dirname(sys.executable), "gatekeeper-shell")
 
 
-def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
+def forced_command(key_id: int, config: str | Path, shell: str | Path | None = None) -> str:
     shell = shell or shell_path()
     for value in (str(shell), str(config)):
         if not _safe_path(value):
@@ -63,7 +66,11 @@ def forced_command(key_id: int, config: Path, shell: Path | None = None) -> str:
 
 
 def key_line(
-    key_id: int, key_type: str, blob_b64: str, config: Path, shell: Path | None = None
+    key_id: int,
+    key_type: str,
+    blob_b64: str,
+    config: str | Path,
+    shell: str | Path | None = None,
 ) -> str:
     if not _key_type_ok(key_type) or not _blob_ok(blob_b64):
         raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
@@ -142,10 +149,14 @@ def keys_command(argv: list[str]) -> int:
     Prints the forced-command line for the key when it belongs to a registered user
     and USER is the git account; prints nothing otherwise. Never raises.
     """
-    import signal
+    # The interpreter's own _signal, not `signal`, whose enums cost every key ~3 ms.
+    if TYPE_CHECKING:
+        import signal as _signal
+    else:
+        import _signal
 
-    signal.signal(signal.SIGALRM, lambda *_: os._exit(1))
-    signal.alarm(KEYS_COMMAND_TIMEOUT)
+    _signal.signal(_signal.SIGALRM, lambda *_: os._exit(1))
+    _signal.alarm(KEYS_COMMAND_TIMEOUT)
     try:
         line = lookup_line(argv)
     except Exception as exc:  # noqa: BLE001 - sshd discards stderr: log, print nothing
@@ -158,14 +169,15 @@ def keys_command(argv: list[str]) -> int:
 
 
 def lookup_line(argv: list[str]) -> str | None:
-    from gatekeeper.policy import default_config_path, load_policy
+    from gatekeeper import pathstr
+    from gatekeeper.policy import DEFAULT_CONFIG, load_policy
     from gatekeeper.sshkeys import fingerprint_of_blob, parse_key_blob_b64
     from gatekeeper.store import Store
 
     args = list(argv)
-    config = None
+    config = ""
     if len(args) >= 2 and args[0] == "--config":
-        config, args = Path(args[1]), args[2:]
+        config, args = args[1], args[2:]
     if len(args) == 2 and args[1].startswith("SHA256:"):
         login, fingerprint, key = args[0], args[1], None
     elif len(args) == 3:
@@ -173,11 +185,12 @@ def lookup_line(argv: list[str]) -> str | None:
         fingerprint = fingerprint_of_blob(key.blob)
     else:
         raise InputError("usage: keys-command USER (TYPE BASE64 | SHA256:FINGERPRINT)")
-    config = (config or default_config_path()).resolve()
+    # Strings, not pathlib (and the `re` it imports): sshd runs this for every key.
+    config = pathstr.resolve(config or os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG)
     policy = load_policy(config)
     if login != policy.server.user:
         return None
-    with Store.open(policy.server.state_dir, policy.server.store, light=True) as store:
+    with Store.open(policy.server.state_dir_str, policy.server.store, light=True) as store:
         record = store.key_by_fingerprint(fingerprint)
     if record is None or (key is not None and key.key_type != record.key_type):
         return None

@@ -440,13 +440,25 @@ def test_glob_match_on_edges(pattern: str, name: str) -> None:
 # -- the gatekeeper-shell launcher ---------------------------------------------------------
 
 LAUNCHER = ROOT / "gatekeeper" / "launcher" / "gatekeeper-shell"
+CLI_LAUNCHER = ROOT / "gatekeeper" / "launcher" / "gatekeeper"
 
 
 def test_the_launcher_is_installed_as_a_script_and_not_as_an_entry_point() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "gatekeeper-shell" not in project["project"]["scripts"]
-    assert project["tool"]["setuptools"]["script-files"] == [str(LAUNCHER.relative_to(ROOT))]
+    assert "scripts" not in project["project"]  # no console-script wrappers at all
+    assert project["tool"]["setuptools"]["script-files"] == [
+        str(CLI_LAUNCHER.relative_to(ROOT)),
+        str(LAUNCHER.relative_to(ROOT)),
+    ]
+    cli_code = [line for line in CLI_LAUNCHER.read_text().splitlines() if line[:1] not in "#"]
+    assert cli_code == [
+        "import sys",
+        "from gatekeeper.entry import main",
+        'if __name__ == "__main__":',
+        "    sys.exit(main())",
+    ]
+    assert CLI_LAUNCHER.stat().st_mode & 0o111
     text = LAUNCHER.read_text()
     assert text.startswith("#!python\n")  # pip writes the virtualenv's interpreter here
     assert LAUNCHER.stat().st_mode & 0o111
@@ -496,3 +508,34 @@ def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
     # Audited as the same request through the installed script was.
     before, after = gk.audit(event="access")[-2:]
     assert after["reason"] == before["reason"] == "allowed" and after["seq"] == before["seq"] + 1
+
+
+def test_keys_command_through_its_launcher_imports_no_re_or_pathlib(gk: object) -> None:
+    """sshd runs `gatekeeper keys-command` for every key a client offers (twice per
+    connection): through the plain launcher it imports none of the heavy modules."""
+    from conftest import Installation
+
+    assert isinstance(gk, Installation)
+    gk.init()
+    private, key_id = gk.add_user("bob")
+    key_type, blob = Path(f"{private}.pub").read_text().split()[:2]
+    env = {k: v for k, v in gk.env.items() if not k.startswith(("SSH_", "PYTHON"))}
+    env["PYTHONPATH"] = str(ROOT)
+    args = ["--config", str(gk.config), "keys-command", "git", key_type, blob]
+    gk.gk(*args[2:])  # once, so the compiled policy is cached as for every later key
+    result = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(CLI_LAUNCHER), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('command="') and f' {key_id}",restrict ' in result.stdout
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "gatekeeper.authkeys" in imported and "click" not in imported
+    assert not HOT_PATH_FREE_OF & imported, sorted(HOT_PATH_FREE_OF & imported)
