@@ -24,9 +24,11 @@ sys.path.insert(0, str(h.ROOT / "tests"))
 from pgserver import PostgresServer, find_binaries, missing_reason
 
 DRY_PG = "gatekeeper-shell -> exec, PostgreSQL store"
+DRY_SOCK = "  the same over a unix socket (no SCRAM)"
 DRY_SQLITE = "gatekeeper-shell -> exec, SQLite store"
 IMPORT = "python -c 'import psycopg'"
-CONNECT = "python: import psycopg, connect, SELECT 1"
+CONNECT = "python: libpq connect (TCP, SCRAM), SELECT 1"
+CONNECT_SOCK = "python: libpq connect (unix socket), SELECT 1"
 BUDGET = 3.0
 
 
@@ -68,11 +70,22 @@ def bench_postgres(ctx: Context) -> dict[str, Any]:
         make_repo(site.repos / "bench" / "small.git", ctx.home)
         shell = str(ctx.bin / "gatekeeper-shell")
         dry_pg, dry_sqlite = site.dry_run_env(), sqlite_site.dry_run_env()
-        connect = (
-            "import psycopg\n"
-            f"c = psycopg.connect({server.url('bench')!r}, password={server.password!r})\n"
-            "c.execute('SELECT 1').fetchone(); c.close()\n"
-        )
+        # The superuser may log in through the socket without a password, as a
+        # co-located database with peer authentication would let the git user.
+        sock_url = f"postgresql://postgres@/bench?host={server.sockdir}&port={server.port}"
+        sock_site = PgSite(ctx, "site-pg-socket", sock_url)
+        sock_site.gk("init")
+        sock_site.key_path, sock_site.key_id = site.key_path, site.key_id
+        make_repo(sock_site.repos / "bench" / "small.git", ctx.home)
+        dry_sock = sock_site.dry_run_env()
+
+        def connect(url: str, password: str) -> str:
+            return (
+                "from gatekeeper import libpq\n"
+                f"c = libpq.Connection({{'dbname': {url!r}, 'password': {password!r}}})\n"
+                "c.execute('SELECT 1'); c.close()\n"
+            )
+
         cmds = [
             pass_cmd(ctx, dry_sqlite),
             Cmd(
@@ -81,8 +94,18 @@ def bench_postgres(ctx: Context) -> dict[str, Any]:
                 dry_sqlite,
             ),
             Cmd(DRY_PG, [shell, "--config", str(site.config), str(site.key_id)], dry_pg),
+            Cmd(
+                DRY_SOCK,
+                [shell, "--config", str(sock_site.config), str(sock_site.key_id)],
+                dry_sock,
+            ),
             Cmd(IMPORT, [*ctx.interp, "-c", "import psycopg"], dry_pg),
-            Cmd(CONNECT, [*ctx.interp, "-c", connect], dry_pg),
+            Cmd(
+                CONNECT,
+                [*ctx.interp, "-c", connect(server.url("bench"), server.password)],
+                dry_pg,
+            ),
+            Cmd(CONNECT_SOCK, [*ctx.interp, "-c", connect(sock_url, "")], dry_pg),
         ]
         runs = ctx.runs(10, 40)
         log(f"{len(cmds)} commands x {runs} runs, interleaved")
@@ -96,8 +119,10 @@ def bench_postgres(ctx: Context) -> dict[str, Any]:
     vs_sqlite = h.ratio(res[DRY_PG], res[DRY_SQLITE])
     vs_python = h.ratio(res[DRY_PG], base)
     t.row(DRY_PG, res[DRY_PG], f"{vs_python:.2f}x python -c pass, {vs_sqlite:.2f}x SQLite")
-    t.row(IMPORT, res[IMPORT], f"+{res[IMPORT]['median_ms'] - base['median_ms']:.1f} ms")
-    t.row(CONNECT, res[CONNECT], f"+{res[CONNECT]['median_ms'] - base['median_ms']:.1f} ms")
+    by_socket = h.ratio(res[DRY_SOCK], base)
+    t.row(DRY_SOCK, res[DRY_SOCK], f"{by_socket:.2f}x python -c pass")
+    for name in (IMPORT, CONNECT, CONNECT_SOCK):
+        t.row(name, res[name], f"+{res[name]['median_ms'] - base['median_ms']:.1f} ms")
     t.check(
         "every dry run was audited in PostgreSQL",
         records >= runs,
@@ -114,5 +139,6 @@ def bench_postgres(ctx: Context) -> dict[str, Any]:
         "results": res,
         "ratio_vs_python": vs_python,
         "ratio_vs_sqlite": vs_sqlite,
+        "ratio_socket_vs_python": by_socket,
         "audit_records": records,
     }
