@@ -471,6 +471,26 @@ def test_the_launcher_is_installed_as_a_script_and_not_as_an_entry_point() -> No
     ]
 
 
+def run_launcher(
+    launcher: Path, args: list[str], env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run an installed script's source with a fresh interpreter, as sshd would run
+    the script; return the result and every module it imported (`-X importtime`)."""
+    result = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", str(launcher), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return result, imported
+
+
 def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
     """The launcher as sshd runs it, from a fresh interpreter: `-X importtime` lists
     every module it imports (-S: the editable install's path finder imports pathlib)."""
@@ -489,20 +509,8 @@ def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
         SSH_ORIGINAL_COMMAND="git-upload-pack 'platform/api.git'",
         GATEKEEPER_DRY_RUN="1",
     )
-    args = ["--config", str(gk.config), str(key_id)]
-    result = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", str(LAUNCHER), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    result, imported = run_launcher(LAUNCHER, ["--config", str(gk.config), str(key_id)], env)
     assert result.returncode == 0, result.stderr
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in result.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
     assert "gatekeeper.shell" in imported
     assert not HOT_PATH_FREE_OF & imported, sorted(HOT_PATH_FREE_OF & imported)
     # Audited as the same request through the installed script was.
@@ -523,19 +531,8 @@ def test_keys_command_through_its_launcher_imports_no_re_or_pathlib(gk: object) 
     env["PYTHONPATH"] = str(ROOT)
     args = ["--config", str(gk.config), "keys-command", "git", key_type, blob]
     gk.gk(*args[2:])  # once, so the compiled policy is cached as for every later key
-    result = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", str(CLI_LAUNCHER), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    result, imported = run_launcher(CLI_LAUNCHER, args, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('command="') and f' {key_id}",restrict ' in result.stdout
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in result.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
     assert "gatekeeper.authkeys" in imported and "click" not in imported
     assert not HOT_PATH_FREE_OF & imported, sorted(HOT_PATH_FREE_OF & imported)
