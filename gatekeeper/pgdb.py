@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from gatekeeper.errors import StoreError
+from gatekeeper.errors import InputError, StoreError
 from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
 
 TYPE_CHECKING = False
@@ -67,7 +67,12 @@ def connect_params(location: StoreLocation, busy_timeout_ms: int) -> dict[str, s
             f" -c idle_in_transaction_session_timeout={timeout * 6}"
         )
     if location.password_file:
-        params["password"] = read_password_file(location.password_file)
+        try:
+            params["password"] = read_password_file(location.password_file)
+        except InputError as exc:
+            # A server-side fault like any other unreachable store: the forced command
+            # logs it and tells the git client only that 2FA state cannot be read.
+            raise StoreError(exc.message, hint=exc.hint) from exc
     return params
 
 

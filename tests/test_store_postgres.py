@@ -473,3 +473,20 @@ def test_a_front_end_joining_with_the_same_policy_verifies_the_log_at_once(
         store.db.execute("DELETE FROM audit WHERE seq = 3")
     cut = two.gk("log", "verify", check=False)
     assert cut.returncode != 0 and "cut off" in cut.stdout + cut.stderr
+
+
+def test_an_unusable_password_file_refuses_like_an_unreachable_database(
+    pg_site: tuple[Installation, int], tmp_path: Path
+) -> None:
+    gk, key = pg_site
+    loose = tmp_path / "loose.password"
+    loose.write_text("whatever\n")
+    loose.chmod(0o644)
+    gk.store_url = gk.store_url.split("?", 1)[0] + f"?password_file={loose}"
+    gk.write_policy(gk.config.read_text().split("two_factor:", 1)[1].split("\n", 2)[2])
+    result = gk.shell(key, FETCH)
+    assert_clean_refusal(result, "cannot read its 2FA state")
+    assert "loose.password" not in result.stderr  # the server's detail stays in its log
+    admin = gk.gk("user", "list", check=False)
+    assert admin.returncode != 0 and "can be read by others" in admin.stderr
+    assert f"chmod 600 {loose}" in admin.stderr
