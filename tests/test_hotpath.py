@@ -339,25 +339,18 @@ def test_shell_quote_is_shlex_quote(text: str) -> None:
 # -- what the forced command imports, for real ----------------------------------------------
 
 
-def dry_run_modules(gk: object, key_id: int, command: str) -> set[str]:
-    """The modules loaded once gatekeeper-shell's main() returns, run the way the
-    installed script runs it (`bin/gatekeeper-shell`), without site-packages (-S: the
-    editable install's path finder imports pathlib itself)."""
-    from conftest import Installation
-
-    assert isinstance(gk, Installation)
+def probe_modules(
+    imports: str, call: str, env: dict[str, str], cwd: Path | None = None
+) -> tuple[str, set[str]]:
+    """Run `imports` then `rc = call` in a fresh interpreter with gatekeeper from this
+    checkout and without site-packages (-S: the editable install's path finder imports
+    pathlib itself); return rc and every module loaded by then."""
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from gatekeeper.shell import main\n"
-        f"rc = main(['--config', {str(gk.config)!r}, '{key_id}'])\n"
+        f"{imports}\n"
+        f"rc = {call}\n"
         "print(rc, ' '.join(sorted(sys.modules)))\n"
-    )
-    env = {k: v for k, v in gk.env.items() if not k.startswith("SSH_")}
-    env.update(
-        SSH_CONNECTION="127.0.0.1 50000 127.0.0.1 22",
-        SSH_ORIGINAL_COMMAND=command,
-        GATEKEEPER_DRY_RUN="1",
     )
     out = subprocess.run(
         [sys.executable, "-S", "-c", probe],
@@ -366,9 +359,27 @@ def dry_run_modules(gk: object, key_id: int, command: str) -> set[str]:
         text=True,
         env=env,
         timeout=60,
+        cwd=cwd,
     ).stdout
     rc, _, names = out.partition(" ")
-    return {f"rc={rc}", *names.split()}
+    return rc, set(names.split())
+
+
+def dry_run_modules(gk: object, key_id: int, command: str) -> set[str]:
+    """The modules loaded once gatekeeper-shell's main() returns, run the way the
+    installed script runs it (`bin/gatekeeper-shell`)."""
+    from conftest import Installation
+
+    assert isinstance(gk, Installation)
+    env = {k: v for k, v in gk.env.items() if not k.startswith("SSH_")}
+    env.update(
+        SSH_CONNECTION="127.0.0.1 50000 127.0.0.1 22",
+        SSH_ORIGINAL_COMMAND=command,
+        GATEKEEPER_DRY_RUN="1",
+    )
+    call = f"main(['--config', {str(gk.config)!r}, '{key_id}'])"
+    rc, names = probe_modules("from gatekeeper.shell import main", call, env)
+    return {f"rc={rc}", *names}
 
 
 HOT_PATH_FREE_OF = {"re", "pathlib", "json", "shlex", "enum", "hashlib", "dataclasses", "yaml"}
@@ -536,3 +547,25 @@ def test_keys_command_through_its_launcher_imports_no_re_or_pathlib(gk: object) 
     assert result.stdout.startswith('command="') and f' {key_id}",restrict ' in result.stdout
     assert "gatekeeper.authkeys" in imported and "click" not in imported
     assert not HOT_PATH_FREE_OF & imported, sorted(HOT_PATH_FREE_OF & imported)
+
+
+def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: object) -> None:
+    """The pack-objects hook is a fresh interpreter on every clone: load the policy and
+    the store, look the token up, refuse and audit, without the heavy modules."""
+    from conftest import Installation
+
+    from gatekeeper import hooks
+
+    assert isinstance(gk, Installation)
+    gk.init()
+    repo = gk.repo("docs")
+    env = {**gk.env, "GIT_DIR": str(repo), "GATEKEEPER_USER": "bob", "GATEKEEPER_TOKEN": "0" * 64}
+    call = f"pack_objects({str(gk.config)!r}, ['git', 'pack-objects'], os.environ, io.StringIO())"
+    rc, names = probe_modules(
+        "import io, os\nfrom gatekeeper.hooks import pack_objects", call, env, cwd=repo
+    )
+    assert rc == "1"  # refused: an unknown token
+    assert {"gatekeeper.store", "gatekeeper.policy"} <= names
+    assert not {"re", "pathlib", "json", "shlex"} & names
+    records = gk.audit(event="access")
+    assert records and records[-1]["reason"] == hooks.BAD_IDENTITY
