@@ -171,7 +171,8 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _pid_alive(pid: int) -> bool:
+# Also used by tests/test_install.py to sweep up what killed test processes left behind.
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -485,7 +486,7 @@ class PostgresServer:
             self._pg_ctl("stop", "-w", "-t", "30", "-m", "immediate")
         except (PostgresError, subprocess.TimeoutExpired):
             pid = _postmaster_pid(self.datadir)
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
                 _wait_gone(pid, 10)
         finally:
@@ -560,7 +561,7 @@ def _postmaster_pid(datadir: Path) -> int | None:
 
 def _wait_gone(pid: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -584,7 +585,7 @@ def _remove_stale_clusters() -> None:
                     continue
             except OSError:
                 continue
-            if _pid_alive(int(match.group(1))):
+            if pid_alive(int(match.group(1))):
                 continue
             datadir = entry / "pg" / "data"
             pid = _postmaster_pid(datadir)
@@ -592,7 +593,7 @@ def _remove_stale_clusters() -> None:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGQUIT)  # what pg_ctl stop -m immediate sends
                 _wait_gone(pid, 10)
-                if _pid_alive(pid):
+                if pid_alive(pid):
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
                     _wait_gone(pid, 5)

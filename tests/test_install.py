@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sshd
-from pgserver import PostgresServer
+from pgserver import PostgresServer, pid_alive
 
 from gatekeeper import totp
 
@@ -86,16 +86,6 @@ def need_root() -> None:
 # A staging root sshd will accept, and a throwaway git user
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _safe_dir(path: Path) -> bool:
     """Root-owned and not group/world-writable, all the way up; writable; not noexec."""
     real = Path(os.path.realpath(path))
@@ -126,11 +116,11 @@ def _remove_stale_leftovers(parent: Path) -> None:
     """Staging roots and users of test processes that died without cleaning up."""
     for entry in parent.glob(ROOT_DIR_PREFIX + "*"):
         match = re.fullmatch(re.escape(ROOT_DIR_PREFIX) + r"(\d+)\..+", entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
+        if match and entry.is_dir() and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
     for user in pwd.getpwall():
         match = re.fullmatch(r"gkt(\d+)x\d+", user.pw_name)
-        if match and user.pw_gecos == USER_COMMENT and not _pid_alive(int(match.group(1))):
+        if match and user.pw_gecos == USER_COMMENT and not pid_alive(int(match.group(1))):
             subprocess.run(["userdel", user.pw_name], capture_output=True, check=False)
 
 
