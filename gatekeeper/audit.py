@@ -9,12 +9,12 @@ also kept outside the database, in `audit.head` beside it. Standard library only
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
 
 from gatekeeper.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
     from hashlib import sha256 as sha256  # re-exported: the store hashes tokens with it
     from typing import Any
 else:

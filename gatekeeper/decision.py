@@ -21,8 +21,7 @@ Semantics (DESIGN.md):
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
-
+from gatekeeper.lightstd import date, datetime, timezone
 from gatekeeper.record import record
 
 TYPE_CHECKING = False

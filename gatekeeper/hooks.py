@@ -58,17 +58,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 
 from gatekeeper import decision, logs, sshcmd
 from gatekeeper.errors import GatekeeperError, PolicyError, StoreError
+from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.record import record
 from gatekeeper.store import Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
     from typing import Any, TextIO
 

@@ -17,13 +17,12 @@ afford psycopg's import (see `gatekeeper.libpq`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from gatekeeper.errors import InputError, StoreError
 from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
     from typing import Any
 
 # pg_advisory_xact_lock key for "a gatekeeper write transaction" ("gk" + "wr").

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import date
 
 from gatekeeper import pathstr
 from gatekeeper.errors import InputError, PolicyError
+from gatekeeper.lightstd import date
 from gatekeeper.record import record
 
 TYPE_CHECKING = False

@@ -14,17 +14,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
-from datetime import datetime, timezone
 
 from gatekeeper import decision, logs, pathstr, sshcmd
 from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
+from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.policy import DEFAULT_CONFIG, Policy, load_policy
 from gatekeeper.record import record
 from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import TextIO
 
 _DIGITS = frozenset("0123456789")

@@ -9,14 +9,18 @@ Rules learned the hard way (DESIGN.md):
 from __future__ import annotations
 
 import os
-import sqlite3
-from collections.abc import Iterable, Sequence
 
 from gatekeeper.errors import StoreError
+from gatekeeper.lightstd import sqlite3_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable, Sequence
     from typing import Any
+else:
+    # `_sqlite3` without `sqlite3`'s and `functools`' imports: lightstd.py.
+    sqlite3 = sqlite3_module()
 
 
 class SqliteDatabase:

@@ -13,22 +13,21 @@ the two, with `?` placeholders and `"user"` quoted (a reserved word in PostgreSQ
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import datetime, timezone
 
 from gatekeeper import audit as chain
 from gatekeeper import pathstr
 from gatekeeper.errors import InputError, NotFound, StoreError
+from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.record import record
 from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
+    from types import TracebackType
     from typing import Any
 
     from gatekeeper.pgdb import LibpqDatabase, PostgresDatabase
@@ -421,31 +420,15 @@ class Store:
         for table in reversed(TABLES):
             self._exec(f"DELETE FROM {_table(table)}")  # noqa: S608
 
-    def write_lock(self) -> contextlib.AbstractContextManager[None]:
+    def write_lock(self) -> _WriteTransaction:
         """Hold the store's write lock (one transaction): nobody else writes meanwhile."""
         return self._write()
 
     # -- transactions ----------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self) -> _WriteTransaction:
         """A write transaction that takes the store's write lock up front."""
-        try:
-            self.db.begin_write()
-        except self.db.errors as exc:
-            raise self.db.error(exc) from exc
-        try:
-            yield
-        except BaseException:
-            self._rollback()
-            raise
-        try:
-            self.db.commit()
-        except self.db.errors as exc:
-            # A full disk makes COMMIT fail after the audit head file was written.
-            self._rollback()
-            raise self.db.error(exc) from exc
-        self._settle_head(keep=True)
+        return _WriteTransaction(self)
 
     def _rollback(self) -> None:
         try:
@@ -1194,6 +1177,41 @@ class Store:
                 }
             )
         return out
+
+
+class _WriteTransaction:
+    """`with store._write():` one write transaction, its lock taken up front; committed
+    when the block ends, rolled back when it raises (anything, KeyboardInterrupt too).
+    A class rather than `contextlib.contextmanager`: contextlib and its functools and
+    collections are a sixth of the forced command's imports."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        db = self.store.db
+        try:
+            db.begin_write()
+        except db.errors as exc:
+            raise db.error(exc) from exc
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        store, db = self.store, self.store.db
+        if exc_type is not None:
+            store._rollback()
+            return
+        try:
+            db.commit()
+        except db.errors as error:
+            # A full disk makes COMMIT fail after the audit head file was written.
+            store._rollback()
+            raise db.error(error) from error
+        store._settle_head(keep=True)
 
 
 def _split_sql(script: str) -> list[str]:
