@@ -31,15 +31,19 @@ Fetch side: git's `uploadpack.packObjectsHook`, chosen over a wrapper around
 upload-pack. git honours that setting only from protected configuration (system,
 global, or the command line), never from a repository's own config, so the forced
 command passes it on upload-pack's command line (`git -c ...`): nothing to install,
-and a repository cannot switch it off. upload-pack then runs
-`python -I -m gatekeeper.hooks pack-objects ... git pack-objects ARGS` instead of
-pack-objects; this re-checks the read and execs `git pack-objects ARGS`. A wrapper
-would have to re-implement or proxy the pack protocol to run at the same moment.
+and a repository cannot switch it off. upload-pack then runs the hook instead of
+`git pack-objects ARGS`, and the hook re-checks the read (`check_fetch`) before it
+execs `git pack-objects ARGS`. Over SSH the hook is a shell script that asks the
+forced command, which stays alive as upload-pack's parent and answers with the same
+`check_fetch` for the identity it already knows (fetchgate.py): no second interpreter
+per clone. Where that cannot be set up (see fetchgate.py) the hook is
+`python -I -m gatekeeper.hooks pack-objects ...`, which proves the identity from the
+token as pre-receive does. A wrapper around upload-pack would have to re-implement or
+proxy the pack protocol to run at the same moment.
 Limits: the check runs when objects are packed, so the ref advertisement (names and
 ids of refs; all of `git ls-remote`) is still answered on the connection-time
 decision; `git upload-archive` has no such hook and relies on the forced command
-alone; a refused fetch also shows git's own "git-pack-objects died" lines after ours;
-and a clone or fetch pays one more interpreter start (the ls-remote budget does not).
+alone; a refused fetch also shows git's own "git-pack-objects died" lines after ours.
 
 Other limits: a token is a bearer secret in git's environment for its lifetime
 (`shell.HOOK_TOKEN_SECONDS`), visible to other hooks that run in the same push; anyone
@@ -68,7 +72,7 @@ from gatekeeper.store import Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
     from typing import Any, TextIO
 
@@ -84,8 +88,8 @@ MARKER = "# gatekeeper-hook-id: 8c2f5e1a9d7b4e03a6f1c2d4b5e6f708"
 """The line by which our hooks are known (pre-commit's `is_our_script`)."""
 
 MAX_REF_LENGTH = 1024
-# Checked with sets, not regular expressions: `re` costs the fetch hook, a fresh
-# interpreter on every clone, more than the rest of its imports.
+# Checked with sets, not regular expressions: `re` costs the Python fetch hook (a fresh
+# interpreter where fetchgate.py is not used) more than the rest of its imports.
 _HEX = frozenset("0123456789abcdef")
 _HEX_BYTES = frozenset(b"0123456789abcdef")
 _REF_BAD_BYTES = frozenset(range(0x21)) | frozenset(b"\x7f~^:?*[\\")
@@ -483,34 +487,57 @@ def pack_objects(
     """Re-check a read when upload-pack is about to pack objects, then exec
     `git pack-objects` with the arguments upload-pack gave. Returns only on refusal."""
     now = time.time() if now is None else now
-    audit: dict[str, Any] = {"action": "read", "detail": {"hook": "pack-objects"}}
-    store: Store | None = None
-    try:
-        if list(command[:2]) != ["git", "pack-objects"]:
-            log(f"pack-objects hook called with {list(command[:4])!r}")
-            raise Denied(
-                SERVER_ERROR, "access refused: internal error (logged on the server).", audit=False
-            )
-        policy, store = load_or_deny(config)
-        git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
-        ident = identify(policy, store, env, git_dir, "read", now, audit)
-        decide(policy, store, ident, "read", now)
-    except Denied as denied:
-        code = refuse(denied, store, audit, now, stderr)
-        if store is not None:
-            store.close()
-        return code
-    except StoreError as exc:
-        log(f"store error: {' | '.join(exc.lines())}")
-        if store is not None:
-            store.close()
-        stderr.write(PREFIX + "access refused: the server cannot read its 2FA state right now.\n")
+    if list(command[:2]) != ["git", "pack-objects"]:
+        log(f"pack-objects hook called with {list(command[:4])!r}")
+        stderr.write(PREFIX + "access refused: internal error (logged on the server).\n")
         return 1
-    store.close()
+    git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
+
+    def proven(policy: Policy, store: Store, audit: dict[str, Any]) -> Identity:
+        return identify(policy, store, env, git_dir, "read", now, audit)
+
+    refusal = check_fetch(config, now, proven)
+    if refusal:
+        stderr.write("".join(line + "\n" for line in refusal))
+        stderr.flush()
+        return 1
     from gatekeeper.shell import git_binary
 
     os.execv(git_binary(), ["git", "pack-objects", *command[2:]])  # noqa: S606
     return 1  # pragma: no cover - execv does not return
+
+
+def check_fetch(
+    config: str | Path,
+    now: float,
+    who: Identity | Callable[[Policy, Store, dict[str, Any]], Identity],
+) -> list[str]:
+    """The pack-time re-check of a read: [] to pack, otherwise the refusal's lines for
+    the git client (the refusal audited). `who` is the identity the forced command
+    itself vouches for (fetchgate.py), or how to prove one from a token (the hook)."""
+    audit: dict[str, Any] = {"action": "read", "detail": {"hook": "pack-objects"}}
+    store: Store | None = None
+    try:
+        policy, store = load_or_deny(config)
+        if isinstance(who, Identity):
+            ident = who
+            audit.update(user=who.user, key_fp=who.key_fp, client=who.client, repo=who.repo)
+        else:
+            ident = who(policy, store, audit)
+        decide(policy, store, ident, "read", now)
+        return []
+    except Denied as denied:
+        import io
+
+        out = io.StringIO()
+        refuse(denied, store, audit, now, out)
+        return out.getvalue().splitlines()
+    except StoreError as exc:
+        log(f"store error: {' | '.join(exc.lines())}")
+        return [PREFIX + "access refused: the server cannot read its 2FA state right now."]
+    finally:
+        if store is not None:
+            store.close()
 
 
 # -- entry point (`python -I -m gatekeeper.hooks ...`) ------------------------------

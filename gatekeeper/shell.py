@@ -219,7 +219,18 @@ def git_access(
     stderr.flush()
     store.close()
     config = pathstr.resolve(conn.config)
-    argv = git_argv(request, path, config)
+    git = git_binary()
+    pipes = None
+    if request.git_subcommand == "upload-pack":
+        from gatekeeper import fetchgate
+
+        pipes = fetchgate.open_pipes()
+    hook: str | None = None
+    if pipes is not None:
+        hook = fetchgate.hook_command(git, pipes, quote)
+    elif request.git_subcommand == "upload-pack":
+        hook = pack_objects_hook(config)
+    argv = git_argv(request, path, hook)
     git_env = {
         "PATH": SAFE_PATH,
         "HOME": env.get("HOME", "/"),
@@ -238,27 +249,45 @@ def git_access(
         git_env["GIT_PROTOCOL"] = conn.git_protocol
     if env.get("GATEKEEPER_DRY_RUN") == "1":
         # For the benchmark: everything up to the exec, but not the exec.
+        if pipes is not None:
+            pipes.close()
         return 0
-    os.execve(git_binary(), argv, git_env)  # noqa: S606 - argv is built, never a shell
+    if pipes is not None:
+        ident_fields = (request.repo, facts.key.user, facts.key.id, facts.key.fingerprint)
+
+        def recheck() -> list[str]:
+            from gatekeeper import hooks
+
+            ident = hooks.Identity(*ident_fields, client=conn.client)
+            return hooks.check_fetch(config, time.time(), ident)
+
+        return fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
+    os.execve(git, argv, git_env)  # noqa: S606 - argv is built, never a shell
     return 1  # pragma: no cover - execve does not return
 
 
 def git_argv(
-    request: sshcmd.GitRequest,
-    path: str | os.PathLike[str],
-    config: str | os.PathLike[str] | None = None,
+    request: sshcmd.GitRequest, path: str | os.PathLike[str], pack_hook: str | None = None
 ) -> list[str]:
+    """git's command line; `pack_hook` is the fetch-side check (hooks.py, fetchgate.py)
+    that upload-pack runs instead of `git pack-objects`."""
     sub = request.git_subcommand
     if sub == "upload-archive":
         # upload-archive takes no options; the absolute path cannot look like one.
         return ["git", sub, str(path)]
     if sub == "upload-pack":
-        if config is None:
+        if pack_hook is None:
             return ["git", sub, "--strict", "--", str(path)]
-        # The fetch-side check (hooks.py): git honours this only from protected
-        # configuration, which the command line is.
-        hook = f"uploadpack.packObjectsHook={pack_objects_hook(config)}"
-        return ["git", "-c", hook, sub, "--strict", "--", str(path)]
+        # git honours this only from protected configuration, which the command line is.
+        return [
+            "git",
+            "-c",
+            f"uploadpack.packObjectsHook={pack_hook}",
+            sub,
+            "--strict",
+            "--",
+            str(path),
+        ]
     return ["git", sub, "--", str(path)]
 
 

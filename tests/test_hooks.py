@@ -399,6 +399,31 @@ def test_a_key_removed_between_connection_and_pack_gets_no_objects(
 
 
 @sshd_test
+def test_over_ssh_the_forced_command_itself_answers_the_fetch_check(
+    hsite: Site, tmp_path: Path
+) -> None:
+    """fetchgate.py: a read's pack-time check is answered by the forced command, which
+    knows the connection's identity, not by a second interpreter proving it from the
+    token. With every token gone from the store the Python hook would refuse; the
+    forced command still re-checks the policy and the key, and allows."""
+    work = tmp_path / "w"
+    bob = clone(hsite, "bob", "platform/api", work)
+    hsite.inst.enroll("alice")
+    alice_work = tmp_path / "a"
+    alice = clone(hsite, "alice", "platform/api", alice_work)
+    new = commit(alice, alice_work, "alice.txt")
+    assert alice.git("push", "-q", "origin", "main", cwd=alice_work).returncode == 0
+    paused = Paused(hsite, "bob", tmp_path, "fetch", "origin", cwd=work)
+    db = sqlite3.connect(hsite.inst.state / "gatekeeper.db", timeout=10, isolation_level=None)
+    db.execute("DELETE FROM hook_tokens")
+    db.close()
+    fetch = paused.release()
+    assert fetch.returncode == 0, fetch.stderr
+    assert bob.git("cat-file", "-e", new, cwd=work).returncode == 0
+    assert hsite.inst.audit(event="access", user="bob")[-1]["reason"] == "allowed"
+
+
+@sshd_test
 def test_a_ref_name_with_control_characters_is_refused(hsite: Site) -> None:
     bob = hsite.client("bob")
     repo = hsite.inst.repos / "platform/api.git"
