@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -285,3 +286,18 @@ def test_a_write_is_exec_d_without_the_gate(gk: Installation, monkeypatch: Any) 
     seen = run_shell(gk, key_id, "git-receive-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "exec"
     assert seen["argv"] == ["git", "receive-pack", "--", str(gk.repos / "platform/api.git")]
+
+
+def test_the_script_is_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is missing (scripts/test.sh installs it); CI=true")
+        pytest.skip("shellcheck is not installed (scripts/test.sh installs it as root)")
+    result = subprocess.run(
+        [shellcheck, "--severity=style", fetchgate.SCRIPT],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # gatekeeper's fetch-side check (gatekeeper/fetchgate.py), run by git upload-pack as
 # uploadpack.packObjectsHook instead of `git pack-objects ARGS`:
 #
