@@ -1055,7 +1055,7 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
     t.check(
         f"clone within {E2E_TARGET}x git-shell",
         r_cl <= E2E_TARGET,
-        f"{r_cl:.2f}x (a clone also runs the pack-objects hook: one more interpreter start)",
+        f"{r_cl:.2f}x (a clone also asks the forced command to re-check the read: fetchgate.py)",
     )
     # AuthorizedKeysCommand mode, on a second sshd: informational.
     try:
