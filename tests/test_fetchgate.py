@@ -301,3 +301,27 @@ def test_the_script_is_shellcheck_clean() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_gate_fails_closed_on_a_broken_policy_or_store(
+    gk: Installation, monkeypatch: Any
+) -> None:
+    gk.init()
+    gk.repo("platform/api")
+    _, key_id = gk.add_user("bob")
+    gk.enroll("bob")
+    monkeypatch.setattr(fetchgate, "open_pipes", fetchgate.Pipes)
+    seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
+    seen["pipes"].close()
+    good_policy = gk.config.read_text()
+    gk.config.write_text(good_policy + "repositories: [\n")
+    assert seen["recheck"]() == [
+        "gatekeeper: access refused: the server's policy file is invalid or unreadable.",
+        "gatekeeper: hint: an administrator must run `gatekeeper policy check`.",
+    ]
+    gk.config.write_text(good_policy)
+    (gk.state / "gatekeeper.db").write_bytes(b"this is not a database" * 100)
+    assert seen["recheck"]() == [
+        "gatekeeper: access refused: the server cannot read its 2FA state right now.",
+        "gatekeeper: hint: try again in a moment; if it persists, tell an administrator.",
+    ]

@@ -348,18 +348,24 @@ def test_a_policy_change_between_connect_and_push_is_caught_by_the_hook(
     ]
 
 
+def bob_behind_alice(hsite: Site, tmp_path: Path) -> tuple[sshd.SshClient, Path, str]:
+    """bob's clone of platform/api, and the commit alice pushed after it: bob's next
+    fetch has objects to pack (so upload-pack runs the pack-time check)."""
+    work = tmp_path / "w"
+    bob = clone(hsite, "bob", "platform/api", work)
+    hsite.inst.enroll("alice")
+    alice_work = tmp_path / "a"
+    alice = clone(hsite, "alice", "platform/api", alice_work)
+    new = commit(alice, alice_work, "alice.txt")
+    assert alice.git("push", "-q", "origin", "main", cwd=alice_work).returncode == 0
+    return bob, work, new
+
+
 @sshd_test
 def test_a_fetch_is_refused_when_the_policy_changed_before_the_pack(
     hsite: Site, tmp_path: Path
 ) -> None:
-    work = tmp_path / "w"
-    bob = clone(hsite, "bob", "platform/api", work)
-    # Someone else pushes, so bob's fetch has objects to pack.
-    alice_work = tmp_path / "a"
-    hsite.inst.enroll("alice")
-    alice = clone(hsite, "alice", "platform/api", alice_work)
-    new = commit(alice, alice_work, "alice.txt")
-    assert alice.git("push", "-q", "origin", "main", cwd=alice_work).returncode == 0
+    bob, work, new = bob_behind_alice(hsite, tmp_path)
 
     paused = Paused(hsite, "bob", tmp_path, "fetch", "origin", cwd=work)
     assert paused.access["reason"] == "allowed" and paused.access["action"] == "read"
@@ -381,13 +387,7 @@ def test_a_fetch_is_refused_when_the_policy_changed_before_the_pack(
 def test_a_key_removed_between_connection_and_pack_gets_no_objects(
     hsite: Site, tmp_path: Path
 ) -> None:
-    work = tmp_path / "w"
-    bob = clone(hsite, "bob", "platform/api", work)
-    hsite.inst.enroll("alice")
-    alice_work = tmp_path / "a"
-    alice = clone(hsite, "alice", "platform/api", alice_work)
-    new = commit(alice, alice_work, "alice.txt")
-    assert alice.git("push", "-q", "origin", "main", cwd=alice_work).returncode == 0
+    bob, work, new = bob_behind_alice(hsite, tmp_path)
     paused = Paused(hsite, "bob", tmp_path, "fetch", "origin", cwd=work)
     hsite.inst.gk("key", "remove", paused.access["key_fp"])
     fetch = paused.release()
@@ -406,13 +406,7 @@ def test_over_ssh_the_forced_command_itself_answers_the_fetch_check(
     knows the connection's identity, not by a second interpreter proving it from the
     token. With every token gone from the store the Python hook would refuse; the
     forced command still re-checks the policy and the key, and allows."""
-    work = tmp_path / "w"
-    bob = clone(hsite, "bob", "platform/api", work)
-    hsite.inst.enroll("alice")
-    alice_work = tmp_path / "a"
-    alice = clone(hsite, "alice", "platform/api", alice_work)
-    new = commit(alice, alice_work, "alice.txt")
-    assert alice.git("push", "-q", "origin", "main", cwd=alice_work).returncode == 0
+    bob, work, new = bob_behind_alice(hsite, tmp_path)
     paused = Paused(hsite, "bob", tmp_path, "fetch", "origin", cwd=work)
     db = sqlite3.connect(hsite.inst.state / "gatekeeper.db", timeout=10, isolation_level=None)
     db.execute("DELETE FROM hook_tokens")
