@@ -64,9 +64,9 @@ import sys
 import time
 
 from gatekeeper import decision, logs, sshcmd
-from gatekeeper.errors import GatekeeperError, PolicyError, StoreError
+from gatekeeper.errors import GatekeeperError, Refused, StoreError
 from gatekeeper.lightstd import datetime, timezone
-from gatekeeper.policy import Policy, load_policy
+from gatekeeper.policy import Policy
 from gatekeeper.record import record
 from gatekeeper.store import Store, token_digest
 
@@ -160,28 +160,13 @@ def log(message: str) -> None:
 
 
 def load_or_deny(config: str | Path) -> tuple[Policy, Store]:
-    """Policy and store, or a refusal worded like the forced command's."""
+    """Policy and store, or a refusal worded as the forced command words it."""
+    from gatekeeper import shell
+
     try:
-        policy = load_policy(config)
-    except PolicyError as exc:
-        log(f"policy error: {' | '.join(exc.lines())}")
-        raise Denied(
-            SERVER_ERROR,
-            "access refused: the server's policy file is invalid or unreadable.",
-            "hint: an administrator must run `gatekeeper policy check`.",
-            audit=False,
-        ) from exc
-    try:
-        store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
-    except StoreError as exc:
-        log(f"store error: {' | '.join(exc.lines())}")
-        raise Denied(
-            SERVER_ERROR,
-            "access refused: the server cannot read its 2FA state right now.",
-            "hint: try again in a moment; if it persists, tell an administrator.",
-            audit=False,
-        ) from exc
-    return policy, store
+        return shell.load(str(config), log)
+    except Refused as exc:
+        raise Denied(SERVER_ERROR, *exc.lines(), audit=False) from exc
 
 
 def repo_name(root: str, git_dir: str) -> str | None:

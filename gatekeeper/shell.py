@@ -24,7 +24,7 @@ from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import TextIO
 
 _DIGITS = frozenset("0123456789")
@@ -89,12 +89,15 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     )
 
 
-def load(conn: Connection) -> tuple[Policy, Store]:
-    """Policy and store, or a refusal that names the server-side problem, not its details."""
+def load(config: str, report: Callable[[str], None] | None = None) -> tuple[Policy, Store]:
+    """Policy and store, or a refusal that names the server-side problem, not its details
+    (those go to `report`, the forced command's log by default). The hooks refuse in the same
+    words."""
+    report = report or log
     try:
-        policy = load_policy(conn.config)
+        policy = load_policy(config)
     except PolicyError as exc:
-        log(f"policy error: {' | '.join(exc.lines())}")
+        report(f"policy error: {' | '.join(exc.lines())}")
         raise Refused(
             "access refused: the server's policy file is invalid or unreadable.",
             hint="an administrator must run `gatekeeper policy check`.",
@@ -102,7 +105,7 @@ def load(conn: Connection) -> tuple[Policy, Store]:
     try:
         store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
     except StoreError as exc:
-        log(f"store error: {' | '.join(exc.lines())}")
+        report(f"store error: {' | '.join(exc.lines())}")
         raise Refused(
             "access refused: the server cannot read its 2FA state right now.",
             hint="try again in a moment; if it persists, tell an administrator.",
@@ -127,7 +130,7 @@ def run(
     argv: list[str], env: Mapping[str, str], stdin: TextIO, stdout: TextIO, stderr: TextIO
 ) -> int:
     conn = parse_invocation(argv, env)
-    policy, store = load(conn)
+    policy, store = load(conn.config)
     now = time.time()
     facts = store.connection_facts(conn.key_id, now)
     if facts is None:
