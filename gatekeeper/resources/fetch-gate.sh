@@ -15,6 +15,12 @@ refuse() {
     echo "gatekeeper: access refused: internal error (logged on the server)." >&2
     exit 1
 }
+# Before refusing a pack: read what upload-pack writes us (the objects it wants), so
+# it sees us exit rather than a broken pipe, which kills it before it passes our
+# lines on to the client.
+drain() {
+    cat >/dev/null
+}
 # File descriptors 3-9 only: dash reads a single digit after >& and <&.
 case $request:$answer in
     [3-9]:[3-9]) ;;
@@ -28,7 +34,7 @@ if [ "$1" != git ] || [ "$2" != pack-objects ]; then
     refuse
 fi
 shift 2
-printf 'pack %s\n' "$$" >&"$request" || refuse
+printf 'pack %s\n' "$$" >&"$request" || { drain; refuse; }
 while IFS= read -r line <&"$answer"; do
     case $line in
         "say $$ "*) printf '%s\n' "${line#"say $$ "}" >&2 ;;
@@ -36,8 +42,12 @@ while IFS= read -r line <&"$answer"; do
             eval "exec $request>&- $answer<&-"
             exec "$git" pack-objects "$@"
             ;;
-        "no $$") exit 1 ;;
+        "no $$")
+            drain
+            exit 1
+            ;;
         *) ;; # an earlier hook's answer
     esac
 done
+drain
 refuse # the forced command went away without an answer
