@@ -244,6 +244,14 @@ class Installation:
         self._last_step.pop(user, None)
         self.gk("2fa", "confirm", user, self.code(user))
 
+    def enrolled_reader(self) -> int:
+        """The repository platform/api and bob (team platform in DEFAULT_POLICY), enrolled,
+        so his fetch is allowed: his key id. The most common start of a git-path test."""
+        self.repo("platform/api")
+        _, key_id = self.add_user("bob")
+        self.enroll("bob")
+        return key_id
+
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         from gatekeeper.store import Store
 

@@ -69,9 +69,7 @@ def state_of(gk: Installation) -> tuple[Any, int, Any]:
 
 @pytest.fixture
 def site(gk: Installation) -> tuple[Installation, int]:
-    gk.repo("platform/api")
-    _, key_id = gk.add_user("bob")
-    gk.enroll("bob")
+    key_id = gk.enrolled_reader()
     return gk, key_id
 
 
@@ -122,9 +120,7 @@ def test_a_full_state_directory_refuses_git_and_keeps_the_store(tmp_path: Path) 
     gk = Installation(tmp_path / "gk")
     with tmpfs(gk.state, "4m"):
         gk.init()
-        gk.repo("platform/api")
-        _, key = gk.add_user("bob")
-        gk.enroll("bob")
+        key = gk.enrolled_reader()
         assert_fetch_allowed(gk, key)
         before = state_of(gk)
 

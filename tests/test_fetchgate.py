@@ -228,17 +228,9 @@ def run_shell(gk: Installation, key_id: int, command: str, monkeypatch: Any) -> 
     return seen
 
 
-def enrolled_bob(gk: Installation) -> int:
-    """An installation where bob (team platform, enrolled) may read platform/api: his key id."""
-    gk.init()
-    gk.repo("platform/api")
-    _, key_id = gk.add_user("bob")
-    gk.enroll("bob")
-    return key_id
-
-
 def test_a_read_runs_upload_pack_under_the_gate(gk: Installation, monkeypatch: Any) -> None:
-    key_id = enrolled_bob(gk)
+    gk.init()
+    key_id = gk.enrolled_reader()
     # pytest holds descriptors above 9 open; sshd's child holds only 0-2.
     monkeypatch.setattr(fetchgate, "open_pipes", fetchgate.Pipes)
     seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
@@ -274,7 +266,8 @@ def test_a_read_runs_upload_pack_under_the_gate(gk: Installation, monkeypatch: A
 def test_without_usable_pipes_the_python_hook_checks_the_read(
     gk: Installation, monkeypatch: Any
 ) -> None:
-    key_id = enrolled_bob(gk)
+    gk.init()
+    key_id = gk.enrolled_reader()
     monkeypatch.setattr(fetchgate, "open_pipes", lambda: None)
     seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "exec"
@@ -282,7 +275,8 @@ def test_without_usable_pipes_the_python_hook_checks_the_read(
 
 
 def test_a_write_is_exec_d_without_the_gate(gk: Installation, monkeypatch: Any) -> None:
-    key_id = enrolled_bob(gk)
+    gk.init()
+    key_id = gk.enrolled_reader()
     seen = run_shell(gk, key_id, "git-receive-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "exec"
     assert seen["argv"] == ["git", "receive-pack", "--", str(gk.repos / "platform/api.git")]
@@ -306,7 +300,8 @@ def test_the_script_is_shellcheck_clean() -> None:
 def test_the_gate_fails_closed_on_a_broken_policy_or_store(
     gk: Installation, monkeypatch: Any
 ) -> None:
-    key_id = enrolled_bob(gk)
+    gk.init()
+    key_id = gk.enrolled_reader()
     monkeypatch.setattr(fetchgate, "open_pipes", fetchgate.Pipes)
     seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
     seen["pipes"].close()

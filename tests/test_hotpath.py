@@ -394,9 +394,7 @@ def test_the_dry_run_imports_no_re_pathlib_json_or_shlex(gk: object) -> None:
 
     assert isinstance(gk, Installation)
     gk.init()
-    gk.repo("platform/api")
-    _, key_id = gk.add_user("bob")
-    gk.enroll("bob")
+    key_id = gk.enrolled_reader()
     # The first connection after a policy change compiles it (yaml, re): warm the cache.
     assert gk.shell(key_id, "git-upload-pack 'platform/api.git'", stdin="0000").returncode == 0
     for command, rc in [
@@ -512,9 +510,7 @@ def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
 
     assert isinstance(gk, Installation)
     gk.init()
-    gk.repo("platform/api")
-    _, key_id = gk.add_user("bob")
-    gk.enroll("bob")
+    key_id = gk.enrolled_reader()
     assert gk.shell(key_id, "git-upload-pack 'platform/api.git'", stdin="0000").returncode == 0
     env = {k: v for k, v in gk.env.items() if not k.startswith(("SSH_", "PYTHON"))}
     env.update(
