@@ -223,16 +223,13 @@ def git_access(
     store.close()
     config = pathstr.resolve(conn.config)
     git = git_binary()
-    pipes = None
+    pipes = hook = None
     if request.git_subcommand == "upload-pack":
         from gatekeeper import fetchgate
 
+        # The fetch-side check: answered by us (fetchgate.py), else by the Python hook.
         pipes = fetchgate.open_pipes()
-    hook: str | None = None
-    if pipes is not None:
-        hook = fetchgate.hook_command(git, pipes, quote)
-    elif request.git_subcommand == "upload-pack":
-        hook = pack_objects_hook(config)
+        hook = fetchgate.hook_command(git, pipes, quote) if pipes else pack_objects_hook(config)
     argv = git_argv(request, path, hook)
     git_env = {
         "PATH": SAFE_PATH,
@@ -256,12 +253,12 @@ def git_access(
             pipes.close()
         return 0
     if pipes is not None:
-        ident_fields = (request.repo, facts.key.user, facts.key.id, facts.key.fingerprint)
 
         def recheck() -> list[str]:
             from gatekeeper import hooks
 
-            ident = hooks.Identity(*ident_fields, client=conn.client)
+            key = facts.key
+            ident = hooks.Identity(request.repo, key.user, key.id, key.fingerprint, conn.client)
             return hooks.check_fetch(config, time.time(), ident)
 
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
