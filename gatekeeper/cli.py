@@ -501,9 +501,13 @@ def check(
 ) -> None:
     """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse."""
     from gatekeeper.shell import user_facts
-    from gatekeeper.sshcmd import normalize_repo_name
+    from gatekeeper.sshcmd import locate_repo, normalize_repo_name
 
-    name = normalize_repo_name(repo)
+    requested = normalize_repo_name(repo)
+    # The forced command's identity of the repository: an alias is judged as the
+    # repository it points to.
+    located = locate_repo(ctx.policy.server.repositories, requested)
+    name = located.name if located is not None else requested
     now = time.time()
     with ctx.store() as store:
         user = store.get_user(user_name)
@@ -528,15 +532,20 @@ def check(
     verdict = decision.decide(
         ctx.policy, ufacts, name, action, datetime.fromtimestamp(now, timezone.utc)
     )
+    # The verdict is the policy's, so a rule can be tried before its repository exists;
+    # a missing repository is said, not folded into the exit code.
+    allowed, reason = verdict.allowed, verdict.reason
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "user": user_name,
                     "repo": name,
+                    "requested": requested,
+                    "exists": located is not None,
                     "action": action,
-                    "allowed": verdict.allowed,
-                    "reason": verdict.reason,
+                    "allowed": allowed,
+                    "reason": reason,
                     "level": verdict.level,
                     "rules": list(verdict.rules),
                     "access_via": list(verdict.access_via),
@@ -557,10 +566,15 @@ def check(
             )
         )
     else:
-        click.echo(
-            f"{user_name} {action} {name}: "
-            f"{'ALLOW' if verdict.allowed else 'REFUSE'} ({verdict.reason})"
-        )
+        click.echo(f"{user_name} {action} {name}: {'ALLOW' if allowed else 'REFUSE'} ({reason})")
+        if located is None:
+            click.echo(
+                f"  note: no repository '{requested}' exists under "
+                f"{ctx.policy.server.repositories}: git access is refused as not found until "
+                "it is created"
+            )
+        elif name != requested:
+            click.echo(f"  '{requested}' is an alias (symlink) of '{name}', judged as '{name}'")
         click.echo(f"  matching rules: {', '.join(verdict.rules) or 'none'}")
         click.echo(f"  access via: {', '.join(verdict.access_via) or 'nothing'}")
         for r in verdict.requirements:
@@ -572,7 +586,7 @@ def check(
         click.echo(f"  level that applies: {verdict.level}")
         for line in (*verdict.message, *verdict.warnings):
             click.echo(f"  > {line}")
-    sys.exit(0 if verdict.allowed else 1)
+    sys.exit(0 if allowed else 1)
 
 
 @cli.command()

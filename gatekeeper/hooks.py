@@ -170,16 +170,9 @@ def load_or_deny(config: str | Path) -> tuple[Policy, Store]:
 
 
 def repo_name(root: str, git_dir: str) -> str | None:
-    """The repository name of the real path `git_dir` under the real `root`, or None."""
-    if not git_dir.startswith(root + os.sep) or not git_dir.endswith(".git"):
-        return None
-    name = git_dir[len(root) + 1 : -len(".git")]
-    try:
-        if sshcmd.normalize_repo_name(name) != name:
-            return None
-    except GatekeeperError:
-        return None
-    return name
+    """The canonical name of the repository at the real path `git_dir` under the real
+    `root`, or None (`sshcmd.canonical_name`)."""
+    return sshcmd.canonical_name(root, git_dir)
 
 
 def identify(
@@ -233,7 +226,9 @@ def identify(
             ("key", grant.key_fp == env.get("GATEKEEPER_KEY")),
             ("key id", key_id is None or key_id == str(grant.key_id)),
             ("action", grant.action == action),
-            ("repository", sshcmd.resolve_repo(root, grant.repo) == git_dir),
+            # The repository git opened, by its one identity: whatever name the client
+            # used, the token names the canonical one.
+            ("repository", grant.repo == derived),
         )
         if not ok
     ]
@@ -496,10 +491,12 @@ def check_fetch(
     config: str | Path,
     now: float,
     who: Identity | Callable[[Policy, Store, dict[str, Any]], Identity],
+    path: str | None = None,
 ) -> list[str]:
     """The pack-time re-check of a read: [] to pack, otherwise the refusal's lines for
     the git client (the refusal audited). `who` is the identity the forced command
-    itself vouches for (fetchgate.py), or how to prove one from a token (the hook)."""
+    itself vouches for (fetchgate.py) with `path`, the real path it gave git, or how to
+    prove one from a token (the hook)."""
     audit: dict[str, Any] = {"action": "read", "detail": {"hook": "pack-objects"}}
     store: Store | None = None
     try:
@@ -507,6 +504,14 @@ def check_fetch(
         if isinstance(who, Identity):
             ident = who
             audit.update(user=who.user, key_fp=who.key_fp, client=who.client, repo=who.repo)
+            if path is not None:
+                # The repository may have been moved or renamed since the connection:
+                # its name must still be the one decided on.
+                if sshcmd.resolve_repo(policy.server.repositories_str, who.repo) != path:
+                    raise Denied(
+                        decision.NOT_AUTHORIZED,
+                        *decision.not_found_message(policy, who.repo),
+                    )
         else:
             ident = who(policy, store, audit)
         decide(policy, store, ident, "read", now)
@@ -616,26 +621,11 @@ def is_ours(text: bytes) -> bool:
 
 
 def find_repositories(root: Path) -> list[tuple[str, Path]]:
-    """Every bare repository `<name>.git` under `root` (not followed through symlinks,
-    not looked into), whose name gatekeeper can serve; sorted by name."""
+    """Every bare repository under `root` that a client can name, by canonical name
+    (`sshcmd.list_repositories`: symlinks are aliases, not repositories)."""
     from pathlib import Path
 
-    real_root = os.path.realpath(root)
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, _ in os.walk(real_root):
-        keep = []
-        for d in sorted(dirnames):
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full) or d.startswith("."):
-                continue
-            if d.endswith(".git") and os.path.isfile(os.path.join(full, "HEAD")):
-                name = repo_name(real_root, full)
-                if name is not None:
-                    found.append((name, Path(full)))
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-    return sorted(found)
+    return [(repo.name, Path(repo.path)) for repo in sshcmd.list_repositories(root)]
 
 
 def select_repositories(
@@ -651,15 +641,17 @@ def select_repositories(
             "name the repositories, or use --all.", hint="`gatekeeper hooks status` lists them."
         )
     out = []
+    from pathlib import Path
+
     for arg in names:
         name = sshcmd.normalize_repo_name(arg)
-        path = sshcmd.resolve_repo_path(root, name)
-        if path is None:
+        located = sshcmd.locate_repo(root, name)
+        if located is None:
             raise HookError(
                 f"no repository '{name}' under {root}.",
                 hint="`gatekeeper hooks status` lists the repositories.",
             )
-        out.append((name, path))
+        out.append((located.name, Path(located.path)))
     return out
 
 

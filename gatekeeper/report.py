@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ from gatekeeper.decision import Decision, UserFacts, decide
 from gatekeeper.errors import InputError, StoreError
 from gatekeeper.policy import Policy, RepoRule, Team
 from gatekeeper.record import evolve
-from gatekeeper.sshcmd import normalize_repo_name
+from gatekeeper.sshcmd import list_repositories, normalize_repo_name
 from gatekeeper.store import HEAD_NAME, Store, utc_iso
 
 # -- time ---------------------------------------------------------------------------
@@ -325,22 +324,9 @@ def strict_policy(policy: Policy) -> Policy:
 
 
 def existing_repos(root: Path) -> list[str]:
-    """The bare repositories under `root`, by the names clients use (`platform/api`)."""
-    names: list[str] = []
-    for dirpath, dirnames, _ in os.walk(root):
-        descend = []
-        for d in sorted(dirnames):
-            full = os.path.join(dirpath, d)
-            if d.endswith(".git") and os.path.isfile(os.path.join(full, "HEAD")):
-                name = os.path.relpath(full, root)[: -len(".git")].replace(os.sep, "/")
-                try:
-                    names.append(normalize_repo_name(name))
-                except InputError:
-                    pass  # a name no client could ask for
-            elif not d.startswith("."):
-                descend.append(d)
-        dirnames[:] = descend
-    return sorted(names)
+    """The repositories under `root` by their canonical names (`platform/api`); an
+    alias (a symlink) is not a repository of its own."""
+    return [repo.name for repo in list_repositories(root)]
 
 
 def user_facts(row: Mapping[str, Any]) -> UserFacts:

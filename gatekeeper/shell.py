@@ -176,22 +176,30 @@ def git_access(
     env: Mapping[str, str],
 ) -> int:
     when = datetime.fromtimestamp(now, timezone.utc)
-    verdict = decision.decide(policy, user_facts(facts), request.repo, request.action, when)
+    # Decide on the repository git will open, whatever the client's spelling and the
+    # symlinks on the way (an alias gets its target's rules, never its own name's).
+    located = sshcmd.locate_repo(policy.server.repositories_str, request.repo)
+    repo = located.name if located is not None else request.repo
+    verdict = decision.decide(policy, user_facts(facts), repo, request.action, when)
     reason, message = verdict.reason, verdict.message
-    path = None
-    if verdict.allowed:
-        path = sshcmd.resolve_repo(policy.server.repositories_str, request.repo)
-        if path is None:
-            reason, message = "not-found", decision.not_found_message(policy, request.repo)
-    allowed = path is not None
+    if verdict.reason == decision.NOT_AUTHORIZED or (verdict.allowed and located is None):
+        # The same words for a repository that is missing and one the user may not
+        # see, naming only what the client typed.
+        message = decision.not_found_message(policy, request.shown)
+        if verdict.allowed:
+            reason = "not-found"
+    allowed = verdict.allowed and located is not None
+    detail: dict[str, object] = {"verb": request.verb, "level": verdict.level, "allowed": allowed}
+    if repo != request.repo:
+        detail["requested"] = request.repo
     fields = {
         "user": facts.key.user,
         "key_fp": facts.key.fingerprint,
-        "repo": request.repo,
+        "repo": repo,
         "action": request.action,
         "reason": reason,
         "client": conn.client,
-        "detail": {"verb": request.verb, "level": verdict.level, "allowed": allowed},
+        "detail": detail,
     }
     # No git without a record: if this write fails, StoreError refuses the connection.
     token = None
@@ -203,7 +211,7 @@ def git_access(
             facts.key.user,
             facts.key.id,
             facts.key.fingerprint,
-            request.repo,
+            repo,
             request.action,
             conn.client,
             int(now),
@@ -212,7 +220,7 @@ def git_access(
         store.audit_with_token("access", token_digest(token), grant, now=now, **fields)
     else:
         store.audit("access", now=now, **fields)
-    if not allowed or path is None or token is None:
+    if located is None or token is None:
         for line in message:
             stderr.write(PREFIX + line + "\n")
         stderr.flush()
@@ -230,6 +238,7 @@ def git_access(
         # The fetch-side check: answered by us (fetchgate.py), else by the Python hook.
         pipes = fetchgate.open_pipes()
         hook = fetchgate.hook_command(git, pipes, quote) if pipes else pack_objects_hook(config)
+    path = located.path
     argv = git_argv(request, path, hook)
     git_env = {
         "PATH": SAFE_PATH,
@@ -237,7 +246,7 @@ def git_access(
         "GATEKEEPER_USER": facts.key.user,
         "GATEKEEPER_KEY": facts.key.fingerprint,
         "GATEKEEPER_KEY_ID": str(facts.key.id),
-        "GATEKEEPER_REPO": request.repo,
+        "GATEKEEPER_REPO": repo,
         "GATEKEEPER_ACTION": request.action,
         "GATEKEEPER_CONFIG": config,
         "GATEKEEPER_TOKEN": token,
@@ -258,8 +267,8 @@ def git_access(
             from gatekeeper import hooks
 
             key = facts.key
-            ident = hooks.Identity(request.repo, key.user, key.id, key.fingerprint, conn.client)
-            return hooks.check_fetch(config, time.time(), ident)
+            ident = hooks.Identity(repo, key.user, key.id, key.fingerprint, conn.client)
+            return hooks.check_fetch(config, time.time(), ident, path)
 
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
         # git is done and the SSH session ends when we do: skip the interpreter's

@@ -55,6 +55,15 @@ class GitRequest:
     """`git-upload-pack`, `git-receive-pack` or `git-upload-archive`."""
     repo: str
     """The normalised repository name: `platform/api`, no leading `/`, no `.git`."""
+    typed: str = ""
+    """The argument as the client typed it (`'/platform/api.git'`), for messages that
+    must not say more than the client already knows."""
+
+    @property
+    def shown(self) -> str:
+        """The name to echo back: what the client typed, without quotes or `~/`."""
+        typed = self.typed.removeprefix("~/").strip("/")
+        return typed or self.repo
 
     @property
     def action(self) -> str:
@@ -155,7 +164,7 @@ def parse_command(text: str | None) -> GitRequest | UserCommand:
         words = [f"git-{words[1]}", *words[2:]]
     verb = words[0]
     if verb in GIT_VERBS:
-        return GitRequest(verb, _repo_argument(verb, words[1:]))
+        return GitRequest(verb, _repo_argument(verb, words[1:]), words[1])
     if verb in USER_VERBS:
         for word in words[1:]:
             if not _is_user_word(word):
@@ -212,12 +221,75 @@ def normalize_repo_name(arg: str) -> str:
     return name
 
 
-def resolve_repo_path(root: str | os.PathLike[str], name: str) -> Path | None:
-    """The bare repository `<root>/<name>.git`, or None if it is missing or escapes the root.
+def valid_repo_name(name: str) -> bool:
+    """A canonical repository name: components as `normalize_repo_name` allows them,
+    taken as they are (a repository may itself be called `r.git`, on disk `r.git.git`)."""
+    return (
+        0 < len(name) <= MAX_REPO_NAME_LENGTH
+        and ".." not in name
+        and all(_is_component(part) for part in name.split("/"))
+    )
 
-    The real path is checked, so a symlink inside the root that points outside it is
-    treated as missing.
-    """
+
+def canonical_name(real_root: str, real: str) -> str | None:
+    """The name of the repository at the real path `real`, relative to the real
+    repositories root: the one identity of a repository, however a client spelled it
+    and whatever symlinks led there. None when no client could name it."""
+    if not real.startswith(real_root + os.sep) or not real.endswith(".git"):
+        return None
+    name = real[len(real_root) + 1 : -len(".git")]
+    return name if valid_repo_name(name) else None
+
+
+@record
+class Located:
+    """The repository a client's name opens."""
+
+    name: str
+    """Its canonical name (`canonical_name`): what the policy, the audit log, the hooks
+    and every report speak of."""
+    path: str
+    """Its real path, which is what git is given."""
+
+
+def locate_repo(root: str | os.PathLike[str], name: str) -> Located | None:
+    """The bare repository that `<root>/<name>.git` opens, or None if it is missing,
+    escapes the root, or is not a repository a client could name directly.
+
+    Symlinks are followed, so an alias reaches exactly the repository it points to,
+    under that repository's name and rules; the alias's own name grants nothing."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, name + ".git"))
+    if not os.path.isdir(real) or not os.path.isfile(os.path.join(real, "HEAD")):
+        return None
+    canonical = canonical_name(real_root, real)
+    return Located(canonical, real) if canonical is not None else None
+
+
+def list_repositories(root: str | os.PathLike[str]) -> list[Located]:
+    """Every bare repository under `root` that a client can name, by canonical name,
+    sorted; symlinks are not followed (an alias is not a repository of its own), and
+    repositories are not looked into."""
+    real_root = os.path.realpath(root)
+    found: list[Located] = []
+    for dirpath, dirnames, _ in os.walk(real_root):
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full) or d.startswith("."):
+                continue
+            if d.endswith(".git") and os.path.isfile(os.path.join(full, "HEAD")):
+                name = canonical_name(real_root, full)
+                if name is not None:
+                    found.append(Located(name, full))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+    return sorted(found, key=lambda repo: repo.name)
+
+
+def resolve_repo_path(root: str | os.PathLike[str], name: str) -> Path | None:
+    """`resolve_repo` as a Path."""
     real = resolve_repo(root, name)
     if real is None:
         return None
@@ -227,11 +299,6 @@ def resolve_repo_path(root: str | os.PathLike[str], name: str) -> Path | None:
 
 
 def resolve_repo(root: str | os.PathLike[str], name: str) -> str | None:
-    """`resolve_repo_path` as a string, for the forced command (no pathlib import)."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, name + ".git"))
-    if not real.startswith(real_root + os.sep):
-        return None
-    if not os.path.isdir(real) or not os.path.isfile(os.path.join(real, "HEAD")):
-        return None
-    return real
+    """The real path of the bare repository `name` opens (`locate_repo`), or None."""
+    located = locate_repo(root, name)
+    return located.path if located is not None else None

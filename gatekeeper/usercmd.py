@@ -11,13 +11,12 @@ ssh git@HOST 2fa recovery-codes CODE
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from gatekeeper import decision, twofactor
+from gatekeeper import decision, sshcmd, twofactor
 from gatekeeper.errors import InputError, Refused
 from gatekeeper.policy import Policy
 from gatekeeper.sshcmd import UserCommand
@@ -201,23 +200,11 @@ def status_text(store: Store, facts: ConnectionFacts) -> str:
     return "\n".join(lines) + "\n"
 
 
-def list_repositories(root: Path, max_depth: int = 4) -> Iterator[str]:
-    """Names of the bare repositories under `root` (`name.git` directories with a HEAD)."""
-    root = Path(root)
-    base = len(root.parts)
-    for dirpath, dirnames, _ in os.walk(root):
-        depth = len(Path(dirpath).parts) - base
-        keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
-            full = os.path.join(dirpath, d)
-            if d.endswith(".git") and os.path.isfile(os.path.join(full, "HEAD")):
-                rel = os.path.relpath(full, root)
-                yield rel[: -len(".git")]
-            elif depth < max_depth:
-                keep.append(d)
-        dirnames[:] = keep
+def list_repositories(root: Path) -> Iterator[str]:
+    """Canonical names of the repositories under `root` (`sshcmd.list_repositories`):
+    an alias is not listed apart from the repository it points to."""
+    for repo in sshcmd.list_repositories(root):
+        yield repo.name
 
 
 def info_text(policy: Policy, store: Store, facts: ConnectionFacts) -> str:
