@@ -279,29 +279,51 @@ def git_access(
     return 1  # pragma: no cover - execve does not return
 
 
+# Settings that make git run a program for a served repository, pinned on git's command
+# line: protected configuration, which a repository's own config cannot override (nor an
+# `include` it pulls in). docs/threat-model.md lists the settings examined and why the
+# others are not pinned.
+ALTERNATE_REFS = "f() { git --git-dir=\"$1\" for-each-ref --format='%(objectname)'; }; f"
+"""git's own way of listing an alternate's refs, as a command it cannot be talked out of."""
+
+
+def pinned_config(path: str | os.PathLike[str]) -> list[str]:
+    """`-c` options that keep git's choice of programs to gatekeeper for repository `path`:
+    its own `hooks/` (where gatekeeper's pre-receive is), git's own alternate-refs
+    listing, and the standard signature programs for push certificates."""
+    hooks = os.path.join(os.fspath(path), "hooks")
+    return [
+        "-c",
+        f"core.hooksPath={hooks}",
+        "-c",
+        f"core.alternateRefsCommand={ALTERNATE_REFS}",
+        "-c",
+        "gpg.program=gpg",
+        "-c",
+        "gpg.openpgp.program=gpg",
+        "-c",
+        "gpg.x509.program=gpgsm",
+        "-c",
+        "gpg.ssh.program=ssh-keygen",
+    ]
+
+
 def git_argv(
     request: sshcmd.GitRequest, path: str | os.PathLike[str], pack_hook: str | None = None
 ) -> list[str]:
     """git's command line; `pack_hook` is the fetch-side check (hooks.py, fetchgate.py)
     that upload-pack runs instead of `git pack-objects`."""
     sub = request.git_subcommand
+    pinned = pinned_config(path)
     if sub == "upload-archive":
         # upload-archive takes no options; the absolute path cannot look like one.
-        return ["git", sub, str(path)]
+        return ["git", *pinned, sub, str(path)]
     if sub == "upload-pack":
-        if pack_hook is None:
-            return ["git", sub, "--strict", "--", str(path)]
-        # git honours this only from protected configuration, which the command line is.
-        return [
-            "git",
-            "-c",
-            f"uploadpack.packObjectsHook={pack_hook}",
-            sub,
-            "--strict",
-            "--",
-            str(path),
-        ]
-    return ["git", sub, "--", str(path)]
+        if pack_hook is not None:
+            # git honours this only from protected configuration, which the command line is.
+            pinned += ["-c", f"uploadpack.packObjectsHook={pack_hook}"]
+        return ["git", *pinned, sub, "--strict", "--", str(path)]
+    return ["git", *pinned, sub, "--", str(path)]
 
 
 def pack_objects_hook(config: str | os.PathLike[str]) -> str:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sshd
-from conftest import GATEKEEPER, Installation, git, make_bare_repo
-from test_server import HOST, Served, client_env, free_port
+from conftest import Installation, git, make_bare_repo
+from fronts import KINDS, Front, start_front
 
 pytestmark = pytest.mark.sshd
 
@@ -44,45 +42,6 @@ repositories:
 SHAPES = ("none/link", "none/abs", "none/dir/x")
 
 
-class Front:
-    """One front-end (sshd with authorized_keys or keys-command, or serve) over one
-    installation, running git as one of its users."""
-
-    def __init__(self, inst: Installation, kind: str, tmp_path: Path) -> None:
-        self.inst = inst
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.keys = {name: inst.add_user(name)[0] for name in ("alice", "carol")}
-        self.server: sshd.SshServer | None = None
-        self.served: Served | None = None
-
-    def git_env(self, user: str) -> dict[str, str]:
-        if self.server is not None:
-            return self.server.client(self.keys[user]).git_env()
-        assert self.served is not None
-        return client_env(self.inst, self.keys[user], self.served.port)
-
-    def url(self, repo: str) -> str:
-        if self.server is not None:
-            return f"ssh://{self.server.user}@{HOST}:{self.server.port}/{repo}.git"
-        assert self.served is not None
-        return f"ssh://git@{HOST}:{self.served.port}/{repo}.git"
-
-    def git(
-        self, user: str, *args: str, cwd: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            env=self.git_env(user),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-
-
 def build(inst: Installation) -> None:
     """secret/x with content; none/real; and every shape of a way in from none/."""
     make_bare_repo(inst.repos, "secret/x", {"SECRET.txt": "the secret\n"})
@@ -96,36 +55,9 @@ def build(inst: Installation) -> None:
     inst.gk("hooks", "install", "--all")
 
 
-@pytest.fixture(params=["authorized-keys", "keys-command", "serve"])
+@pytest.fixture(params=KINDS)
 def front(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Front]:
-    kind = str(request.param)
-    if kind == "serve":
-        port = free_port()
-        inst = Installation(tmp_path / "gk", POLICY, host=HOST, port=port, user="git").init()
-        f = Front(inst, kind, tmp_path)
-        build(inst)
-        f.served = Served(inst, port, "--auth-timeout", "5")
-        try:
-            yield f
-        finally:
-            f.served.stop()
-        return
-    inst = Installation(tmp_path / "gk", POLICY, user=sshd.current_user()).init()
-    f = Front(inst, kind, tmp_path)
-    build(inst)
-    if kind == "authorized-keys":
-        auth = inst.base / "authorized_keys"
-        inst.gk("authorized-keys", "--write", str(auth))
-        server = sshd.SshServer(authorized_keys_file=auth, tmp_dir=tmp_path)
-    else:
-        wrapper = sshd.make_keys_command_wrapper(
-            f'#!/bin/sh\nexec {GATEKEEPER} --config {inst.config} keys-command "$@"\n'
-        )
-        server = sshd.SshServer(keys_command=[str(wrapper), "%u", "%t", "%k"], tmp_dir=tmp_path)
-    with server:
-        inst.write_policy(POLICY, host="127.0.0.1", port=server.port, user=server.user)
-        f.server = server
-        yield f
+    yield from start_front(str(request.param), tmp_path, POLICY, ("alice", "carol"), build)
 
 
 def heads(repo: Path) -> str:
