@@ -54,7 +54,23 @@ def shell_path() -> str:
     return os.path.join(os.path.dirname(sys.executable), "gatekeeper-shell")
 
 
-def forced_command(key_id: int, config: str | Path, shell: str | Path | None = None) -> str:
+def valid_fingerprint(value: str) -> bool:
+    """`SHA256:` and 43 characters of unpadded base64, as ssh-keygen prints it."""
+    from gatekeeper.keyindex import entry_name
+
+    return entry_name(value) is not None
+
+
+def forced_command(
+    key_id: int,
+    config: str | Path,
+    shell: str | Path | None = None,
+    fingerprint: str | None = None,
+) -> str:
+    """`command="gatekeeper-shell --config CONFIG [--key FP] KEY_ID",restrict`. With the
+    fingerprint, the forced command accepts the key id only while it still names that
+    key: a line left behind for a removed key can never act as another key whose row
+    took its id."""
     shell = shell or shell_path()
     for value in (str(shell), str(config)):
         if not _safe_path(value):
@@ -62,7 +78,12 @@ def forced_command(key_id: int, config: str | Path, shell: str | Path | None = N
                 f"refusing to write {value!r} into authorized_keys: unsafe characters.",
                 hint="install gatekeeper and its config under paths of letters, digits, ./_+-",
             )
-    return f'command="{shell} --config {config} {int(key_id)}",restrict'
+    key = ""
+    if fingerprint is not None:
+        if not valid_fingerprint(fingerprint):
+            raise InputError(f"refusing to write a malformed fingerprint (key id {key_id}).")
+        key = f" --key {fingerprint}"
+    return f'command="{shell} --config {config}{key} {int(key_id)}",restrict'
 
 
 def key_line(
@@ -71,10 +92,11 @@ def key_line(
     blob_b64: str,
     config: str | Path,
     shell: str | Path | None = None,
+    fingerprint: str | None = None,
 ) -> str:
     if not _key_type_ok(key_type) or not _blob_ok(blob_b64):
         raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
-    return f"{forced_command(key_id, config, shell)} {key_type} {blob_b64}"
+    return f"{forced_command(key_id, config, shell, fingerprint)} {key_type} {blob_b64}"
 
 
 def render_block(lines: list[str]) -> str:
@@ -169,10 +191,15 @@ def keys_command(argv: list[str]) -> int:
 
 
 def lookup_line(argv: list[str]) -> str | None:
-    from gatekeeper import pathstr
+    """The line for the key in `argv`, from the key index (keyindex.py), else from the
+    store, read-only. When the policy or the store cannot be read, a key the index
+    knows still gets its line, so its owner reaches the forced command and learns
+    that the server is at fault (which refuses everything); an unknown key gets
+    nothing."""
+    from gatekeeper import keyindex, pathstr
+    from gatekeeper.errors import PolicyError
     from gatekeeper.policy import DEFAULT_CONFIG, load_policy
     from gatekeeper.sshkeys import fingerprint_of_blob, parse_key_blob_b64
-    from gatekeeper.store import Store
 
     args = list(argv)
     config = ""
@@ -187,14 +214,66 @@ def lookup_line(argv: list[str]) -> str | None:
         raise InputError("usage: keys-command USER (TYPE BASE64 | SHA256:FINGERPRINT)")
     # Strings, not pathlib (and the `re` it imports): sshd runs this for every key.
     config = pathstr.resolve(config or os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG)
-    policy = load_policy(config)
+    try:
+        policy = load_policy(config)
+    except PolicyError as exc:
+        _log(f"keys-command: policy error: {exc.message}")
+        state_dir = fallback_state_dir(config)
+        if state_dir is None:
+            return None
+        found = keyindex.read_entry(state_dir, fingerprint)
+        if found is None or (key is not None and key.key_type != found[1]):
+            return None
+        return key_line(found[0], found[1], found[2], config, fingerprint=fingerprint)
     if login != policy.server.user:
         return None
-    with Store.open(policy.server.state_dir_str, policy.server.store, light=True) as store:
-        record = store.key_by_fingerprint(fingerprint)
-    if record is None or (key is not None and key.key_type != record.key_type):
+    found = keyindex.read_entry(policy.server.state_dir_str, fingerprint)
+    if found is None:
+        found = _from_store(policy.server.state_dir_str, policy.server.store, fingerprint)
+    if found is None or (key is not None and key.key_type != found[1]):
         return None
-    return key_line(record.id, record.key_type, record.blob, config)
+    return key_line(found[0], found[1], found[2], config, fingerprint=fingerprint)
+
+
+def _from_store(state_dir: str, url: str, fingerprint: str) -> tuple[int, str, str] | None:
+    from gatekeeper.store import Store
+
+    with Store.open(state_dir, url, light=True, readonly=True) as store:
+        record = store.key_by_fingerprint(fingerprint)
+    return (record.id, record.key_type, record.blob) if record is not None else None
+
+
+def fallback_state_dir(config: str) -> str | None:
+    """`server.state_dir` read from the policy file line by line, for when the policy as
+    a whole does not load (a tab, a typo elsewhere): the key index is still found, so a
+    known key's owner hears why the server refuses. None when not even that line reads."""
+    try:
+        with open(config, encoding="utf-8") as fh:
+            lines = fh.read(1 << 20).splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    in_server = False
+    value = "state"  # the default, relative to the policy file
+    for line in lines:
+        text = line.split(" #", 1)[0].rstrip()
+        if not text or text.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace():
+            in_server = text == "server:"
+            continue
+        stripped = text.strip()
+        if in_server and stripped.startswith("state_dir:"):
+            value = stripped[len("state_dir:") :].strip().strip("'\"")
+            break
+    if not value:
+        return None
+    value = os.path.expanduser(value)
+    from gatekeeper import pathstr
+
+    try:
+        return pathstr.resolve(os.path.join(os.path.dirname(config), value))
+    except RuntimeError:  # a symlink loop
+        return None
 
 
 def _log(message: str) -> None:

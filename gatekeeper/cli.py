@@ -136,6 +136,7 @@ def init(ctx: Context) -> None:
         head = store.adopt_head()
         if head is not None:
             click.echo(f"this host's audit head starts at record {head[0]}")
+        store.sync_key_index()
     finally:
         store.close()
     click.echo(f"{'store is up to date' if existed else 'created store'}: {store.where}")
@@ -146,7 +147,10 @@ def init(ctx: Context) -> None:
 def migrate(ctx: Context) -> None:
     """Upgrade the state database's schema."""
     store = Store.create(ctx.policy.server.state_dir, ctx.policy.server.store)
-    store.close()
+    try:
+        store.sync_key_index()
+    finally:
+        store.close()
     before, now = store.schema_before, SCHEMA_VERSION
     change = f"migrated from schema {before} to {now}" if before < now else f"at schema {now}"
     click.echo(f"store {change}: {store.where}")
@@ -323,9 +327,15 @@ def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> 
     click.echo(f"removed {fingerprint} ({removed.user})")
 
 
+def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
+    return [
+        authkeys.key_line(k.id, k.key_type, k.blob, ctx.config, fingerprint=k.fingerprint)
+        for k in store.list_keys()
+    ]
+
+
 def refresh_authorized_keys(ctx: Context, store: Store, path: Path) -> bool:
-    lines = [authkeys.key_line(k.id, k.key_type, k.blob, ctx.config) for k in store.list_keys()]
-    return authkeys.write_file(path, authkeys.render_block(lines))
+    return authkeys.write_file(path, authkeys.render_block(authorized_keys_lines(ctx, store)))
 
 
 @cli.command("authorized-keys")
@@ -340,13 +350,22 @@ def authorized_keys_cmd(ctx: Context, target: Path | None) -> None:
     """Print (or --write) the authorized_keys lines for every registered key."""
     with ctx.store() as store:
         if target is None:
-            lines = [
-                authkeys.key_line(k.id, k.key_type, k.blob, ctx.config) for k in store.list_keys()
-            ]
-            click.echo(authkeys.render_block(lines), nl=False)
+            click.echo(authkeys.render_block(authorized_keys_lines(ctx, store)), nl=False)
             return
         changed = refresh_authorized_keys(ctx, store, target)
     click.echo(f"{'updated' if changed else 'unchanged'}: {target}")
+
+
+@key.command("sync-index")
+@pass_ctx
+def key_sync_index(ctx: Context) -> None:
+    """Rebuild this host's key index (what keys-command reads) from the store. Key
+    changes keep it up to date; run this after restoring a backup, and from cron on
+    front-ends of a shared PostgreSQL store whose AuthorizedKeysCommandUser cannot
+    read the database."""
+    with ctx.store() as store:
+        written, removed = store.sync_key_index()
+    click.echo(f"key index: {written} written, {removed} removed")
 
 
 @cli.command("keys-command", context_settings={"ignore_unknown_options": True})

@@ -59,6 +59,9 @@ class Connection:
     git_protocol: str | None
     config: str
     """The policy file, spelled as pathlib spells it (`pathstr`; no pathlib import here)."""
+    key_fp: str | None = None
+    """The fingerprint the authorized_keys line names beside the key id (`--key`): the key
+    sshd verified. The id counts only while the store still gives it this fingerprint."""
 
 
 def client_address(ssh_connection: str) -> str:
@@ -69,9 +72,12 @@ def client_address(ssh_connection: str) -> str:
 
 def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     config: str | None = None
+    key_fp: str | None = None
     args = list(argv)
     if len(args) >= 2 and args[0] == "--config":
         config, args = args[1], args[2:]
+    if len(args) >= 2 and args[0] == "--key" and args[1].startswith("SHA256:"):
+        key_fp, args = args[1], args[2:]
     if len(args) != 1 or not valid_key_id(args[0]):
         raise InputError(
             "gatekeeper-shell must be run by sshd with one key id argument.",
@@ -86,6 +92,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         client=client_address(env["SSH_CONNECTION"]),
         git_protocol=protocol if protocol and valid_git_protocol(protocol) else None,
         config=pathstr.norm(config or env.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG),
+        key_fp=key_fp,
     )
 
 
@@ -133,12 +140,15 @@ def run(
     policy, store = load(conn.config)
     now = time.time()
     facts = store.connection_facts(conn.key_id, now)
-    if facts is None:
+    if facts is None or (conn.key_fp is not None and facts.key.fingerprint != conn.key_fp):
+        # Also an id whose key was removed and whose number a new key took since the
+        # line was written: never the new key's rights.
         store.audit(
             "access",
             now=now,
             reason="unknown-key",
             client=conn.client,
+            key_fp=conn.key_fp,
             detail={"key_id": conn.key_id},
         )
         raise Refused(

@@ -29,32 +29,60 @@ class SqliteDatabase:
     kind = "sqlite"
     errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
 
-    def __init__(self, path: str, busy_timeout_ms: int, *, create: bool = False) -> None:
+    def __init__(
+        self, path: str, busy_timeout_ms: int, *, create: bool = False, readonly: bool = False
+    ) -> None:
         self.path = path
         self.where = path
-        mode = "rwc" if create else "rw"
+        mode = "ro" if readonly else "rwc" if create else "rw"
         try:
-            conn = sqlite3.connect(
-                f"file:{path}?mode={mode}",
-                uri=True,
-                timeout=busy_timeout_ms / 1000,
-                isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
-                check_same_thread=False,
-            )
+            conn = self._open(f"file:{path}?mode={mode}", busy_timeout_ms)
+            if readonly:
+                conn = self._readable(conn, path, busy_timeout_ms)
         except sqlite3.DatabaseError as exc:
             raise self.error(exc) from exc
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            mode_row = conn.execute("PRAGMA journal_mode").fetchone()
-            if mode_row[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            if not readonly:
+                conn.execute("PRAGMA foreign_keys = ON")
+                mode_row = conn.execute("PRAGMA journal_mode").fetchone()
+                if mode_row[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self.error(exc) from exc
         self.conn = conn
+
+    @staticmethod
+    def _open(uri: str, busy_timeout_ms: int) -> sqlite3.Connection:
+        return sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=busy_timeout_ms / 1000,
+            isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+            check_same_thread=False,
+        )
+
+    @classmethod
+    def _readable(
+        cls, conn: sqlite3.Connection, path: str, busy_timeout_ms: int
+    ) -> sqlite3.Connection:
+        """A read-only connection that can really read. In WAL mode a reader needs the
+        `-shm` file: with read permission alone SQLite cannot create it, and refuses
+        ("attempt to write a readonly database") when no writer has it open. Then
+        nothing is in a `-wal` file either, and the database file alone is the whole
+        state: read it as immutable, which needs no `-shm`."""
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.DatabaseError:
+            if os.path.exists(path + "-wal"):
+                conn.close()
+                raise
+        conn.close()
+        return cls._open(f"file:{path}?mode=ro&immutable=1", busy_timeout_ms)
 
     @staticmethod
     def check_openable(path: str) -> None:

@@ -257,13 +257,16 @@ class Store:
         *,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         light: bool = False,
+        readonly: bool = False,
     ) -> Store:
         """Open an existing store; refuse clearly if it is missing, unreachable,
         corrupt or not at this schema. `url` is the policy's `server.store`. `light`:
-        a short-lived process on the git-access path (PostgreSQL through libpq)."""
+        a short-lived process on the git-access path (PostgreSQL through libpq).
+        `readonly`: a lookup that must work with read permission alone (keys-command
+        as a least-privilege AuthorizedKeysCommandUser)."""
         state_dir = pathstr.norm(state_dir)
         location = _location(url, state_dir)
-        db = _connect(location, busy_timeout_ms, light=light)
+        db = _connect(location, busy_timeout_ms, light=light, readonly=readonly)
         store = cls(state_dir, db)
         try:
             version = store._schema_version()
@@ -728,6 +731,7 @@ class Store:
         with self._write():
             user = self.get_user(name)
             keys = self._read("SELECT fingerprint FROM keys WHERE user_id = ?", (user.id,))
+            self._unindex_keys([k["fingerprint"] for k in keys])
             self._exec("DELETE FROM users WHERE id = ?", (user.id,))
             self._append_audit(
                 "user-remove",
@@ -782,7 +786,46 @@ class Store:
                 key_fp=fingerprint,
                 detail={"type": key_type, "bits": bits, "comment": comment},
             )
+        # After the commit, so the index never names an id the store has not given.
+        self._index_key(fingerprint, key_id, key_type, blob_b64)
         return self.key_by_id(key_id)  # type: ignore[return-value]
+
+    def _index_key(self, fingerprint: str, key_id: int, key_type: str, blob: str) -> None:
+        from gatekeeper import keyindex
+
+        try:
+            keyindex.write_entry(self._state_dir, fingerprint, key_id, key_type, blob)
+        except OSError as exc:
+            # The key is in the store; keys-command finds it there when it may read it.
+            from gatekeeper import logs
+
+            logs.log("gatekeeper", f"cannot write the key index entry of {fingerprint}: {exc}")
+
+    def _unindex_keys(self, fingerprints: list[str]) -> None:
+        """Before the rows go: a failure here rolls the removal back."""
+        from gatekeeper import keyindex
+
+        for fingerprint in fingerprints:
+            try:
+                keyindex.remove_entry(self._state_dir, fingerprint)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot remove {fingerprint} from the key index: {exc.strerror}",
+                    hint="run as the git user; the state directory must be writable by it.",
+                ) from exc
+
+    def sync_key_index(self) -> tuple[int, int]:
+        """Rebuild this host's key index from the store: (written, removed)."""
+        from gatekeeper import keyindex
+
+        keys = [(k.fingerprint, k.id, k.key_type, k.blob) for k in self.list_keys()]
+        try:
+            return keyindex.sync(self._state_dir, keys)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the key index in {self._state_dir}: {exc.strerror}",
+                hint="run as the git user; the state directory must be writable by it.",
+            ) from exc
 
     def key_by_id(self, key_id: int) -> KeyRecord | None:
         row = self._read_one(f"{self._KEY_SELECT} WHERE k.id = ?", (key_id,))
@@ -806,6 +849,7 @@ class Store:
             key = self.key_by_fingerprint(fingerprint)
             if key is None:
                 raise NotFound(f"no such key: {fingerprint}", hint="see `gatekeeper key list`.")
+            self._unindex_keys([fingerprint])
             self._exec("DELETE FROM keys WHERE id = ?", (key.id,))
             self._append_audit("key-remove", now, actor=actor, user=key.user, key_fp=fingerprint)
         return key
@@ -1239,7 +1283,12 @@ def _location(url: str, state_dir: str) -> StoreLocation:
 
 
 def _connect(
-    location: StoreLocation, busy_timeout_ms: int, *, create: bool = False, light: bool = False
+    location: StoreLocation,
+    busy_timeout_ms: int,
+    *,
+    create: bool = False,
+    light: bool = False,
+    readonly: bool = False,
 ) -> Database:
     if location.is_postgres:
         from gatekeeper import pgdb
@@ -1258,7 +1307,7 @@ def _connect(
 
     if not create:
         SqliteDatabase.check_openable(location.path)
-    return SqliteDatabase(location.path, busy_timeout_ms, create=create)
+    return SqliteDatabase(location.path, busy_timeout_ms, create=create, readonly=readonly)
 
 
 def _check_version(version: int, where: str) -> None:

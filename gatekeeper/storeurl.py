@@ -118,7 +118,9 @@ def _unquote(value: str) -> str:
 
 
 def read_password_file(path: str) -> str:
-    """The password in `path`: its first line. Refuse a file others can read."""
+    """The password in `path`: its first line. Refuse a file others can read or its
+    group can change; its group may read it (a least-privilege AuthorizedKeysCommandUser
+    looking up a key this host's key index does not have yet)."""
     try:
         st = os.stat(path)
         with open(path, encoding="utf-8") as fh:
@@ -130,10 +132,10 @@ def read_password_file(path: str) -> str:
         ) from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"the store password file {path} is not UTF-8 text.") from exc
-    if st.st_mode & 0o077:
+    if st.st_mode & 0o027:
         raise InputError(
-            f"the store password file {path} can be read by others (mode {st.st_mode & 0o777:o}).",
-            hint=f"chmod 600 {path}",
+            f"the store password file {path} is open to others (mode {st.st_mode & 0o777:o}).",
+            hint=f"chmod 600 {path} (or 640, to let its group read it)",
         )
     password = line.rstrip("\r\n")
     if not password:

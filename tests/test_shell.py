@@ -272,3 +272,36 @@ def test_malformed_codes_are_refused_without_counting(
     result = gk.shell(key, f"2fa verify {code}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "2fa-failure" not in [r["event"] for r in gk.audit(user="bob")]
+
+
+def test_a_line_left_for_a_removed_key_never_acts_as_the_key_that_took_its_id(
+    gk: Installation,
+) -> None:
+    """SQLite gives a new row the largest id plus one, so the id of a removed key is
+    handed out again. An authorized_keys line (or key index entry) left behind for the
+    removed key names the key's fingerprint too, and the forced command holds the id to
+    it: the old key is "not registered", never the new key's owner."""
+    gk.repo("platform/api")
+    _, bob_id = gk.add_user("bob")
+    gk.enroll("bob")
+    lines = gk.gk("authorized-keys").stdout
+    old_line = next(line for line in lines.splitlines() if f' {bob_id}",' in line)
+    old_fp = gk.audit(event="key-add", user="bob")[-1]["key_fp"]
+    assert f"--key {old_fp} {bob_id}" in old_line
+    gk.gk("key", "remove", old_fp)
+    _, alice_id = gk.add_user("alice")  # platform, enrolled: could read platform/api
+    gk.enroll("alice")
+    assert alice_id == bob_id
+    env = {**gk.env, "SSH_CONNECTION": "127.0.0.1 1 127.0.0.1 22"}
+    env["SSH_ORIGINAL_COMMAND"] = "git-upload-pack 'platform/api'"
+    stale = subprocess.run(
+        [GATEKEEPER_SHELL, "--config", str(gk.config), "--key", old_fp, str(bob_id)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        input="0000",
+    )
+    assert_clean_refusal(stale, "this key is not registered")
+    record = gk.audit(event="access")[-1]
+    assert (record["reason"], record["key_fp"], record["user"]) == ("unknown-key", old_fp, None)

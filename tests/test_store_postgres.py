@@ -488,5 +488,5 @@ def test_an_unusable_password_file_refuses_like_an_unreachable_database(
     assert_clean_refusal(result, "cannot read its 2FA state")
     assert "loose.password" not in result.stderr  # the server's detail stays in its log
     admin = gk.gk("user", "list", check=False)
-    assert admin.returncode != 0 and "can be read by others" in admin.stderr
+    assert admin.returncode != 0 and "is open to others" in admin.stderr
     assert f"chmod 600 {loose}" in admin.stderr

@@ -64,10 +64,13 @@ def test_the_password_file_must_be_private_and_not_empty(tmp_path: Path) -> None
     pw.write_text("s3cret\nignored\n")
     pw.chmod(0o600)
     assert read_password_file(str(pw)) == "s3cret"
-    pw.chmod(0o640)
-    with pytest.raises(InputError, match="can be read by others") as info:
-        read_password_file(str(pw))
-    assert info.value.hint == f"chmod 600 {pw}"
+    pw.chmod(0o640)  # its group may read it (a least-privilege keys-command user)
+    assert read_password_file(str(pw)) == "s3cret"
+    for loose in (0o644, 0o660, 0o604):
+        pw.chmod(loose)
+        with pytest.raises(InputError, match="is open to others") as info:
+            read_password_file(str(pw))
+        assert info.value.hint == f"chmod 600 {pw} (or 640, to let its group read it)"
     pw.chmod(0o600)
     pw.write_text("\n")
     with pytest.raises(InputError, match="is empty"):
