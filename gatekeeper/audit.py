@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import sys
 
+from gatekeeper.lightstd import sha256 as sha256  # re-exported: the store uses it
 from gatekeeper.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-    from hashlib import sha256 as sha256  # re-exported: the store hashes tokens with it
     from typing import Any
-else:
-    try:  # OpenSSL's hashlib costs a fresh process ~5 ms to import; this costs nothing.
-        from _sha256 import sha256
-    except ImportError:  # pragma: no cover - an interpreter built without it
-        from hashlib import sha256
 
 GENESIS = "0" * 64
 FIELDS = (

@@ -16,6 +16,9 @@ wrappers cost more than what they wrap:
   (`_functools._lru_cache_wrapper`), and removes the stand-in at once, so a later
   `import functools` gets the real module. About 5 ms of a connection's 30.
 
+- `hashlib` loads OpenSSL's bindings, a few ms, for one SHA-256: the interpreter's
+  own core has it (`_sha256` up to 3.11, `_sha2` from 3.12 on, with the same class).
+
 Where a private core is missing (another Python implementation), the public module
 is used instead. tests/test_lightstd.py holds both to the public modules' behaviour.
 """
@@ -27,6 +30,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from datetime import date, datetime, timedelta, timezone
+    from hashlib import sha256
     from types import ModuleType
     from typing import Any
 else:
@@ -34,8 +38,15 @@ else:
         from _datetime import date, datetime, timedelta, timezone
     except ImportError:  # pragma: no cover - an interpreter without the C core
         from datetime import date, datetime, timedelta, timezone
+    try:
+        from _sha2 import sha256  # 3.12 and later
+    except ImportError:
+        try:
+            from _sha256 import sha256  # 3.10 and 3.11
+        except ImportError:  # pragma: no cover - an interpreter built without either
+            from hashlib import sha256
 
-__all__ = ["date", "datetime", "sqlite3_module", "timedelta", "timezone"]
+__all__ = ["date", "datetime", "sha256", "sqlite3_module", "timedelta", "timezone"]
 
 
 def sqlite3_module() -> ModuleType:

@@ -52,7 +52,7 @@ def absolute(path: str | os.PathLike[str]) -> str:
 def resolve(path: str | os.PathLike[str]) -> str:
     """`str(Path(path).resolve())` (not strict): symlinks and `..` resolved by
     `os.path.realpath`, as pathlib does; a symlink loop raises RuntimeError as
-    pathlib does on Python 3.10 and 3.11 (later versions return the path)."""
+    pathlib does up to Python 3.12 (3.13 returns the path)."""
     real = os.path.realpath(norm(path))
     try:
         os.stat(real)
@@ -60,6 +60,6 @@ def resolve(path: str | os.PathLike[str]) -> str:
         import errno
         import sys
 
-        if exc.errno == errno.ELOOP and sys.version_info < (3, 12):
+        if exc.errno == errno.ELOOP and sys.version_info < (3, 13):
             raise RuntimeError(f"Symlink loop from {exc.filename!r}") from None
     return norm(real)

@@ -16,16 +16,8 @@ from __future__ import annotations
 import binascii
 
 from gatekeeper.errors import InputError
+from gatekeeper.lightstd import sha256
 from gatekeeper.record import record
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from hashlib import sha256
-else:
-    try:  # OpenSSL's hashlib costs a fresh process ~5 ms to import; this costs nothing.
-        from _sha256 import sha256
-    except ImportError:  # pragma: no cover - an interpreter built without it
-        from hashlib import sha256
 
 MAX_INPUT_LENGTH = 64 * 1024
 """Longer text is refused before any parsing (an RSA-16384 key line is under 3 KiB)."""

@@ -3,9 +3,13 @@
 # checkout: ruff (lint and format), mypy, and pytest (including the end-to-end tests through a
 # real OpenSSH sshd and the PostgreSQL store tests against a throwaway PostgreSQL server). Extra
 # arguments go to pytest, e.g. `scripts/test.sh tests/test_store.py -x`.
+# Then the interpreter-sensitive tests (the hot path, the standard-library stand-ins, the shell,
+# the store, TOTP, the policy, command parsing) run again on every other supported Python found
+# (3.10 to 3.13: on PATH as python3.X, or under pyenv), each in its own .venv-3.X.
 # Environment: PYTHON (interpreter for a new .venv, default python3), PYTEST_WORKERS (default 2),
-# CI=true makes the sshd and PostgreSQL tests fail instead of skip when sshd or PostgreSQL is
-# missing.
+# OTHER_PYTHONS=0 skips the other interpreters. CI=true makes the sshd and PostgreSQL tests fail
+# instead of skip when sshd or PostgreSQL is missing, and a supported Python that is not found
+# a failure.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -83,10 +87,74 @@ step() {
     failed+=("${name}")
 }
 
+# --- every other supported Python -------------------------------------------------------------
+SUPPORTED_PYTHONS=(3.10 3.11 3.12 3.13)
+SENSITIVE_TESTS=(
+    tests/test_hotpath.py tests/test_lightstd.py tests/test_shell.py tests/test_store.py
+    tests/test_totp.py tests/test_policy.py tests/test_compiled.py tests/test_sshcmd.py
+    tests/test_decision.py
+)
+find_python() {
+    local version=$1 candidate root
+    # A pyenv shim is on PATH for every version pyenv has, but runs only the selected ones.
+    if candidate=$(command -v "python${version}" 2>/dev/null) &&
+        "${candidate}" -c 'import sys' >/dev/null 2>&1; then
+        printf '%s\n' "${candidate}"
+        return 0
+    fi
+    root=$(pyenv root 2>/dev/null || printf '%s' "${PYENV_ROOT:-${HOME}/.pyenv}")
+    for candidate in "${root}"/versions/"${version}".*/bin/"python${version}"; do
+        if [[ -x "${candidate}" ]]; then
+            printf '%s\n' "${candidate}"
+            return 0
+        fi
+    done
+    return 1
+}
+default_version=$("${VENV}/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+other_venvs=()
+if [[ "${OTHER_PYTHONS:-1}" != 0 ]]; then
+    for version in "${SUPPORTED_PYTHONS[@]}"; do
+        [[ "${version}" == "${default_version}" ]] && continue
+        if ! interpreter=$(find_python "${version}"); then
+            if [[ "${CI:-}" == true ]]; then
+                failed+=("Python ${version} not found")
+            else
+                note "Python ${version} not found: its tests are skipped (they fail when CI=true)."
+            fi
+            continue
+        fi
+        other="${VENV}-${version}"
+        if [[ ! -x "${other}/bin/python" ]]; then
+            say "creating ${other} (${interpreter})"
+            "${interpreter}" -m venv "${other}"
+        fi
+        other_venvs+=("${other}")
+    done
+    # Installed side by side: pip spends its time waiting on the network, not the CPU.
+    pids=()
+    for other in "${other_venvs[@]}"; do
+        "${other}/bin/python" -m pip install -q -e '.[test]' >"${other}/install.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+        if ! wait "${pids[$i]}"; then
+            cat "${other_venvs[$i]}/install.log" >&2
+            failed+=("install into ${other_venvs[$i]}")
+        fi
+    done
+fi
+
 step "ruff check" "${VENV}/bin/ruff" check .
 step "ruff format --check" "${VENV}/bin/ruff" format --check .
 step "mypy" "${VENV}/bin/mypy"
 step "pytest" "${VENV}/bin/python" -m pytest -q -n "${PYTEST_WORKERS}" "$@"
+if [[ $# -eq 0 ]]; then
+    for other in "${other_venvs[@]}"; do
+        step "pytest on $("${other}/bin/python" -V)" \
+            "${other}/bin/python" -m pytest -q -n "${PYTEST_WORKERS}" "${SENSITIVE_TESTS[@]}"
+    done
+fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
     printf 'FAILED: %s\n' "${failed[@]}" >&2
