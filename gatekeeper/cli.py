@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from gatekeeper import authkeys, decision, twofactor
-from gatekeeper.errors import GatekeeperError, InputError, PolicyError
+from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError
 from gatekeeper.policy import (
     Policy,
     check_policy_text,
@@ -435,6 +435,21 @@ def twofa_reset(ctx: Context, user_name: str) -> None:
     click.echo(f"reset {user_name}" + ("" if had else " (was not enrolled)"))
 
 
+@twofa.command("unlock")
+@click.argument("user_name", metavar="USER")
+@pass_ctx
+def twofa_unlock(ctx: Context, user_name: str) -> None:
+    """Lift USER's lockout after wrong codes (and forget the failures counted so far),
+    keeping their enrollment. Audited."""
+    with ctx.store() as store:
+        user = store.get_user(user_name)
+        until = store.unlock(user, actor=actor())
+    if until is None:
+        click.echo(f"{user_name} was not locked out; failures counted so far are cleared")
+    else:
+        click.echo(f"unlocked {user_name} (was locked until {when(until)} UTC)")
+
+
 @twofa.command("status")
 @click.argument("user_name", metavar="[USER]", required=False)
 @click.option("--json", "as_json", is_flag=True)
@@ -518,7 +533,8 @@ def policy_check(ctx: Context, file: Path | None) -> None:
 def check(
     ctx: Context, user_name: str, repo: str, action: str, fingerprint: str | None, as_json: bool
 ) -> None:
-    """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse."""
+    """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse,
+    2 for an unknown user or key or an invalid repository name."""
     from gatekeeper.shell import user_facts
     from gatekeeper.sshcmd import locate_repo, normalize_repo_name
 
@@ -529,7 +545,11 @@ def check(
     name = located.name if located is not None else requested
     now = time.time()
     with ctx.store() as store:
-        user = store.get_user(user_name)
+        try:
+            user = store.get_user(user_name)
+        except NotFound as exc:
+            # Exit 2, not 1: a script must tell "refused" from "asked about nobody".
+            raise InputError(exc.message, hint=exc.hint) from exc
         keys = store.list_keys(user_name)
         if fingerprint:
             keys = [k for k in keys if k.fingerprint == fingerprint]

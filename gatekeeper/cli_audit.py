@@ -16,7 +16,9 @@ import click
 
 from gatekeeper import report
 from gatekeeper.cli import Context, actor, print_table, when
+from gatekeeper.errors import InputError
 from gatekeeper.sshcmd import normalize_repo_name
+from gatekeeper.store import Store
 
 
 def _date(d: Any) -> str:
@@ -272,6 +274,9 @@ def log_cmd(
     if follow and last is None:
         last = 10
     with ctx.store() as store:
+        for column, value in (("reason", reason), ("event", event)):
+            if value is not None:
+                _check_code(store, column, value)
         records = flt.records(store)
         after = int(records[-1]["seq"]) if records else 0
         if last is not None:
@@ -295,6 +300,22 @@ def log_cmd(
             )
         except KeyboardInterrupt:
             pass
+
+
+def _check_code(store: Store, column: str, value: str) -> None:
+    """Refuse a reason or event the log has never held, naming those it has: an empty
+    table for a misspelt code would read as "nothing happened"."""
+    known = store.audit_values(column)
+    if value in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(value, known, n=1)
+    maybe = f" Did you mean '{close[0]}'?" if close else ""
+    raise InputError(
+        f"no record in the log has {column} '{value}'.{maybe}",
+        hint=f"{column}s in the log: {', '.join(known) or 'none yet'}.",
+    )
 
 
 def _print_records(records: list[dict[str, Any]], as_json: bool) -> None:

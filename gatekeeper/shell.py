@@ -165,7 +165,7 @@ def run(
             key_fp=facts.key.fingerprint,
             reason="bad-command",
             client=conn.client,
-            detail={"command": (conn.original_command or "")[:200]},
+            detail={"command": sshcmd.redact((conn.original_command or "")[:200])},
         )
         raise
     if isinstance(request, sshcmd.UserCommand):

@@ -27,6 +27,13 @@ GIT_VERBS = {
     "git-receive-pack": "write",
 }
 USER_VERBS = ("2fa", "info", "help")
+# The spellings of the tools people come from (GitLab's `ssh git@host 2fa_verify`).
+USER_ALIASES = {
+    "2fa_verify": ("2fa", "verify"),
+    "2fa_recovery_codes": ("2fa", "recovery-codes"),
+    "2fa-verify": ("2fa", "verify"),
+    "2fa-recovery-codes": ("2fa", "recovery-codes"),
+}
 
 # Character sets rather than regular expressions: compiling them cost every connection.
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F]))
@@ -162,6 +169,8 @@ def parse_command(text: str | None) -> GitRequest | UserCommand:
         return UserCommand(())
     if words[0] == "git" and len(words) >= 2 and f"git-{words[1]}" in GIT_VERBS:
         words = [f"git-{words[1]}", *words[2:]]
+    if words[0] in USER_ALIASES:
+        words = [*USER_ALIASES[words[0]], *words[1:]]
     verb = words[0]
     if verb in GIT_VERBS:
         return GitRequest(verb, _repo_argument(verb, words[1:]), words[1])
@@ -175,7 +184,40 @@ def parse_command(text: str | None) -> GitRequest | UserCommand:
         return UserCommand(tuple(words))
     if not _SHELL_SYNTAX.isdisjoint(text):
         raise InputError("command refused: shell syntax is not accepted here.", hint=HELP_HINT)
-    raise InputError(f"unknown command {_describe(verb)}.", hint=HELP_HINT)
+    raise InputError(f"unknown command {_describe(verb)}.{did_you_mean(verb)}", hint=HELP_HINT)
+
+
+def did_you_mean(word: str) -> str:
+    """` Did you mean 'verify'?` for a near miss of a command, or nothing. Only a
+    refusal gets here, so difflib's import is paid only then."""
+    import difflib
+
+    known = [*USER_VERBS, *USER_ALIASES, *(f"2fa {sub}" for sub in TWOFA_VERBS), "git-upload-pack"]
+    close = difflib.get_close_matches(word.lower(), known, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    suggestion = close[0]
+    if suggestion in USER_ALIASES:
+        suggestion = " ".join(USER_ALIASES[suggestion])
+    return f" Did you mean '{suggestion}'?"
+
+
+TWOFA_VERBS = ("enroll", "confirm", "verify", "status", "disable", "recovery-codes")
+
+
+def redact(command: str) -> str:
+    """`command` as it may be written to a log or an audit record: every word after a
+    `2fa` verb (a code or recovery code) and every run of digits that could be a code
+    replaced by `***`, so no second factor ever reaches a log."""
+    words = command.split()
+    if words and (words[0] == "2fa" or words[0] in USER_ALIASES):
+        keep = 2 if words[0] == "2fa" else 1
+        words = words[:keep] + ["***"] * (len(words) > keep)
+    out = []
+    for word in words:
+        digits = sum(c.isdigit() for c in word)
+        out.append("***" if digits >= 6 else word)
+    return " ".join(out)
 
 
 HELP_HINT = "only git (clone, fetch, push, archive) and the commands listed by `help` are accepted."

@@ -645,6 +645,15 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [dict(row) for row in self._read(sql, params)]
 
+    def audit_values(self, column: str) -> list[str]:
+        """The distinct values of `reason` or `event` in the log, sorted."""
+        if column not in ("reason", "event"):
+            raise ValueError(f"not a code column: {column!r}")
+        rows = self._read(
+            f"SELECT DISTINCT {column} AS v FROM audit WHERE {column} IS NOT NULL"  # noqa: S608
+        )
+        return sorted(str(r["v"]) for r in rows)
+
     def audit_anchor(self) -> tuple[int, str] | None:
         row = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
         return (int(row["seq"]), str(row["hash"])) if row else None
@@ -1172,6 +1181,29 @@ class Store:
                     detail={"until": utc_iso(locked), "failures": count},
                 )
         return locked
+
+    def unlock(self, user: User, *, actor: str | None = None) -> int | None:
+        """An admin lifts a lockout (and the failures counted towards one); returns the
+        end of the lock that was lifted, or None. Audited either way."""
+        now = time.time()
+        with self._write():
+            row = self._read_one(
+                "SELECT count, locked_until FROM failures WHERE user_id = ?", (user.id,)
+            )
+            locked = row["locked_until"] if row is not None else None
+            active = int(locked) if locked is not None and locked > now else None
+            self._clear_failures(user.id)
+            self._append_audit(
+                "2fa-unlock",
+                now,
+                actor=actor,
+                user=user.name,
+                detail={
+                    "was_locked_until": utc_iso(active) if active else None,
+                    "failures": row["count"] if row is not None else 0,
+                },
+            )
+        return active
 
     def check_lock(self, user: User, now: float) -> int | None:
         return self.locked_until(user.id, now)

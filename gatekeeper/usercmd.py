@@ -25,6 +25,7 @@ from gatekeeper.store import ConnectionFacts, Store
 HELP = """\
 gatekeeper: git over SSH with two-step verification.
   {ssh}                        who you are, your 2FA state, what you can reach
+  {ssh} info                   the same
   {ssh} 2fa enroll             start two-step enrollment (shows a QR code)
   {ssh} 2fa confirm CODE       finish enrollment with the code your app shows
   {ssh} 2fa verify [CODE]      open a verified session for this key ({hours}h)
@@ -73,7 +74,7 @@ def run(
         return 0
     if words[0] != "2fa" or len(words) < 2:
         raise InputError(
-            "usage: 2fa enroll|confirm|verify|status|disable|recovery-codes",
+            f"usage: 2fa {'|'.join(sshcmd.TWOFA_VERBS)}",
             hint=f"`{decision.ssh_command_prefix(policy)} help` lists the commands.",
         )
     sub, args = words[1], list(words[2:])
@@ -142,7 +143,10 @@ def run(
         )
         stdout.write(recovery_text(twofactor.new_recovery_codes(store, user, actor=user)))
         return 0
-    raise InputError(f"unknown 2fa command '{sub}'.", hint=f"`{ssh} help` lists the commands.")
+    raise InputError(
+        f"unknown 2fa command '{sub}'.{sshcmd.did_you_mean('2fa ' + sub)}",
+        hint=f"`{ssh} help` lists the commands.",
+    )
 
 
 def _no_args(sub: str, args: list[str]) -> None:

@@ -1,0 +1,92 @@
+"""The commands admins and developers type every day, as a sysadmin found them on a box.
+
+An admin lifts a lockout without wiping the enrollment, asks `check` about a user who
+does not exist, and mistypes a reason code; a developer coming from GitLab types
+`2fa_verify`, mistypes a verb, and looks for `info` in `help`. No code ever lands in the
+audit log, whatever was typed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Installation
+
+
+def test_an_admin_unlocks_a_user_without_wiping_the_enrollment(gk: Installation) -> None:
+    gk.repo("platform/api")
+    _, key = gk.add_user("bob")
+    gk.enroll("bob")
+    for _ in range(3):  # max_failures in the test policy
+        gk.shell(key, "2fa verify 000000")
+    locked = gk.shell(key, f"2fa verify {gk.code('bob')}")
+    assert locked.returncode != 0 and "locked" in locked.stderr
+    result = gk.gk("2fa", "unlock", "bob")
+    assert "unlocked bob (was locked until" in result.stdout
+    ok = gk.shell(key, f"2fa verify {gk.code('bob')}")
+    assert ok.returncode == 0, ok.stderr
+    record = gk.audit(event="2fa-unlock")[-1]
+    assert record["user"] == "bob" and record["actor"]
+    assert json.loads(record["detail"])["was_locked_until"]
+    again = gk.gk("2fa", "unlock", "bob")
+    assert "was not locked out" in again.stdout
+    status = json.loads(gk.gk("2fa", "status", "bob", "--json").stdout)
+    assert status[0]["state"] == "enrolled"
+
+
+def test_check_tells_an_unknown_user_from_a_refusal(gk: Installation) -> None:
+    gk.add_user("carol")
+    refused = gk.gk("check", "carol", "platform/api", "write", check=False)
+    assert refused.returncode == 1 and "REFUSE" in refused.stdout
+    unknown = gk.gk("check", "nobody", "platform/api", "read", check=False)
+    assert unknown.returncode == 2
+    assert "no such user: 'nobody'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_a_misspelt_reason_is_named_not_an_empty_table(gk: Installation) -> None:
+    gk.repo("platform/api")
+    _, key = gk.add_user("carol")
+    gk.shell(key, "git-receive-pack 'platform/api'")
+    result = gk.gk("log", "--reason", "not-authorised", check=False)
+    assert result.returncode == 2
+    assert "no record in the log has reason 'not-authorised'" in result.stderr
+    assert "Did you mean 'not-authorized'?" in result.stderr
+    assert "not-authorized" in result.stderr.split("hint:", 1)[1]
+    assert gk.gk("log", "--event", "acess", check=False).returncode == 2
+    listed = gk.gk("log", "--reason", "not-authorized", "--json")
+    assert [r["reason"] for r in json.loads(listed.stdout)] == ["not-authorized"]
+
+
+def test_help_lists_info_and_gitlab_spellings_work(gk: Installation) -> None:
+    gk.repo("platform/api")
+    _, key = gk.add_user("bob")
+    gk.enroll("bob")
+    assert "ssh git@git.example.com info " in gk.shell(key, "help").stdout
+    verified = gk.shell(key, f"2fa_verify {gk.code('bob')}")
+    assert verified.returncode == 0, verified.stderr
+    assert "Verified" in verified.stdout
+    codes = gk.shell(key, f"2fa_recovery_codes {gk.code('bob')}")
+    assert codes.returncode == 0 and "Recovery codes" in codes.stdout
+    typo = gk.shell(key, "2fa verfy")
+    assert "unknown 2fa command 'verfy'. Did you mean '2fa verify'?" in typo.stderr
+    bare = gk.shell(key, "verify 123456")
+    assert "Did you mean '2fa verify'?" in bare.stderr
+
+
+def test_no_code_reaches_the_audit_log_whatever_was_typed(gk: Installation) -> None:
+    gk.repo("platform/api")
+    _, key = gk.add_user("bob")
+    gk.enroll("bob")
+    code = gk.code("bob")
+    typed = [
+        f"2fa verify {code} extra\x1b",  # refused for its control character
+        f"2fa_verify {code};",
+        f"verify {code}",
+        f"2fa verify {code}",
+        f"2fa disable {code[:3]} {code[3:]}",
+    ]
+    for command in typed:
+        gk.shell(key, command)
+    text = json.dumps(gk.audit())
+    assert code not in text
+    assert code[:3] + " " + code[3:] not in text
