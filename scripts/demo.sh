@@ -2,14 +2,17 @@
 # The one command to try gatekeeper: install it into .venv, set up a demo in demo/
 # (policy from config/example.yaml, a store, a user "demo" with a fresh SSH key, a
 # repository "hello"), and start the embedded SSH server on 127.0.0.1:2222.
-# Re-running reuses what exists. Environment: PYTHON (default python3), PORT (default 2222).
+# Re-running reuses what exists. Environment: PYTHON (default python3), PORT (default 2222),
+# DEMO_DIR (default demo/ in the checkout).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 PYTHON=${PYTHON:-python3}
 PORT=${PORT:-2222}
-demo="${root}/demo"
+demo=${DEMO_DIR:-${root}/demo}
+# The key and known_hosts as the commands below spell them: relative to the checkout.
+shown=${demo#"${root}/"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { printf '==> %s\n' "$*"; }
@@ -18,15 +21,18 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv"
     "${PYTHON}" -m venv .venv
 fi
-say "installing gatekeeper into .venv"
-.venv/bin/python -m pip install -q -e .
+# An editable install: a rerun (after a git pull too) runs the checkout's code as it is,
+# so install only what is missing.
+if [[ ! -x .venv/bin/gatekeeper ]] || ! .venv/bin/python -c 'import gatekeeper.cli' 2>/dev/null; then
+    say "installing gatekeeper into .venv"
+    .venv/bin/python -m pip install -q -e .
+fi
 
 gk() { .venv/bin/gatekeeper --config "${demo}/config.yaml" "$@"; }
 
 mkdir -p "${demo}"
-if [[ ! -f "${demo}/config.yaml" ]]; then
-    say "writing ${demo}/config.yaml from config/example.yaml"
-    .venv/bin/python - "${root}/config/example.yaml" "${demo}/config.yaml" "${PORT}" <<'PY'
+# Written on every run, so a rerun with another PORT serves (and its messages name) that port.
+.venv/bin/python - "${root}/config/example.yaml" "${demo}/config.yaml" "${PORT}" <<'PY'
 import sys
 import yaml
 
@@ -40,10 +46,17 @@ policy["server"].update(
 policy["teams"] = {"demo": {"members": ["demo"], "require_2fa": "enrolled"}}
 policy["repositories"] = [{"match": "hello", "read": ["demo"], "write": ["demo"]}]
 header = "# gatekeeper demo policy (made by scripts/demo.sh from config/example.yaml)\n"
-with open(target, "w") as fh:
-    fh.write(header + yaml.safe_dump(policy, sort_keys=False))
+text = header + yaml.safe_dump(policy, sort_keys=False)
+try:
+    with open(target) as fh:
+        unchanged = fh.read() == text
+except FileNotFoundError:
+    unchanged = False
+if not unchanged:
+    print(f"==> writing {target} from config/example.yaml (port {port})")
+    with open(target, "w") as fh:
+        fh.write(text)
 PY
-fi
 
 if [[ ! -f "${demo}/state/gatekeeper.db" ]]; then
     gk init
@@ -68,17 +81,18 @@ if [[ ! -d "${demo}/repositories/hello.git" ]]; then
     rm -rf "${seed}"
 fi
 
-ssh_opts="-i ${demo}/demo_key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=${demo}/known_hosts"
+ssh_opts="-i ${shown}/demo_key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile=${shown}/known_hosts"
 cat <<EOF
 
-Try, in another terminal:
+Try, in another terminal, from ${root}:
   export GIT_SSH_COMMAND='ssh ${ssh_opts}'
-  git clone ssh://git@127.0.0.1:${PORT}/hello.git        # refused: demo has not enrolled
-  \$GIT_SSH_COMMAND -p ${PORT} git@127.0.0.1 2fa enroll      # scan the QR code
-  \$GIT_SSH_COMMAND -p ${PORT} git@127.0.0.1 2fa confirm CODE
-  git clone ssh://git@127.0.0.1:${PORT}/hello.git        # allowed
-  \$GIT_SSH_COMMAND -p ${PORT} git@127.0.0.1               # who you are, what you can reach
-Admin side: .venv/bin/gatekeeper --config demo/config.yaml 2fa status
+  alias ssh="\$GIT_SSH_COMMAND"   # the commands gatekeeper prints then use the demo key
+  git clone ssh://git@127.0.0.1:${PORT}/hello.git     # refused: demo has not enrolled
+  ssh -p ${PORT} git@127.0.0.1 2fa enroll            # scan the QR code
+  ssh -p ${PORT} git@127.0.0.1 2fa confirm CODE
+  git clone ssh://git@127.0.0.1:${PORT}/hello.git     # allowed
+  ssh -p ${PORT} git@127.0.0.1                       # who you are, what you can reach
+Admin side: .venv/bin/gatekeeper --config ${shown}/config.yaml 2fa status
 
 EOF
 exec .venv/bin/gatekeeper --config "${demo}/config.yaml" serve --host 127.0.0.1 --port "${PORT}"
