@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -49,6 +50,7 @@ from paramiko.common import (
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     OPEN_FAILED_RESOURCE_SHORTAGE,
     OPEN_SUCCEEDED,
+    cMSG_DISCONNECT,
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
@@ -68,6 +70,56 @@ MAX_COMMAND_BYTES = 4096
 MAX_GIT_PROTOCOL_BYTES = 256
 MAX_SESSIONS_PER_CONNECTION = 10
 KBD_PROMPT = "Verification code: "
+DISCONNECT_TOO_MANY_CONNECTIONS = 12  # RFC 4253, section 11.1
+TOO_MANY_CONNECTIONS = "gatekeeper: too many connections right now; try again in a moment."
+
+
+@dataclass(frozen=True)
+class Startups:
+    """OpenSSH's `MaxStartups start:rate:full`, for connections not authenticated yet:
+    below `start` every one is served; from `start` on a new one is dropped with a
+    probability of `rate` percent, rising linearly to 100% at `full`.
+
+    The defaults are sized for `auth_timeout` (20 s), not OpenSSH's 120 s, and for what
+    one waiting connection costs here (two threads and about 50 KB, no process):
+    `start` is above a hundred silent clients plus the clients logging in beside them,
+    so such a flood does not cost anyone a connection; `full` bounds what a bigger one
+    can take (about 25 MB) and asks for more than 25 new connections a second to reach,
+    where OpenSSH's 10:30:100 is reached with one every 1.2 s."""
+
+    start: int = 128
+    rate: int = 30
+    full: int = 512
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= self.full or not 1 <= self.rate <= 100:
+            raise ValueError(
+                "max startups must be START:RATE:FULL with 1 <= START <= FULL and "
+                "RATE a percentage from 1 to 100"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Startups:
+        """`START:RATE:FULL`, or one number N (`N:100:N`, drop all from N on), as in
+        sshd_config. Raises ValueError with what is wrong."""
+        parts = text.split(":")
+        if len(parts) not in (1, 3) or not all(p.isdigit() for p in parts):
+            raise ValueError(f"expected START:RATE:FULL (like 128:30:512), not {text!r}")
+        if len(parts) == 1:
+            return cls(int(parts[0]), 100, int(parts[0]))
+        return cls(int(parts[0]), int(parts[1]), int(parts[2]))
+
+    def drop_percent(self, waiting: int) -> int:
+        """The chance, in percent, that a new connection is dropped while `waiting`
+        connections are not authenticated yet."""
+        if waiting < self.start:
+            return 0
+        if waiting >= self.full:
+            return 100
+        return self.rate + (100 - self.rate) * (waiting - self.start) // (self.full - self.start)
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.rate}:{self.full}"
 
 
 @dataclass(frozen=True)
@@ -75,12 +127,17 @@ class Limits:
     """The knobs that keep one client from hurting the others."""
 
     max_connections: int = 64
-    """Connections served at once; more are accepted and closed at once."""
+    """Authenticated connections served at once; while they are all taken a new
+    connection is closed at once, and one that authenticates is told so and closed.
+    Connections still logging in count against `max_startups` instead."""
+    max_startups: Startups = field(default_factory=Startups)
+    """Random early drop of connections that have not authenticated yet."""
     max_unauthenticated_per_source: int | None = None
-    """Connections one address may have before authenticating (None: half of the above),
-    so one host cannot fill every slot with clients that never log in."""
+    """Connections one address may have before authenticating (None: half of
+    `max_startups.start`), so one host alone cannot make the others be dropped."""
     auth_timeout: float = 20.0
-    """Seconds from accept to a completed authentication (and from there to a session)."""
+    """Seconds from accept to a completed authentication, the banner and key exchange
+    included (OpenSSH's LoginGraceTime); also from there to a session."""
     max_auth_tries: int = 6
     """Failed authentication attempts (offered keys included) before disconnecting."""
     session_start_timeout: float = 30.0
@@ -89,6 +146,12 @@ class Limits:
     """Seconds a client may leave us unable to send (window closed) before we drop it."""
     grace: float = 10.0
     """On SIGTERM/SIGINT: seconds open sessions get to finish before they are closed."""
+
+    @property
+    def per_source(self) -> int:
+        if self.max_unauthenticated_per_source is not None:
+            return self.max_unauthenticated_per_source
+        return max(1, self.max_startups.start // 2)
 
 
 # -- host key ----------------------------------------------------------------------
@@ -189,11 +252,14 @@ def _peek_publickey(m: Message) -> PublickeyRequest | None:
 
 if TYPE_CHECKING:
 
+    class _Transport(paramiko.Transport):
+        def _send_message(self, data: Message) -> None: ...
+
     class _StockAuthHandler:
         """The part of paramiko's (private) AuthHandler this module relies on; its type
         stubs leave these out. Checked against paramiko 3.4 to 5.1."""
 
-        transport: paramiko.Transport
+        transport: _Transport
         auth_fail_count: int
 
         def __init__(self, transport: paramiko.Transport) -> None: ...
@@ -238,10 +304,24 @@ class _AuthHandler(_StockAuthHandler):
         super()._parse_userauth_info_response(m)
 
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
+        if result == AUTH_SUCCESSFUL and not self._conn.server.admit(self._conn):
+            # Said before the success it replaces: the client reads why, not a reset.
+            self._conn.note(f"refused: {self._conn.limits.max_connections} connections open")
+            self._disconnect(DISCONNECT_TOO_MANY_CONNECTIONS, TOO_MANY_CONNECTIONS)
+            return
         super()._send_auth_result(username, method, result)
         if self.auth_fail_count >= self._conn.limits.max_auth_tries and self.transport.is_active():
             self._conn.note("too many authentication attempts")
             self._disconnect_no_more_auth()
+
+    def _disconnect(self, code: int, text: str) -> None:
+        m = Message()
+        m.add_byte(cMSG_DISCONNECT)
+        m.add_int(code)
+        m.add_string(text)
+        m.add_string("en")
+        self.transport._send_message(m)
+        self.transport.close()
 
 
 def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
@@ -319,12 +399,10 @@ class Connection(paramiko.ServerInterface):
         self.lock = threading.Lock()
         self.events: list[str] = []
         self.started = time.monotonic()
+        self.admitted = threading.Event()
+        """Set once authenticated and given one of the `max_connections` slots."""
 
     # -- helpers --
-
-    @property
-    def authenticated(self) -> bool:
-        return self.transport is not None and self.transport.is_authenticated()
 
     @property
     def client_ip(self) -> str:
@@ -552,6 +630,7 @@ class Connection(paramiko.ServerInterface):
                 self.sock.close()
             if self.store is not None:
                 self.store.close()
+            self.server.release(self)
             self._log_line()
 
     def _run(self) -> None:
@@ -569,7 +648,8 @@ class Connection(paramiko.ServerInterface):
         # Our handler must be in place before the first key exchange creates a stock one.
         transport.auth_handler = cast(AuthHandler, _AuthHandler(transport, self))
         transport.start_server(event=threading.Event(), server=self)
-        while not transport.is_authenticated():
+        # A wait, not a poll: a flood of clients that never log in costs little.
+        while not self.admitted.wait(0.25):
             if not transport.is_active():
                 if self.key is not None and not self.needs_code:
                     self.note("closed without a session")
@@ -583,7 +663,6 @@ class Connection(paramiko.ServerInterface):
             if time.monotonic() >= deadline:
                 self.note(f"dropped: no authentication within {limits.auth_timeout:g}s")
                 return
-            time.sleep(0.05)
         threads: list[threading.Thread] = []
         idle_since = time.monotonic()
         while transport.is_active():
@@ -771,6 +850,32 @@ def _pump_in(channel: paramiko.Channel, sink: IO[bytes], kill: Callable[[], None
 # -- the listener ------------------------------------------------------------------
 
 
+class _Throttled:
+    """Log lines about refused connections: of each kind the first at once, then at
+    most one every `every` seconds with a count of those left out, so that a flood
+    cannot fill the log."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def log(self, kind: str, line: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.every:
+                self._left_out[kind] = self._left_out.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            log.warning("%s (and %d more like it since the last such line)", line, left_out)
+        else:
+            log.warning("%s", line)
+
+
 class GatekeeperServer:
     """Listening socket, connection threads, and a clean stop."""
 
@@ -790,9 +895,14 @@ class GatekeeperServer:
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
         self._listener: socket.socket | None = None
-        self._connections: dict[threading.Thread, Connection] = {}
         self._lock = threading.Lock()
         self._count = 0
+        # Who holds what, under `_lock`: those still logging in (by address too) and
+        # those admitted to one of the `max_connections` slots.
+        self._waiting: set[Connection] = set()
+        self._waiting_from: dict[str, int] = {}
+        self._admitted: set[Connection] = set()
+        self._refusals = _Throttled()
 
     def bind(self) -> tuple[str, int]:
         """Open the listening socket; return the address actually bound."""
@@ -817,16 +927,34 @@ class GatekeeperServer:
 
     def active(self) -> int:
         with self._lock:
-            self._connections = {t: c for t, c in self._connections.items() if t.is_alive()}
-            return len(self._connections)
+            return len(self._waiting) + len(self._admitted)
 
-    def unauthenticated_from(self, address: str) -> int:
+    def admit(self, conn: Connection) -> bool:
+        """Move a connection that just authenticated from the waiting ones to a slot;
+        False if every slot is taken."""
         with self._lock:
-            return sum(
-                1
-                for t, c in self._connections.items()
-                if t.is_alive() and c.peer[0] == address and not c.authenticated
-            )
+            if conn in self._admitted:
+                return True
+            if len(self._admitted) >= self.limits.max_connections:
+                return False
+            self._forget_waiting(conn)
+            self._admitted.add(conn)
+        conn.admitted.set()
+        return True
+
+    def release(self, conn: Connection) -> None:
+        with self._lock:
+            self._forget_waiting(conn)
+            self._admitted.discard(conn)
+
+    def _forget_waiting(self, conn: Connection) -> None:
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            left = self._waiting_from[conn.client_ip] - 1
+            if left:
+                self._waiting_from[conn.client_ip] = left
+            else:
+                del self._waiting_from[conn.client_ip]
 
     def serve_forever(self) -> None:
         """Accept until `stop()`; then give open sessions `grace` seconds and close them."""
@@ -841,48 +969,57 @@ class GatekeeperServer:
                     continue
                 try:
                     sock, peer = listener.accept()
-                except OSError:
+                except OSError as exc:
+                    # Out of file descriptors, say: the backlog waits, we do not spin.
+                    self._refusals.log("accept", f"cannot accept a connection: {exc.strerror}")
+                    time.sleep(0.05)
                     continue
                 self._accept(sock, peer)
         listener.close()
         self._drain()
 
+    def _why_not(self, address: str) -> tuple[str, str] | None:
+        """Why a new connection from `address` is not served (a kind and the words), or
+        None to serve it. Called under `_lock`."""
+        limits = self.limits
+        if len(self._admitted) >= limits.max_connections:
+            return "slots", f"{limits.max_connections} connections open"
+        if self._waiting_from.get(address, 0) >= limits.per_source:
+            return (
+                "source",
+                f"{limits.per_source} connections from there are not authenticated yet",
+            )
+        waiting = len(self._waiting)
+        percent = limits.max_startups.drop_percent(waiting)
+        if percent and secrets.randbelow(100) < percent:
+            return (
+                "startups",
+                f"{waiting} connections are not authenticated yet "
+                f"(max startups {limits.max_startups})",
+            )
+        return None
+
     def _accept(self, sock: socket.socket, peer: Any) -> None:
         self._count += 1
-        if self.active() >= self.limits.max_connections:
-            log.warning(
-                "connection %d from %s:%d: refused: %d connections open",
-                self._count,
-                peer[0],
-                peer[1],
-                self.limits.max_connections,
-            )
+        address, port = str(peer[0]), int(peer[1])
+        conn = Connection(self, sock, (address, port), self._count)
+        with self._lock:
+            why = self._why_not(address)
+            if why is None:
+                self._waiting.add(conn)
+                self._waiting_from[address] = self._waiting_from.get(address, 0) + 1
+        if why is not None:
             with contextlib.suppress(OSError):
                 sock.close()
-            return
-        per_source = self.limits.max_unauthenticated_per_source
-        if per_source is None:
-            per_source = max(1, self.limits.max_connections // 2)
-        if self.unauthenticated_from(str(peer[0])) >= per_source:
-            log.warning(
-                "connection %d from %s:%d: refused: %d connections from there are "
-                "not authenticated yet",
-                self._count,
-                peer[0],
-                peer[1],
-                per_source,
+            kind, words = why
+            self._refusals.log(
+                kind, f"connection {self._count} from {address}:{port}: refused: {words}"
             )
-            with contextlib.suppress(OSError):
-                sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, (str(peer[0]), int(peer[1])), self._count)
-        t = threading.Thread(
+        threading.Thread(
             target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
-        )
-        with self._lock:
-            self._connections[t] = conn
-        t.start()
+        ).start()
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.grace

@@ -9,7 +9,9 @@ that never authenticate.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import pty
 import queue
@@ -36,6 +38,8 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+
+from gatekeeper.server import Startups
 
 HOST = "127.0.0.1"
 
@@ -803,21 +807,156 @@ def test_silent_clients_do_not_stall_others(site: Site) -> None:
             s.close()
 
 
-def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
-    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+def silent_connection(port: int, source: str = HOST) -> socket.socket:
+    """A TCP connection from `source` (any 127.x.y.z address is this host) that never
+    says a word, once the server has sent its banner (so it is being served)."""
+    raw = socket.socket()
+    try:
+        raw.bind((source, 0))
+        raw.connect((HOST, port))
+        raw.settimeout(10)
+        assert raw.recv(256).startswith(b"SSH-2.0-"), f"{source}: refused at once"
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+def is_open(raw: socket.socket) -> bool:
+    """Whether the server still holds this connection (nothing to read, no EOF)."""
+    raw.setblocking(False)
+    try:
+        return raw.recv(4096) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        raw.setblocking(True)
+
+
+def closed_after(raw: socket.socket, since: float, timeout: float = 30) -> float:
+    """Seconds from `since` until the server closed `raw`."""
+    raw.settimeout(timeout)
+    with contextlib.suppress(OSError):
+        while raw.recv(4096):
+            pass
+    return time.monotonic() - since
+
+
+def test_a_hundred_silent_addresses_do_not_keep_members_from_cloning(tmp_path: Path) -> None:
+    """The flood from issue 20: a hundred TCP connections from a hundred addresses that
+    never say a word. With the default limits every clone and ls-remote made while they
+    are held works at the first try, and each silent one is closed once its login grace
+    time (here 10 s) is over."""
+    site = Site(tmp_path / "gk", "", "--auth-timeout", "10")
+    silent: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        silent = [silent_connection(site.port, f"127.0.0.{i + 2}") for i in range(100)]
+        env = site.env("alice")
+        failures = []
+        for i in range(4):
+            cloned = run(
+                ["git", "clone", url(site.port, "project"), str(tmp_path / f"c{i}")], env=env
+            )
+            listed = run(["git", "ls-remote", url(site.port, "project")], env=env)
+            failures += [r.stderr for r in (cloned, listed) if r.returncode != 0]
+        assert failures == [], failures
+        assert all(is_open(raw) for raw in silent), "the flood was not held throughout"
+        waits = [closed_after(raw, opened) for raw in silent]
+        assert 9.5 < min(waits) and max(waits) < 14, (min(waits), max(waits))
+        site.server.wait_log("dropped: no authentication within 10s")
+    finally:
+        for raw in silent:
+            raw.close()
+        assert site.server.stop() == 0
+
+
+def test_past_max_startups_new_connections_are_dropped_but_logged_in_ones_never_count(
+    tmp_path: Path,
+) -> None:
+    """`--max-startups 2` (2:100:2): two connections that have not logged in make the
+    server drop every new one; any number that have logged in do not."""
+    site = Site(tmp_path / "gk", "", "--max-startups", "2", "--auth-timeout", "5")
     held: list[Any] = []
     try:
+        for _ in range(3):
+            t = connect(site.port)
+            t.auth_publickey("git", site.pkey("alice"))
+            held.append(t)
+        held += [silent_connection(site.port, f"127.0.1.{i + 1}") for i in range(2)]
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        refused = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert refused.returncode != 0
+        site.server.wait_log(
+            "refused: 2 connections are not authenticated yet (max startups 2:100:2)"
+        )
+        gone = held.pop()
+        source, port = gone.getsockname()[:2]
+        gone.close()
+        site.server.wait_log(f"from {source}:{port}: -")  # its one log line: the slot is free
+        result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        for h in held:
+            h.close()
+        assert site.server.stop() == 0
+
+
+def test_drop_chance_rises_from_rate_at_start_to_all_at_full() -> None:
+    """sshd's MaxStartups arithmetic, and its sshd_config spelling."""
+    startups = Startups.parse("10:30:100")
+    assert [startups.drop_percent(n) for n in (0, 9, 10, 55, 99, 100, 500)] == [
+        0,
+        0,
+        30,
+        65,
+        99,
+        100,
+        100,
+    ]
+    assert Startups.parse("5") == Startups(5, 100, 5)
+    assert str(Startups()) == "128:30:512"
+    assert (
+        Startups().drop_percent(100) == 0
+    )  # the default keeps a hundred silent ones out of the way
+    for bad in ("10:30", "a:b:c", "10:0:100", "10:101:100", "100:30:10", "0", ""):
+        with pytest.raises(ValueError):
+            Startups.parse(bad)
+
+
+def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
+    """`--max-connections` counts logged-in connections: while they are all taken a new
+    connection is closed at once, and one that was still logging in is told why."""
+    site = Site(tmp_path / "gk", "", "--max-connections", "2", "--auth-timeout", "5")
+    held: list[Any] = []
+    records: list[logging.LogRecord] = []
+    try:
+        late = connect(site.port)  # key exchange done, not logged in yet
+        held.append(late)
         for _ in range(2):
             t = connect(site.port)
             t.auth_publickey("git", site.pkey("alice"))
             held.append(t)
-        for _ in range(2):
-            raw = socket.create_connection((HOST, site.port))
-            assert raw.recv(256).startswith(b"SSH-2.0-")
-            held.append(raw)
-        with socket.create_connection((HOST, site.port), timeout=5) as fifth:
-            assert fifth.recv(256) == b""
-        site.server.wait_log("refused: 4 connections open")
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        site.server.wait_log("refused: 2 connections open")
+        capture = logging.Handler()
+        capture.emit = records.append  # type: ignore[method-assign]
+        client_log = logging.getLogger("paramiko.transport")
+        level = client_log.level
+        client_log.addHandler(capture)
+        client_log.setLevel(logging.INFO)  # paramiko logs the server's reason at INFO
+        try:
+            with pytest.raises(paramiko.SSHException):
+                late.auth_publickey("git", site.pkey("bob"))
+        finally:
+            client_log.removeHandler(capture)
+            client_log.setLevel(level)
+        said = [r.getMessage() for r in records]
+        assert any("too many connections right now" in m for m in said), said
         for h in held:
             h.close()
         time.sleep(0.5)  # the slots free up as the server notices
@@ -830,8 +969,8 @@ def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
 
 
 def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -> None:
-    # 4 connections at most, so at most 2 unauthenticated ones from one address.
-    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+    # At most half of max startups' START from one address: 2 here.
+    site = Site(tmp_path / "gk", "", "--max-startups", "4:30:8", "--auth-timeout", "5")
     silent = []
     try:
         for _ in range(2):
@@ -841,6 +980,8 @@ def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -
         with socket.create_connection((HOST, site.port), timeout=5) as third:
             assert third.recv(256) == b""
         site.server.wait_log("refused: 2 connections from there are not authenticated yet")
+        other = silent_connection(site.port, "127.0.2.1")  # another address is served
+        other.close()
         for raw in silent:
             raw.close()
         time.sleep(0.5)
