@@ -1051,6 +1051,18 @@ def _signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]
             signal.signal(sig, old)
 
 
+def _raise_file_limit() -> None:
+    """Take the hard limit on open files as the soft one: a waiting connection holds a
+    socket and a session three pipes more, and the usual soft limit (1024) is below
+    what the default limits allow; out of descriptors, no one could connect."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(
     policy: Policy,
     config_path: Path,
@@ -1070,6 +1082,7 @@ def serve(
         # connection's own log line says what happened.
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
         logging.getLogger("paramiko").propagate = False
+    _raise_file_limit()
     state_dir = policy.server.state_dir
     # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
     Store.open(state_dir, policy.server.store).close()

@@ -15,6 +15,7 @@ import logging
 import os
 import pty
 import queue
+import resource
 import shlex
 import shutil
 import signal
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,13 @@ def free_port() -> int:
 class Served:
     """A `gatekeeper serve` process for one installation."""
 
-    def __init__(self, inst: Installation, port: int, *args: str) -> None:
+    def __init__(
+        self,
+        inst: Installation,
+        port: int,
+        *args: str,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.inst = inst
         self.port = port
         self.log_path = inst.base / f"serve-{port}.log"
@@ -83,6 +90,7 @@ class Served:
             stderr=self.log_file,
             env=inst.env,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -991,6 +999,24 @@ def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -
         for raw in silent:
             raw.close()
         assert site.server.stop() == 0
+
+
+def test_serve_lifts_its_open_files_limit_to_the_hard_one(site: Site) -> None:
+    """Started with the common soft limit of 1024 (or less), the server could not hold
+    the connections its defaults allow."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert site.server.stop() == 0
+    again = Served(
+        site.inst,
+        site.port,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    try:
+        limits = Path(f"/proc/{again.proc.pid}/limits").read_text()
+        soft = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft.split()[3] == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+    finally:
+        assert again.stop() == 0
 
 
 def test_client_closing_early_stops_git(site: Site) -> None:
