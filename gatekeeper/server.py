@@ -56,17 +56,19 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, twofactor
-from gatekeeper.errors import GatekeeperError, StoreError
+from gatekeeper import decision, shell, sshcmd, twofactor
+from gatekeeper.errors import GatekeeperError, InputError, StoreError
 from gatekeeper.policy import Policy, load_policy
-from gatekeeper.shell import SAFE_PATH
 from gatekeeper.store import ConnectionFacts, KeyRecord, Store
 
 log = logging.getLogger("gatekeeper.server")
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 CHUNK = 64 * 1024
-MAX_COMMAND_BYTES = 4096
+# A longer command is not handed over: UTF-8 spends at most 4 bytes on a character,
+# so it is longer than the forced command takes (sshcmd.MAX_COMMAND_LENGTH).
+MAX_COMMAND_BYTES = 4 * sshcmd.MAX_COMMAND_LENGTH
+MAX_PACKET_BYTES = 256 * 1024  # what OpenSSH accepts; paramiko reads any length it is told
 MAX_GIT_PROTOCOL_BYTES = 256
 MAX_SESSIONS_PER_CONNECTION = 10
 KBD_PROMPT = "Verification code: "
@@ -327,10 +329,9 @@ class _AuthHandler(_StockAuthHandler):
 def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
     """Whether any repository this user can reach needs a verified session (then the
     in-band code is worth asking for; otherwise it would only be in the way)."""
-    from gatekeeper.shell import user_facts
     from gatekeeper.usercmd import list_repositories
 
-    ufacts = user_facts(facts)
+    ufacts = shell.user_facts(facts)
     when = datetime.fromtimestamp(now, timezone.utc)
     for repo in list_repositories(policy.server.repositories):
         for action in ("read", "write"):
@@ -338,6 +339,20 @@ def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
             if verdict.reason != decision.NOT_AUTHORIZED and verdict.level == "verified":
                 return True
     return False
+
+
+def _bound_packets(transport: paramiko.Transport) -> None:
+    """Refuse a packet longer than MAX_PACKET_BYTES before reading it, not after: a
+    client could otherwise make us hold as much as it cares to send, unauthenticated."""
+    packetizer = transport.packetizer
+    read_all = packetizer.read_all
+
+    def bounded(n: int, check_rekey: bool = False) -> bytes:
+        if n > MAX_PACKET_BYTES:
+            raise paramiko.SSHException(f"a packet of {n} bytes (at most {MAX_PACKET_BYTES})")
+        return read_all(n, check_rekey)
+
+    packetizer.read_all = bounded  # type: ignore[method-assign]
 
 
 def _session_blob(session_id: bytes, req: PublickeyRequest) -> bytes:
@@ -364,6 +379,9 @@ class Session:
     channel: paramiko.Channel
     command: str | None = None
     git_protocol: str | None = None
+    refusal: InputError | None = None
+    """Set for a command that cannot be handed to the forced command whole: its
+    refusal, in the forced command's words, is answered here."""
     started: threading.Event = field(default_factory=threading.Event)
 
 
@@ -575,9 +593,21 @@ class Connection(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         sess = self._session(channel)
-        if sess is None or len(command) > MAX_COMMAND_BYTES or b"\0" in command:
+        if sess is None:
             return False
-        sess.command = _decode(command)
+        text = _decode(command)
+        if len(command) > MAX_COMMAND_BYTES or "\0" in text:
+            # No environment variable holds a NUL, and a long command need not be kept
+            # whole: the same parser says what the forced command would, and only
+            # what its audit record keeps is kept.
+            try:
+                sshcmd.parse_command(text)
+            except InputError as exc:
+                sess.refusal = exc
+                text = text[: shell.BAD_COMMAND_KEPT]
+            else:
+                text = text[:MAX_COMMAND_BYTES]  # only blanks parse: still blanks
+        sess.command = text
         sess.started.set()
         return True
 
@@ -641,6 +671,7 @@ class Connection(paramiko.ServerInterface):
             self.sock, default_window_size=4 * 1024 * 1024, default_max_packet_size=32768
         )
         self.transport = transport
+        _bound_packets(transport)
         transport.banner_timeout = min(limits.auth_timeout, 15.0)
         transport.handshake_timeout = min(limits.auth_timeout, 15.0)
         transport.local_version = "SSH-2.0-gatekeeper"
@@ -699,7 +730,10 @@ class Connection(paramiko.ServerInterface):
                 if time.monotonic() > deadline:
                     self.note("dropped: session without a command")
                     return
-            rc = self._run_forced_command(sess)
+            if sess.refusal is not None:
+                rc = self._refuse_command(sess, sess.refusal)
+            else:
+                rc = self._run_forced_command(sess)
             self.note(f"{(sess.command or '(no command)')[:120]!r} exit {rc}")
         except Exception as exc:  # noqa: BLE001 - report on the connection's log line
             self.note(f"session error: {type(exc).__name__}: {exc}")
@@ -708,11 +742,32 @@ class Connection(paramiko.ServerInterface):
             with self.lock:
                 self.sessions.pop(channel.get_id(), None)
 
+    def _refuse_command(self, sess: Session, refusal: InputError) -> int:
+        """Refuse as the forced command refuses a bad command: its record, its words
+        and its exit code (a failed record refuses in the store's words instead)."""
+        assert self.key is not None and self.store is not None
+        error: GatekeeperError = refusal
+        try:
+            shell.audit_bad_command(self.store, self.key, self.client_ip, sess.command, time.time())
+        except GatekeeperError as exc:
+            error = exc
+        return self._answer(sess, shell.refusal_text(error), error.exit_code)
+
+    def _answer(self, sess: Session, text: str, status: int) -> int:
+        """End a session with `text` on stderr and `status`, running nothing."""
+        channel = sess.channel
+        channel.settimeout(self.limits.stall_timeout)
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            channel.sendall_stderr(text.encode("utf-8", "surrogateescape"))
+            channel.shutdown_write()
+            channel.send_exit_status(status)
+        return status
+
     def _child_env(self, sess: Session) -> dict[str, str]:
         assert self.transport is not None
         server_ip, server_port = self.sock.getsockname()[:2]
         env = {
-            "PATH": SAFE_PATH,
+            "PATH": shell.SAFE_PATH,
             "HOME": os.environ.get("HOME", "/"),
             "SSH_CONNECTION": f"{self.peer[0]} {self.peer[1]} {server_ip} {server_port}",
             "GATEKEEPER_CONFIG": str(self.server.config_path),

@@ -20,7 +20,7 @@ from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused,
 from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.policy import DEFAULT_CONFIG, Policy, load_policy
 from gatekeeper.record import record
-from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
+from gatekeeper.store import ConnectionFacts, HookToken, KeyRecord, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def valid_git_protocol(value: str) -> bool:
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 PREFIX = "gatekeeper: "
 HOOK_TOKEN_SECONDS = 6 * 3600  # how long the hooks accept a connection's token
+BAD_COMMAND_KEPT = 200  # characters of a refused command in its audit record
 
 
 @record
@@ -113,6 +114,27 @@ def load(config: str, report: Callable[[str], None] | None = None) -> tuple[Poli
     return policy, store
 
 
+def audit_bad_command(
+    store: Store, key: KeyRecord, client: str, command: str | None, now: float
+) -> None:
+    """The record of a command `sshcmd.parse_command` refused (the embedded server
+    writes it too, for the commands it cannot hand over whole)."""
+    store.audit(
+        "access",
+        now=now,
+        user=key.user,
+        key_fp=key.fingerprint,
+        reason="bad-command",
+        client=client,
+        detail={"command": (command or "")[:BAD_COMMAND_KEPT]},
+    )
+
+
+def refusal_text(exc: GatekeeperError) -> str:
+    """What the client reads for an expected failure, on every front-end."""
+    return "".join(PREFIX + line + "\n" for line in exc.lines())
+
+
 def user_facts(facts: ConnectionFacts) -> decision.UserFacts:
     def when(ts: int | None) -> datetime | None:
         return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
@@ -148,15 +170,7 @@ def run(
     try:
         request = sshcmd.parse_command(conn.original_command)
     except InputError:
-        store.audit(
-            "access",
-            now=now,
-            user=facts.key.user,
-            key_fp=facts.key.fingerprint,
-            reason="bad-command",
-            client=conn.client,
-            detail={"command": (conn.original_command or "")[:200]},
-        )
+        audit_bad_command(store, facts.key, conn.client, conn.original_command, now)
         raise
     if isinstance(request, sshcmd.UserCommand):
         from gatekeeper import usercmd
@@ -335,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
         )
     except GatekeeperError as exc:
-        for line in exc.lines():
-            sys.stderr.write(PREFIX + line + "\n")
+        sys.stderr.write(refusal_text(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import pty
@@ -20,6 +21,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -30,6 +32,7 @@ from typing import Any
 
 import paramiko
 import pytest
+import sshd
 from conftest import GATEKEEPER, Installation, avoid_step_boundary, git, password_file_url
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
@@ -40,6 +43,8 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
+from gatekeeper import shell, sshcmd
+from gatekeeper.errors import InputError
 from gatekeeper.server import Startups
 
 HOST = "127.0.0.1"
@@ -97,7 +102,7 @@ class Served:
         self.banner = [self.line(), self.line(), self.line()]
         assert "listening on" in self.banner[0], self.banner
         assert "host key SHA256:" in self.banner[1], self.banner
-        assert f"git clone ssh://git@{HOST}:{port}/REPOSITORY.git" in self.banner[2]
+        assert f"@{HOST}:{port}/REPOSITORY.git" in self.banner[2], self.banner
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -505,6 +510,110 @@ def test_the_forced_command_gets_a_clean_environment(site: Site) -> None:
     assert b"not found, or you do not have access" in err
     record = site.inst.audit(event="access", user="alice")[-1]
     assert record["client"] == HOST
+
+
+# -- the same words as the forced command ------------------------------------------------
+
+
+def refusal_of(command: str) -> str:
+    """What the forced command prints for `command` when its parser refuses it."""
+    with pytest.raises(InputError) as refused:
+        sshcmd.parse_command(command)
+    return shell.refusal_text(refused.value)
+
+
+def test_a_nul_in_a_command_is_refused_in_the_forced_commands_words(site: Site) -> None:
+    """No environment variable can carry a NUL to the forced command; the server says
+    what the forced command says of such a command, exits as it does and records it
+    the same way (OpenSSH's sshd drops the connection instead)."""
+    commands = ["info\0", "git-upload-pack 'project.git'\0; touch x", "\0" + "y" * 2000]
+    c = HandCrafted(site.port)
+    try:
+        assert c.request(site.pkey("alice"), signer=site.pkey("alice")) == MSG_USERAUTH_SUCCESS
+        answers = [c.run(command) for command in commands]
+    finally:
+        c.close()
+    for command, (out, err, status) in zip(commands, answers, strict=True):
+        assert (out, err, status) == ("", refusal_of(command), 2)
+    assert "it contains control characters (newline, NUL, escape...)." in answers[0][1]
+    assert "longer than 1024 characters" in answers[2][1]
+    records = site.inst.audit(event="access", user="alice")
+    assert [(r["reason"], json.loads(r["detail"])["command"]) for r in records] == [
+        ("bad-command", command[:200]) for command in commands
+    ]
+    assert records[0]["key_fp"] and records[0]["client"] == HOST
+
+
+def test_a_long_command_is_refused_as_the_forced_command_refuses_it(site: Site) -> None:
+    """Over 4096 bytes the server keeps only what the audit record keeps and answers
+    itself; up to there the forced command answers. Either way the same lines and exit
+    code as the forced command run by hand, and all blanks is still `info`."""
+    alice = site.key_ids["alice"]
+    for command in ["x" * 1025, "x" * 5000, "\U0001f600" * 1024, "\U0001f600" * 1025]:
+        through_serve = site.ssh("alice", command)
+        by_hand = site.inst.shell(alice, command)
+        assert (through_serve.returncode, through_serve.stderr) == (
+            by_hand.returncode,
+            by_hand.stderr,
+        ), command[:20]
+        assert through_serve.stderr.startswith("gatekeeper: "), through_serve.stderr
+    blanks = site.ssh("alice", " " * 5000)
+    assert blanks.returncode == 0 and "alice" in blanks.stdout, blanks.stderr
+    assert site.server.proc.poll() is None
+
+
+def test_a_packet_longer_than_openssh_takes_is_refused_before_it_is_read(site: Site) -> None:
+    with socket.create_connection((HOST, site.port), timeout=10) as raw:
+        assert raw.recv(256).startswith(b"SSH-2.0-")
+        raw.sendall(b"SSH-2.0-client\r\n")
+        # An unencrypted packet that says it is 64 MiB long (a multiple of the block size).
+        raw.sendall(struct.pack(">I", 64 * 1024 * 1024 + 4) + b"\0" * 4)
+        start = time.monotonic()
+        with contextlib.suppress(OSError):
+            while raw.recv(65536):
+                pass
+        assert time.monotonic() - start < 2.5
+    site.server.wait_log("a packet of 67108864 bytes (at most 262144)")
+
+
+@pytest.mark.sshd
+def test_sshd_and_serve_refuse_a_bad_command_in_the_same_words(tmp_path: Path) -> None:
+    """The same commands through OpenSSH's sshd (authorized_keys and the forced
+    command) and through `gatekeeper serve`, with the real ssh client: the same
+    gatekeeper lines, the same exit code, the same audit records."""
+    user = sshd.current_user()
+    port = free_port()
+    inst = Installation(tmp_path / "gk", POLICY, host=HOST, port=port, user=user).init()
+    key, _ = inst.add_user("alice")
+    inst.repo("project")
+    authorized = inst.base / "authorized_keys"
+    inst.gk("authorized-keys", "--write", str(authorized))
+    commands = [
+        "x" * 1025,
+        "x" * 5000,
+        "\U0001f600" * 1025,
+        "git-upload-pack '" + "a" * 100_000 + "'",
+        "git-upload-pack 'project.git'; touch x",
+        "git-upload-pack 'project.git' extra",
+    ]
+    served = Served(inst, port)
+    try:
+        with sshd.SshServer(authorized_keys_file=authorized, tmp_dir=tmp_path) as server:
+            client = server.client(key)
+            for command in commands:
+                through_sshd = client.run(command)
+                through_serve = run(ssh_argv(key, port, f"{user}@{HOST}", command))
+                assert through_sshd.stderr.startswith("gatekeeper: "), through_sshd.stderr
+                assert (through_serve.returncode, through_serve.stderr) == (
+                    through_sshd.returncode,
+                    through_sshd.stderr,
+                ), command[:40]
+    finally:
+        assert served.stop() == 0
+    records = [
+        (r["reason"], json.loads(r["detail"])["command"]) for r in inst.audit(event="access")
+    ]
+    assert records == [("bad-command", c[:200]) for c in commands for _ in ("sshd", "serve")]
 
 
 # -- identity only from a verified signature --------------------------------------------
