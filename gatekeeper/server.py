@@ -57,8 +57,9 @@ from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
 from gatekeeper import decision, shell, sshcmd, twofactor
-from gatekeeper.errors import GatekeeperError, InputError, StoreError
-from gatekeeper.policy import Policy, load_policy
+from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError
+from gatekeeper.policy import Policy
+from gatekeeper.record import evolve
 from gatekeeper.store import ConnectionFacts, KeyRecord, Store
 
 log = logging.getLogger("gatekeeper.server")
@@ -72,6 +73,7 @@ MAX_PACKET_BYTES = 256 * 1024  # what OpenSSH accepts; paramiko reads any length
 MAX_GIT_PROTOCOL_BYTES = 256
 MAX_SESSIONS_PER_CONNECTION = 10
 KBD_PROMPT = "Verification code: "
+KEYS_REFRESH_SECONDS = 60.0
 DISCONNECT_TOO_MANY_CONNECTIONS = 12  # RFC 4253, section 11.1
 TOO_MANY_CONNECTIONS = "gatekeeper: too many connections right now; try again in a moment."
 
@@ -410,6 +412,9 @@ class Connection(paramiko.ServerInterface):
         self.current_request: PublickeyRequest | None = None
         self.key: KeyRecord | None = None
         """Set only once this key's signature was verified; never changed after."""
+        self.fault: Refused | None = None
+        """Set when the policy or the store could not be loaded: a remembered key may
+        then log in, only to read this refusal (see `RememberedKeys`)."""
         self.needs_code = False
         self.second_factor = "-"
         self.code_error: str | None = None
@@ -433,26 +438,48 @@ class Connection(paramiko.ServerInterface):
                 self.events.append(event)
 
     def _load(self) -> tuple[Policy, Store] | None:
-        """The current policy and the store, opened once per connection; None: refuse."""
+        """The current policy and the store, opened once per connection; None: the
+        server is at fault (`self.fault` says what to tell the client)."""
+        if self.fault is not None:
+            return None
         if self.policy is None or self.store is None:
             try:
-                self.policy = load_policy(self.server.config_path)
-                settings = self.policy.server
-                self.store = Store.open(settings.state_dir, settings.store)
-            except GatekeeperError as exc:
-                self.note(f"refused: {exc.message}")
-                log.warning("connection %d: %s", self.number, " | ".join(exc.lines()))
+                self.policy, self.store = shell.load(
+                    str(self.server.config_path), self.server.fault_seen, light=False
+                )
+            except Refused as exc:
+                self._at_fault(exc)
                 return None
+            self.server.fault_cleared()
         return self.policy, self.store
 
-    def _user_ok(self, username: str) -> bool:
+    def _at_fault(self, refusal: Refused) -> None:
+        self.fault = refusal
+        self.note(f"server fault: {refusal.message}")
+
+    def _find_key(self, username: str, fingerprint: str) -> KeyRecord | None:
+        """The key with this fingerprint if `username` is the git account, from the
+        store or, when the server is at fault, from the keys it last read."""
         loaded = self._load()
-        if loaded is None:
-            return False
-        if username != loaded[0].server.user:
-            self.note(f"wrong user {username[:64]!r}")
-            return False
-        return True
+        if loaded is not None:
+            policy, store = loaded
+            if username != policy.server.user:
+                self.note(f"wrong user {username[:64]!r}")
+                return None
+            try:
+                record = store.key_by_fingerprint(fingerprint)
+            except GatekeeperError as exc:
+                self.server.fault_seen(f"key lookup failed: {' | '.join(exc.lines())}")
+                self._at_fault(shell.store_refusal())
+            else:
+                self.server.known.note(policy.server.user, fingerprint, record)
+                if record is None:
+                    self.note(f"unknown key {fingerprint}")
+                return record
+        record = self.server.known.find(username, fingerprint)
+        if record is None:
+            self.note(f"unknown key {fingerprint} (or wrong user {username[:64]!r})")
+        return record
 
     # -- authentication callbacks (paramiko's transport thread) --
 
@@ -469,24 +496,19 @@ class Connection(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         req = self.current_request
-        if req is None or self.key is not None or not self._user_ok(username):
+        if req is None or self.key is not None:
             # No request we parsed ourselves, or a key is already verified (the
             # second factor is pending): nothing here may change who this is.
             return AUTH_FAILED
-        assert self.store is not None and self.transport is not None
+        assert self.transport is not None
         if req.username != username or key.asbytes() != req.key_blob:
             return AUTH_FAILED
         if req.algorithm.endswith("-cert-v01@openssh.com"):
             self.note("certificate refused")
             return AUTH_FAILED
         fingerprint = key_fingerprint(key)
-        try:
-            record = self.store.key_by_fingerprint(fingerprint)
-        except GatekeeperError as exc:
-            log.warning("connection %d: key lookup failed: %s", self.number, exc.message)
-            return AUTH_FAILED
+        record = self._find_key(username, fingerprint)
         if record is None:
-            self.note(f"unknown key {fingerprint}")
             return AUTH_FAILED
         if req.signature is None:
             # A query: say the key would do (SSH_MSG_USERAUTH_PK_OK); record nothing.
@@ -502,7 +524,7 @@ class Connection(paramiko.ServerInterface):
             self.note(f"bad signature for {fingerprint}")
             return AUTH_FAILED
         self.key = record
-        self.needs_code = self._wants_code(record)
+        self.needs_code = self.fault is None and self._wants_code(record)
         return AUTH_PARTIALLY_SUCCESSFUL if self.needs_code else AUTH_SUCCESSFUL
 
     def _wants_code(self, record: KeyRecord) -> bool:
@@ -536,7 +558,10 @@ class Connection(paramiko.ServerInterface):
         return InteractiveQuery("gatekeeper", "\n".join(lines), (KBD_PROMPT, False))
 
     def check_auth_interactive(self, username: str, submethods: str) -> Any:
-        if self.key is None or not self.needs_code or not self._user_ok(username):
+        if self.key is None or not self.needs_code or self.policy is None:
+            return AUTH_FAILED
+        if username != self.policy.server.user:
+            self.note(f"wrong user {username[:64]!r}")
             return AUTH_FAILED
         return self._query()
 
@@ -730,7 +755,10 @@ class Connection(paramiko.ServerInterface):
                 if time.monotonic() > deadline:
                     self.note("dropped: session without a command")
                     return
-            if sess.refusal is not None:
+            if self.fault is not None:
+                # Never the forced command: the key may be gone from the store by now.
+                rc = self._answer(sess, shell.refusal_text(self.fault), self.fault.exit_code)
+            elif sess.refusal is not None:
                 rc = self._refuse_command(sess, sess.refusal)
             else:
                 rc = self._run_forced_command(sess)
@@ -905,6 +933,50 @@ def _pump_in(channel: paramiko.Channel, sink: IO[bytes], kill: Callable[[], None
 # -- the listener ------------------------------------------------------------------
 
 
+class RememberedKeys:
+    """The keys the store last listed, and the git account the policy last named.
+
+    When the policy or the store cannot be loaded, the owner of a key should learn that
+    the server is at fault and what to tell an administrator, not read "Permission
+    denied" as if the key were wrong. So a key remembered here may then log in (its
+    signature checked as always), only to be answered with the forced command's
+    refusal; nothing runs. Refreshed every KEYS_REFRESH_SECONDS and by every lookup; a
+    key removed while the store cannot be read stays until it can, for that refusal
+    only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._user: str | None = None
+        self._keys: dict[str, KeyRecord] = {}
+
+    def replace(self, user: str, records: list[KeyRecord]) -> None:
+        keys = {r.fingerprint: _slim(r) for r in records}
+        with self._lock:
+            self._user, self._keys = user, keys
+
+    def note(self, user: str, fingerprint: str, record: KeyRecord | None) -> None:
+        """What one lookup found (None: no such key any more)."""
+        with self._lock:
+            self._user = user
+            if record is None:
+                self._keys.pop(fingerprint, None)
+            else:
+                self._keys[fingerprint] = _slim(record)
+
+    def find(self, user: str, fingerprint: str) -> KeyRecord | None:
+        with self._lock:
+            return self._keys.get(fingerprint) if user == self._user else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+
+def _slim(record: KeyRecord) -> KeyRecord:
+    # The fingerprint stands for the key: a large site need not keep every blob.
+    return evolve(record, blob="", comment="")
+
+
 class _Throttled:
     """Log lines about refused connections: of each kind the first at once, then at
     most one every `every` seconds with a count of those left out, so that a flood
@@ -958,6 +1030,9 @@ class GatekeeperServer:
         self._waiting_from: dict[str, int] = {}
         self._admitted: set[Connection] = set()
         self._refusals = _Throttled()
+        self.known = RememberedKeys()
+        self._faults_logged: set[str] = set()
+        self._fault_lock = threading.Lock()
 
     def bind(self) -> tuple[str, int]:
         """Open the listening socket; return the address actually bound."""
@@ -983,6 +1058,44 @@ class GatekeeperServer:
     def active(self) -> int:
         with self._lock:
             return len(self._waiting) + len(self._admitted)
+
+    def fault_seen(self, detail: str) -> None:
+        """The policy or the store cannot be loaded: tell the admin once per fault,
+        not once per connection."""
+        with self._fault_lock:
+            if detail in self._faults_logged or len(self._faults_logged) >= 20:
+                return
+            self._faults_logged.add(detail)
+        log.warning("cannot serve anyone until this is fixed (known keys are told so): %s", detail)
+
+    def fault_cleared(self) -> None:
+        with self._fault_lock:
+            if not self._faults_logged:
+                return
+            self._faults_logged.clear()
+        log.warning("the policy and the store load again: serving as usual")
+
+    def remember_keys(self) -> None:
+        """Read every key and the git account again; keep the last ones on a fault."""
+        try:
+            policy, store = shell.load(str(self.config_path), self.fault_seen, light=False)
+        except Refused:
+            return
+        try:
+            with store:
+                records = store.list_keys()
+        except GatekeeperError as exc:
+            self.fault_seen(f"listing the keys failed: {' | '.join(exc.lines())}")
+            return
+        self.known.replace(policy.server.user, records)
+        self.fault_cleared()
+
+    def _remember_keys_forever(self) -> None:
+        while not self.stopping.wait(KEYS_REFRESH_SECONDS):
+            try:
+                self.remember_keys()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("reading the keys again failed: %s: %s", type(exc).__name__, exc)
 
     def admit(self, conn: Connection) -> bool:
         """Move a connection that just authenticated from the waiting ones to a slot;
@@ -1017,6 +1130,9 @@ class GatekeeperServer:
             self.bind()
         assert self._listener is not None
         listener = self._listener
+        threading.Thread(
+            target=self._remember_keys_forever, daemon=True, name="gatekeeper-keys"
+        ).start()
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             while not self.stopping.is_set():
@@ -1140,7 +1256,8 @@ def serve(
     _raise_file_limit()
     state_dir = policy.server.state_dir
     # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
-    Store.open(state_dir, policy.server.store).close()
+    with Store.open(state_dir, policy.server.store) as store:
+        keys = store.list_keys()
     host_key = load_host_key(state_dir)
     server = GatekeeperServer(
         config_path.absolute(),
@@ -1149,6 +1266,7 @@ def serve(
         port if port is not None else policy.server.listen_port,
         limits,
     )
+    server.known.replace(policy.server.user, keys)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server.stopping.is_set():

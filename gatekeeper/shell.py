@@ -90,28 +90,38 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     )
 
 
-def load(config: str, report: Callable[[str], None] | None = None) -> tuple[Policy, Store]:
+def load(
+    config: str, report: Callable[[str], None] | None = None, *, light: bool = True
+) -> tuple[Policy, Store]:
     """Policy and store, or a refusal that names the server-side problem, not its details
-    (those go to `report`, the forced command's log by default). The hooks refuse in the same
-    words."""
+    (those go to `report`, the forced command's log by default). The hooks and the
+    embedded server refuse in the same words. `light`: see `Store.open`."""
     report = report or log
     try:
         policy = load_policy(config)
     except PolicyError as exc:
         report(f"policy error: {' | '.join(exc.lines())}")
-        raise Refused(
-            "access refused: the server's policy file is invalid or unreadable.",
-            hint="an administrator must run `gatekeeper policy check`.",
-        ) from exc
+        raise policy_refusal() from exc
     try:
-        store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
+        store = Store.open(policy.server.state_dir_str, policy.server.store, light=light)
     except StoreError as exc:
         report(f"store error: {' | '.join(exc.lines())}")
-        raise Refused(
-            "access refused: the server cannot read its 2FA state right now.",
-            hint="try again in a moment; if it persists, tell an administrator.",
-        ) from exc
+        raise store_refusal() from exc
     return policy, store
+
+
+def policy_refusal() -> Refused:
+    return Refused(
+        "access refused: the server's policy file is invalid or unreadable.",
+        hint="an administrator must run `gatekeeper policy check`.",
+    )
+
+
+def store_refusal() -> Refused:
+    return Refused(
+        "access refused: the server cannot read its 2FA state right now.",
+        hint="try again in a moment; if it persists, tell an administrator.",
+    )
 
 
 def audit_bad_command(

@@ -42,10 +42,12 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from test_faults import fill, tmpfs
 
 from gatekeeper import shell, sshcmd
 from gatekeeper.errors import InputError
 from gatekeeper.server import Startups
+from gatekeeper.store import DB_NAME
 
 HOST = "127.0.0.1"
 
@@ -1126,6 +1128,99 @@ def test_serve_lifts_its_open_files_limit_to_the_hard_one(site: Site) -> None:
         assert soft.split()[3] == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
     finally:
         assert again.stop() == 0
+
+
+# -- a server at fault -------------------------------------------------------------------
+
+STORE_FAULT = (
+    "gatekeeper: access refused: the server cannot read its 2FA state right now.\n"
+    "gatekeeper: hint: try again in a moment; if it persists, tell an administrator.\n"
+)
+POLICY_FAULT = (
+    "gatekeeper: access refused: the server's policy file is invalid or unreadable.\n"
+    "gatekeeper: hint: an administrator must run `gatekeeper policy check`.\n"
+)
+
+
+def assert_told_the_server_is_at_fault(site: Site, words: str, tmp_path: Path) -> None:
+    """Known keys read the forced command's `words` for a command, for no command and
+    for a clone, exit 1, and nothing runs; an unknown key or another login name is
+    still denied; the admin reads about it once."""
+    info = site.ssh("alice", "info")
+    assert (info.returncode, info.stdout, info.stderr) == (1, "", words)
+    no_command = site.ssh("bob", extra=("-T",))
+    assert (no_command.returncode, no_command.stdout, no_command.stderr) == (1, "", words)
+    target = tmp_path / "fault-clone"
+    clone = run(["git", "clone", url(site.port, "project"), str(target)], env=site.env("alice"))
+    assert clone.returncode != 0 and words in clone.stderr, clone.stderr
+    assert not target.exists()
+    stranger = tmp_path / "stranger"
+    if not stranger.exists():
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True
+        )
+    denied = run(ssh_argv(stranger, site.port, f"git@{HOST}", "info"))
+    assert denied.returncode == 255 and "Permission denied (publickey)" in denied.stderr
+    wrong_login = site.ssh("alice", "info", login="alice")
+    assert wrong_login.returncode == 255 and "Permission denied" in wrong_login.stderr
+    log = site.server.wait_log("server fault: access refused")
+    assert log.count("cannot serve anyone until this is fixed") == 1, log
+    assert "exit 0" not in log.split("cannot serve anyone")[1]
+
+
+def assert_served_again(site: Site, tmp_path: Path) -> None:
+    target = tmp_path / "clone-again"
+    clone = run(["git", "clone", url(site.port, "project"), str(target)], env=site.env("alice"))
+    assert clone.returncode == 0, clone.stderr
+    site.server.wait_log("the policy and the store load again")
+
+
+def test_a_truncated_database_tells_known_keys_the_server_is_at_fault(
+    site: Site, tmp_path: Path
+) -> None:
+    """Through OpenSSH the forced command says the server cannot read its 2FA state;
+    through the embedded server a known key reads the same, not "Permission denied"."""
+    db = site.inst.state / DB_NAME
+    saved = {p: p.read_bytes() for p in site.inst.state.glob(DB_NAME + "*")}
+    by_hand = site.inst.shell(site.key_ids["alice"], "info")
+    os.truncate(db, 4096)
+    assert site.inst.shell(site.key_ids["alice"], "info").stderr == STORE_FAULT
+    assert_told_the_server_is_at_fault(site, STORE_FAULT, tmp_path)
+    for path, data in saved.items():
+        path.write_bytes(data)
+    assert site.inst.shell(site.key_ids["alice"], "info").stdout == by_hand.stdout
+    assert_served_again(site, tmp_path)
+
+
+def test_a_tab_in_the_policy_tells_known_keys_the_policy_is_invalid(
+    site: Site, tmp_path: Path
+) -> None:
+    good = site.inst.config.read_text()
+    site.inst.config.write_text(good.replace("  dev:\n", "\tdev:\n"))
+    assert site.inst.gk("policy", "check", check=False).returncode != 0
+    assert site.inst.shell(site.key_ids["alice"], "info").stderr == POLICY_FAULT
+    before = len(site.inst.audit())
+    assert_told_the_server_is_at_fault(site, POLICY_FAULT, tmp_path)
+    assert len(site.inst.audit()) == before  # nothing ran, so nothing was recorded
+    site.inst.config.write_text(good)
+    assert_served_again(site, tmp_path)
+
+
+def test_a_full_state_directory_tells_known_keys_the_server_is_at_fault(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "gk" / "state", "4m"):
+        site = Site(tmp_path / "gk", "", "--auth-timeout", "3")
+        try:
+            assert site.ssh("alice", "info").returncode == 0
+            # Once no one has the database open its write-ahead log is gone, and opening
+            # it needs room for a new one.
+            site.server.wait_log("'info' exit 0")
+            filler = fill(site.inst.state)
+            assert site.inst.shell(site.key_ids["alice"], "info").stderr == STORE_FAULT
+            assert_told_the_server_is_at_fault(site, STORE_FAULT, tmp_path)
+            filler.unlink()
+            assert_served_again(site, tmp_path)
+        finally:
+            assert site.server.stop() == 0
 
 
 def test_client_closing_early_stops_git(site: Site) -> None:
