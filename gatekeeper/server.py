@@ -820,6 +820,9 @@ class Connection(paramiko.ServerInterface):
             "gatekeeper.shell",
             "--config",
             str(self.server.config_path),
+            # The port this client connected to, for the commands the messages show.
+            "--port",
+            str(self.sock.getsockname()[1]),
             str(self.key.id),
         ]
         child = subprocess.Popen(
@@ -1279,7 +1282,7 @@ def serve(
         echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user {policy.server.user!r}")
         echo(f"gatekeeper: host key {key_fingerprint(host_key)} (ED25519)")
         public = policy.server
-        port_part = "" if public.port == 22 else f":{public.port}"
+        port_part = "" if bound_port == 22 else f":{bound_port}"
         echo(
             f"gatekeeper: clone with: git clone ssh://{public.user}@{public.host}{port_part}/"
             "REPOSITORY.git"

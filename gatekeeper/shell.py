@@ -60,6 +60,9 @@ class Connection:
     git_protocol: str | None
     config: str
     """The policy file, spelled as pathlib spells it (`pathstr`; no pathlib import here)."""
+    port: int | None = None
+    """The port the embedded server listens on, which messages name instead of
+    `server.port` (from its command line; never from the client's environment)."""
 
 
 def client_address(ssh_connection: str) -> str:
@@ -68,11 +71,18 @@ def client_address(ssh_connection: str) -> str:
     return parts[0] if parts and len(parts[0]) <= 64 else "unknown"
 
 
+def valid_port(arg: str) -> bool:
+    return 1 <= len(arg) <= 5 and _DIGITS.issuperset(arg) and 1 <= int(arg) <= 65535
+
+
 def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     config: str | None = None
+    port: int | None = None
     args = list(argv)
     if len(args) >= 2 and args[0] == "--config":
         config, args = args[1], args[2:]
+    if len(args) >= 2 and args[0] == "--port" and valid_port(args[1]):
+        port, args = int(args[1]), args[2:]
     if len(args) != 1 or not valid_key_id(args[0]):
         raise InputError(
             "gatekeeper-shell must be run by sshd with one key id argument.",
@@ -87,6 +97,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         client=client_address(env["SSH_CONNECTION"]),
         git_protocol=protocol if protocol and valid_git_protocol(protocol) else None,
         config=pathstr.norm(config or env.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG),
+        port=port,
     )
 
 
@@ -163,6 +174,8 @@ def run(
 ) -> int:
     conn = parse_invocation(argv, env)
     policy, store = load(conn.config)
+    if conn.port is not None:
+        policy = policy.served_on(conn.port)
     now = time.time()
     facts = store.connection_facts(conn.key_id, now)
     if facts is None:

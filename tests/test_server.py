@@ -1130,6 +1130,50 @@ def test_serve_lifts_its_open_files_limit_to_the_hard_one(site: Site) -> None:
         assert again.stop() == 0
 
 
+# -- the port users connect to -------------------------------------------------------------
+
+
+def test_messages_name_the_port_serve_listens_on_not_the_policys(tmp_path: Path) -> None:
+    """The policy says port 22 (OpenSSH's) and serve listens on another: every command
+    that a refusal, `info`, `help` or a 2fa message shows names the port served."""
+    port = free_port()
+    inst = Installation(tmp_path / "gk", POLICY, host=HOST, port=22, user="git").init()
+    keys = {name: inst.add_user(name)[0] for name in ("alice", "carol", "olga")}
+    inst.repo("project")
+    inst.repo("vault")
+    by_hand = inst.shell(inst.key_id("carol"), "git-upload-pack 'project.git'")
+    assert f"`ssh git@{HOST} info`" in by_hand.stderr  # the policy's port, for OpenSSH
+    served = Served(inst, port)
+    prefix = f"ssh -p {port} git@{HOST}"
+    try:
+        assert f"ssh://git@{HOST}:{port}/REPOSITORY.git" in served.banner[2]
+
+        def ssh(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+            return run(ssh_argv(keys[user], port, f"git@{HOST}", *command))
+
+        def clone(user: str, repo: str) -> subprocess.CompletedProcess[str]:
+            env = client_env(inst, keys[user], port)
+            return run(["git", "clone", url(port, repo), str(tmp_path / f"{user}-{repo}")], env=env)
+
+        carol = clone("carol", "project")
+        assert f"`{prefix} info` lists what you can reach" in carol.stderr, carol.stderr
+        olga = clone("olga", "vault")
+        assert f"{prefix} 2fa enroll" in olga.stderr, olga.stderr
+        info = ssh("alice", "info")
+        assert f"`{prefix} help`" in info.stdout, info.stdout
+        help_ = ssh("alice", "help")
+        assert f"{prefix} 2fa enroll" in help_.stdout, help_.stdout
+        assert f"ssh://git@{HOST}:{port}/REPOSITORY.git" in help_.stdout
+        enroll = ssh("olga", "2fa", "enroll")
+        assert f"{prefix} 2fa confirm CODE" in enroll.stdout, enroll
+        usage = ssh("alice", "2fa")
+        assert f"`{prefix} help` lists the commands" in usage.stderr, usage
+        said = [carol.stderr, olga.stderr, info.stdout, help_.stdout, enroll.stdout, usage.stderr]
+        assert not any(f"ssh git@{HOST}" in text for text in said), said
+    finally:
+        assert served.stop() == 0
+
+
 # -- a server at fault -------------------------------------------------------------------
 
 STORE_FAULT = (
