@@ -84,12 +84,12 @@ class Startups:
     below `start` every one is served; from `start` on a new one is dropped with a
     probability of `rate` percent, rising linearly to 100% at `full`.
 
-    The defaults are sized for `auth_timeout` (20 s), not OpenSSH's 120 s, and for what
-    one waiting connection costs here (two threads and about 50 KB, no process):
-    `start` is above a hundred silent clients plus the clients logging in beside them,
-    so such a flood does not cost anyone a connection; `full` bounds what a bigger one
-    can take (about 25 MB) and asks for more than 25 new connections a second to reach,
-    where OpenSSH's 10:30:100 is reached with one every 1.2 s."""
+    OpenSSH's 10:30:100 suits its login grace time and a process per connection. Here a
+    connection waits at most `auth_timeout` (a sixth of OpenSSH's default) and costs two
+    threads, so the defaults are larger: `start` is above a hundred silent clients plus
+    those logging in beside them, so such a flood costs no one a connection; `full`
+    bounds what a bigger one can hold, and holding it takes `full / auth_timeout` new
+    connections a second, some thirty times what OpenSSH's defaults take."""
 
     start: int = 128
     rate: int = 30
@@ -1191,9 +1191,15 @@ class GatekeeperServer:
             )
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(
-            target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
-        ).start()
+        try:
+            threading.Thread(
+                target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
+            ).start()
+        except RuntimeError as exc:  # no thread to be had: this one goes, the server stays
+            self.release(conn)
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._refusals.log("threads", f"connection {self._count} from {address}:{port}: {exc}")
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.grace
