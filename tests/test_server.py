@@ -967,8 +967,8 @@ def test_a_hundred_silent_addresses_do_not_keep_members_from_cloning(tmp_path: P
     """The flood from issue 20: a hundred TCP connections from a hundred addresses that
     never say a word. With the default limits every clone and ls-remote made while they
     are held works at the first try, and each silent one is closed once its login grace
-    time (here 10 s) is over."""
-    site = Site(tmp_path / "gk", "", "--auth-timeout", "10")
+    time (here 15 s) is over."""
+    site = Site(tmp_path / "gk", "", "--auth-timeout", "15")
     silent: list[socket.socket] = []
     try:
         opened = time.monotonic()
@@ -984,8 +984,8 @@ def test_a_hundred_silent_addresses_do_not_keep_members_from_cloning(tmp_path: P
         assert failures == [], failures
         assert all(is_open(raw) for raw in silent), "the flood was not held throughout"
         waits = [closed_after(raw, opened) for raw in silent]
-        assert 9.5 < min(waits) and max(waits) < 14, (min(waits), max(waits))
-        site.server.wait_log("dropped: no authentication within 10s")
+        assert 14.5 < min(waits) and max(waits) < 19, (min(waits), max(waits))
+        site.server.wait_log("dropped: no authentication within 15s")
     finally:
         for raw in silent:
             raw.close()
