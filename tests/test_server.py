@@ -101,10 +101,14 @@ class Served:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.banner = [self.line(), self.line(), self.line()]
-        assert "listening on" in self.banner[0], self.banner
-        assert "host key SHA256:" in self.banner[1], self.banner
-        assert f"@{HOST}:{port}/REPOSITORY.git" in self.banner[2], self.banner
+        try:
+            self.banner = [self.line(), self.line(), self.line()]
+            assert "listening on" in self.banner[0], self.banner
+            assert "host key SHA256:" in self.banner[1], self.banner
+            assert f"@{HOST}:{port}/REPOSITORY.git" in self.banner[2], self.banner
+        except BaseException:
+            self.stop()  # no test holds it yet: do not leave it running
+            raise
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
