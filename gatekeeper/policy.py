@@ -223,6 +223,18 @@ class ServerSettings:
         setter(self, "listen_port", listen_port)
         setter(self, "store", store)
 
+    def with_port(self, port: int) -> ServerSettings:
+        return ServerSettings(
+            self.host,
+            port,
+            self.user,
+            self.repositories_str,
+            self.state_dir_str,
+            self.listen_host,
+            self.listen_port,
+            self.store,
+        )
+
     @property
     def repositories(self) -> Path:
         from pathlib import Path
@@ -288,6 +300,15 @@ class Policy:
     allow_local_push: bool = False
     source: str = ""
     sha256: str = ""  # of the policy file's bytes
+
+    def served_on(self, port: int) -> Policy:
+        """This policy with `port` where users connect (`server.port`), for the embedded
+        server listening there: every message names it. A compiled policy stays one."""
+        copy: Policy = object.__new__(Policy)
+        for name, value in self.__dict__.items():
+            object.__setattr__(copy, name, value)
+        object.__setattr__(copy, "server", self.server.with_port(port))
+        return copy
 
     def matching_rules(self, repo: str) -> tuple[RepoRule, ...]:
         """The rules that cover `repo`, in file order. A policy loaded from the compiled

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -49,25 +50,80 @@ from paramiko.common import (
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     OPEN_FAILED_RESOURCE_SHORTAGE,
     OPEN_SUCCEEDED,
+    cMSG_DISCONNECT,
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, twofactor
-from gatekeeper.errors import GatekeeperError, StoreError
-from gatekeeper.policy import Policy, load_policy
-from gatekeeper.shell import SAFE_PATH
+from gatekeeper import decision, shell, sshcmd, twofactor
+from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError
+from gatekeeper.policy import Policy
+from gatekeeper.record import evolve
 from gatekeeper.store import ConnectionFacts, KeyRecord, Store
 
 log = logging.getLogger("gatekeeper.server")
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 CHUNK = 64 * 1024
-MAX_COMMAND_BYTES = 4096
+# A longer command is not handed over: UTF-8 spends at most 4 bytes on a character,
+# so it is longer than the forced command takes (sshcmd.MAX_COMMAND_LENGTH).
+MAX_COMMAND_BYTES = 4 * sshcmd.MAX_COMMAND_LENGTH
+MAX_PACKET_BYTES = 256 * 1024  # what OpenSSH accepts; paramiko reads any length it is told
 MAX_GIT_PROTOCOL_BYTES = 256
 MAX_SESSIONS_PER_CONNECTION = 10
 KBD_PROMPT = "Verification code: "
+KEYS_REFRESH_SECONDS = 60.0
+DISCONNECT_TOO_MANY_CONNECTIONS = 12  # RFC 4253, section 11.1
+TOO_MANY_CONNECTIONS = "gatekeeper: too many connections right now; try again in a moment."
+
+
+@dataclass(frozen=True)
+class Startups:
+    """OpenSSH's `MaxStartups start:rate:full`, for connections not authenticated yet:
+    below `start` every one is served; from `start` on a new one is dropped with a
+    probability of `rate` percent, rising linearly to 100% at `full`.
+
+    OpenSSH's 10:30:100 suits its login grace time and a process per connection. Here a
+    connection waits at most `auth_timeout` (a sixth of OpenSSH's default) and costs two
+    threads, so the defaults are larger: `start` is above a hundred silent clients plus
+    those logging in beside them, so such a flood costs no one a connection; `full`
+    bounds what a bigger one can hold, and holding it takes `full / auth_timeout` new
+    connections a second, some thirty times what OpenSSH's defaults take."""
+
+    start: int = 128
+    rate: int = 30
+    full: int = 512
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.start <= self.full or not 1 <= self.rate <= 100:
+            raise ValueError(
+                "max startups must be START:RATE:FULL with 1 <= START <= FULL and "
+                "RATE a percentage from 1 to 100"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Startups:
+        """`START:RATE:FULL`, or one number N (`N:100:N`, drop all from N on), as in
+        sshd_config. Raises ValueError with what is wrong."""
+        parts = text.split(":")
+        if len(parts) not in (1, 3) or not all(p.isdigit() for p in parts):
+            raise ValueError(f"expected START:RATE:FULL (like 128:30:512), not {text!r}")
+        if len(parts) == 1:
+            return cls(int(parts[0]), 100, int(parts[0]))
+        return cls(int(parts[0]), int(parts[1]), int(parts[2]))
+
+    def drop_percent(self, waiting: int) -> int:
+        """The chance, in percent, that a new connection is dropped while `waiting`
+        connections are not authenticated yet."""
+        if waiting < self.start:
+            return 0
+        if waiting >= self.full:
+            return 100
+        return self.rate + (100 - self.rate) * (waiting - self.start) // (self.full - self.start)
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.rate}:{self.full}"
 
 
 @dataclass(frozen=True)
@@ -75,12 +131,17 @@ class Limits:
     """The knobs that keep one client from hurting the others."""
 
     max_connections: int = 64
-    """Connections served at once; more are accepted and closed at once."""
+    """Authenticated connections served at once; while they are all taken a new
+    connection is closed at once, and one that authenticates is told so and closed.
+    Connections still logging in count against `max_startups` instead."""
+    max_startups: Startups = field(default_factory=Startups)
+    """Random early drop of connections that have not authenticated yet."""
     max_unauthenticated_per_source: int | None = None
-    """Connections one address may have before authenticating (None: half of the above),
-    so one host cannot fill every slot with clients that never log in."""
+    """Connections one address may have before authenticating (None: half of
+    `max_startups.start`), so one host alone cannot make the others be dropped."""
     auth_timeout: float = 20.0
-    """Seconds from accept to a completed authentication (and from there to a session)."""
+    """Seconds from accept to a completed authentication, the banner and key exchange
+    included (OpenSSH's LoginGraceTime); also from there to a session."""
     max_auth_tries: int = 6
     """Failed authentication attempts (offered keys included) before disconnecting."""
     session_start_timeout: float = 30.0
@@ -89,6 +150,12 @@ class Limits:
     """Seconds a client may leave us unable to send (window closed) before we drop it."""
     grace: float = 10.0
     """On SIGTERM/SIGINT: seconds open sessions get to finish before they are closed."""
+
+    @property
+    def per_source(self) -> int:
+        if self.max_unauthenticated_per_source is not None:
+            return self.max_unauthenticated_per_source
+        return max(1, self.max_startups.start // 2)
 
 
 # -- host key ----------------------------------------------------------------------
@@ -189,11 +256,14 @@ def _peek_publickey(m: Message) -> PublickeyRequest | None:
 
 if TYPE_CHECKING:
 
+    class _Transport(paramiko.Transport):
+        def _send_message(self, data: Message) -> None: ...
+
     class _StockAuthHandler:
         """The part of paramiko's (private) AuthHandler this module relies on; its type
         stubs leave these out. Checked against paramiko 3.4 to 5.1."""
 
-        transport: paramiko.Transport
+        transport: _Transport
         auth_fail_count: int
 
         def __init__(self, transport: paramiko.Transport) -> None: ...
@@ -238,19 +308,32 @@ class _AuthHandler(_StockAuthHandler):
         super()._parse_userauth_info_response(m)
 
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
+        if result == AUTH_SUCCESSFUL and not self._conn.server.admit(self._conn):
+            # Said before the success it replaces: the client reads why, not a reset.
+            self._conn.note(f"refused: {self._conn.limits.max_connections} connections open")
+            self._disconnect(DISCONNECT_TOO_MANY_CONNECTIONS, TOO_MANY_CONNECTIONS)
+            return
         super()._send_auth_result(username, method, result)
         if self.auth_fail_count >= self._conn.limits.max_auth_tries and self.transport.is_active():
             self._conn.note("too many authentication attempts")
             self._disconnect_no_more_auth()
 
+    def _disconnect(self, code: int, text: str) -> None:
+        m = Message()
+        m.add_byte(cMSG_DISCONNECT)
+        m.add_int(code)
+        m.add_string(text)
+        m.add_string("en")
+        self.transport._send_message(m)
+        self.transport.close()
+
 
 def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
     """Whether any repository this user can reach needs a verified session (then the
     in-band code is worth asking for; otherwise it would only be in the way)."""
-    from gatekeeper.shell import user_facts
     from gatekeeper.usercmd import list_repositories
 
-    ufacts = user_facts(facts)
+    ufacts = shell.user_facts(facts)
     when = datetime.fromtimestamp(now, timezone.utc)
     for repo in list_repositories(policy.server.repositories):
         for action in ("read", "write"):
@@ -258,6 +341,20 @@ def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
             if verdict.reason != decision.NOT_AUTHORIZED and verdict.level == "verified":
                 return True
     return False
+
+
+def _bound_packets(transport: paramiko.Transport) -> None:
+    """Refuse a packet longer than MAX_PACKET_BYTES before reading it, not after: a
+    client could otherwise make us hold as much as it cares to send, unauthenticated."""
+    packetizer = transport.packetizer
+    read_all = packetizer.read_all
+
+    def bounded(n: int, check_rekey: bool = False) -> bytes:
+        if n > MAX_PACKET_BYTES:
+            raise paramiko.SSHException(f"a packet of {n} bytes (at most {MAX_PACKET_BYTES})")
+        return read_all(n, check_rekey)
+
+    packetizer.read_all = bounded  # type: ignore[method-assign]
 
 
 def _session_blob(session_id: bytes, req: PublickeyRequest) -> bytes:
@@ -284,7 +381,13 @@ class Session:
     channel: paramiko.Channel
     command: str | None = None
     git_protocol: str | None = None
+    refusal: InputError | None = None
+    """Set for a command that cannot be handed to the forced command whole: its
+    refusal, in the forced command's words, is answered here."""
     started: threading.Event = field(default_factory=threading.Event)
+    pty: bool = False
+    """The client asked for a terminal (`ssh git@HOST` from one). None is allocated; the
+    output gets the `\r\n` line ends a terminal in raw mode needs."""
 
 
 def _decode(raw: bytes | str) -> str:
@@ -312,6 +415,9 @@ class Connection(paramiko.ServerInterface):
         self.current_request: PublickeyRequest | None = None
         self.key: KeyRecord | None = None
         """Set only once this key's signature was verified; never changed after."""
+        self.fault: Refused | None = None
+        """Set when the policy or the store could not be loaded: a remembered key may
+        then log in, only to read this refusal (see `RememberedKeys`)."""
         self.needs_code = False
         self.second_factor = "-"
         self.code_error: str | None = None
@@ -319,12 +425,10 @@ class Connection(paramiko.ServerInterface):
         self.lock = threading.Lock()
         self.events: list[str] = []
         self.started = time.monotonic()
+        self.admitted = threading.Event()
+        """Set once authenticated and given one of the `max_connections` slots."""
 
     # -- helpers --
-
-    @property
-    def authenticated(self) -> bool:
-        return self.transport is not None and self.transport.is_authenticated()
 
     @property
     def client_ip(self) -> str:
@@ -337,26 +441,48 @@ class Connection(paramiko.ServerInterface):
                 self.events.append(event)
 
     def _load(self) -> tuple[Policy, Store] | None:
-        """The current policy and the store, opened once per connection; None: refuse."""
+        """The current policy and the store, opened once per connection; None: the
+        server is at fault (`self.fault` says what to tell the client)."""
+        if self.fault is not None:
+            return None
         if self.policy is None or self.store is None:
             try:
-                self.policy = load_policy(self.server.config_path)
-                settings = self.policy.server
-                self.store = Store.open(settings.state_dir, settings.store)
-            except GatekeeperError as exc:
-                self.note(f"refused: {exc.message}")
-                log.warning("connection %d: %s", self.number, " | ".join(exc.lines()))
+                self.policy, self.store = shell.load(
+                    str(self.server.config_path), self.server.fault_seen, light=False
+                )
+            except Refused as exc:
+                self._at_fault(exc)
                 return None
+            self.server.fault_cleared()
         return self.policy, self.store
 
-    def _user_ok(self, username: str) -> bool:
+    def _at_fault(self, refusal: Refused) -> None:
+        self.fault = refusal
+        self.note(f"server fault: {refusal.message}")
+
+    def _find_key(self, username: str, fingerprint: str) -> KeyRecord | None:
+        """The key with this fingerprint if `username` is the git account, from the
+        store or, when the server is at fault, from the keys it last read."""
         loaded = self._load()
-        if loaded is None:
-            return False
-        if username != loaded[0].server.user:
-            self.note(f"wrong user {username[:64]!r}")
-            return False
-        return True
+        if loaded is not None:
+            policy, store = loaded
+            if username != policy.server.user:
+                self.note(f"wrong user {username[:64]!r}")
+                return None
+            try:
+                record = store.key_by_fingerprint(fingerprint)
+            except GatekeeperError as exc:
+                self.server.fault_seen(f"key lookup failed: {' | '.join(exc.lines())}")
+                self._at_fault(shell.store_refusal())
+            else:
+                self.server.known.note(policy.server.user, fingerprint, record)
+                if record is None:
+                    self.note(f"unknown key {fingerprint}")
+                return record
+        record = self.server.known.find(username, fingerprint)
+        if record is None:
+            self.note(f"unknown key {fingerprint} (or wrong user {username[:64]!r})")
+        return record
 
     # -- authentication callbacks (paramiko's transport thread) --
 
@@ -373,24 +499,19 @@ class Connection(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         req = self.current_request
-        if req is None or self.key is not None or not self._user_ok(username):
+        if req is None or self.key is not None:
             # No request we parsed ourselves, or a key is already verified (the
             # second factor is pending): nothing here may change who this is.
             return AUTH_FAILED
-        assert self.store is not None and self.transport is not None
+        assert self.transport is not None
         if req.username != username or key.asbytes() != req.key_blob:
             return AUTH_FAILED
         if req.algorithm.endswith("-cert-v01@openssh.com"):
             self.note("certificate refused")
             return AUTH_FAILED
         fingerprint = key_fingerprint(key)
-        try:
-            record = self.store.key_by_fingerprint(fingerprint)
-        except GatekeeperError as exc:
-            log.warning("connection %d: key lookup failed: %s", self.number, exc.message)
-            return AUTH_FAILED
+        record = self._find_key(username, fingerprint)
         if record is None:
-            self.note(f"unknown key {fingerprint}")
             return AUTH_FAILED
         if req.signature is None:
             # A query: say the key would do (SSH_MSG_USERAUTH_PK_OK); record nothing.
@@ -406,7 +527,7 @@ class Connection(paramiko.ServerInterface):
             self.note(f"bad signature for {fingerprint}")
             return AUTH_FAILED
         self.key = record
-        self.needs_code = self._wants_code(record)
+        self.needs_code = self.fault is None and self._wants_code(record)
         return AUTH_PARTIALLY_SUCCESSFUL if self.needs_code else AUTH_SUCCESSFUL
 
     def _wants_code(self, record: KeyRecord) -> bool:
@@ -440,7 +561,10 @@ class Connection(paramiko.ServerInterface):
         return InteractiveQuery("gatekeeper", "\n".join(lines), (KBD_PROMPT, False))
 
     def check_auth_interactive(self, username: str, submethods: str) -> Any:
-        if self.key is None or not self.needs_code or not self._user_ok(username):
+        if self.key is None or not self.needs_code or self.policy is None:
+            return AUTH_FAILED
+        if username != self.policy.server.user:
+            self.note(f"wrong user {username[:64]!r}")
             return AUTH_FAILED
         return self._query()
 
@@ -497,9 +621,21 @@ class Connection(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         sess = self._session(channel)
-        if sess is None or len(command) > MAX_COMMAND_BYTES or b"\0" in command:
+        if sess is None:
             return False
-        sess.command = _decode(command)
+        text = _decode(command)
+        if len(command) > MAX_COMMAND_BYTES or "\0" in text:
+            # No environment variable holds a NUL, and a long command need not be kept
+            # whole: the same parser says what the forced command would, and only
+            # what its audit record keeps is kept.
+            try:
+                sshcmd.parse_command(text)
+            except InputError as exc:
+                sess.refusal = exc
+                text = text[: shell.BAD_COMMAND_KEPT]
+            else:
+                text = text[:MAX_COMMAND_BYTES]  # only blanks parse: still blanks
+        sess.command = text
         sess.started.set()
         return True
 
@@ -511,9 +647,15 @@ class Connection(paramiko.ServerInterface):
         sess.started.set()
         return True
 
-    def check_channel_pty_request(self, *args: Any) -> bool:
-        self.note("pty refused")
-        return False
+    def check_channel_pty_request(self, channel: paramiko.Channel, *args: Any) -> bool:
+        # Granted in name only, as users of other git hosts expect from `ssh git@HOST`
+        # in a terminal: no terminal is made, nothing interactive runs, and refusing it
+        # only put "PTY allocation request failed" before the answer.
+        sess = self._session(channel)
+        if sess is None:
+            return False
+        sess.pty = True
+        return True
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         self.note(f"subsystem {name[:32]} refused")
@@ -552,6 +694,7 @@ class Connection(paramiko.ServerInterface):
                 self.sock.close()
             if self.store is not None:
                 self.store.close()
+            self.server.release(self)
             self._log_line()
 
     def _run(self) -> None:
@@ -562,6 +705,7 @@ class Connection(paramiko.ServerInterface):
             self.sock, default_window_size=4 * 1024 * 1024, default_max_packet_size=32768
         )
         self.transport = transport
+        _bound_packets(transport)
         transport.banner_timeout = min(limits.auth_timeout, 15.0)
         transport.handshake_timeout = min(limits.auth_timeout, 15.0)
         transport.local_version = "SSH-2.0-gatekeeper"
@@ -569,7 +713,8 @@ class Connection(paramiko.ServerInterface):
         # Our handler must be in place before the first key exchange creates a stock one.
         transport.auth_handler = cast(AuthHandler, _AuthHandler(transport, self))
         transport.start_server(event=threading.Event(), server=self)
-        while not transport.is_authenticated():
+        # A wait, not a poll: a flood of clients that never log in costs little.
+        while not self.admitted.wait(0.25):
             if not transport.is_active():
                 if self.key is not None and not self.needs_code:
                     self.note("closed without a session")
@@ -583,7 +728,6 @@ class Connection(paramiko.ServerInterface):
             if time.monotonic() >= deadline:
                 self.note(f"dropped: no authentication within {limits.auth_timeout:g}s")
                 return
-            time.sleep(0.05)
         threads: list[threading.Thread] = []
         idle_since = time.monotonic()
         while transport.is_active():
@@ -620,8 +764,15 @@ class Connection(paramiko.ServerInterface):
                 if time.monotonic() > deadline:
                     self.note("dropped: session without a command")
                     return
-            rc = self._run_forced_command(sess)
-            self.note(f"{(sess.command or '(no command)')[:120]!r} exit {rc}")
+            if self.fault is not None:
+                # Never the forced command: the key may be gone from the store by now.
+                rc = self._answer(sess, shell.refusal_text(self.fault), self.fault.exit_code)
+            elif sess.refusal is not None:
+                rc = self._refuse_command(sess, sess.refusal)
+            else:
+                rc = self._run_forced_command(sess)
+            shown = sshcmd.redact(sess.command) if sess.command else "(no command)"
+            self.note(f"{shown[:120]!r} exit {rc}")
         except Exception as exc:  # noqa: BLE001 - report on the connection's log line
             self.note(f"session error: {type(exc).__name__}: {exc}")
         finally:
@@ -629,11 +780,32 @@ class Connection(paramiko.ServerInterface):
             with self.lock:
                 self.sessions.pop(channel.get_id(), None)
 
+    def _refuse_command(self, sess: Session, refusal: InputError) -> int:
+        """Refuse as the forced command refuses a bad command: its record, its words
+        and its exit code (a failed record refuses in the store's words instead)."""
+        assert self.key is not None and self.store is not None
+        error: GatekeeperError = refusal
+        try:
+            shell.audit_bad_command(self.store, self.key, self.client_ip, sess.command, time.time())
+        except GatekeeperError as exc:
+            error = exc
+        return self._answer(sess, shell.refusal_text(error), error.exit_code)
+
+    def _answer(self, sess: Session, text: str, status: int) -> int:
+        """End a session with `text` on stderr and `status`, running nothing."""
+        channel = sess.channel
+        channel.settimeout(self.limits.stall_timeout)
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            channel.sendall_stderr(text.encode("utf-8", "surrogateescape"))
+            channel.shutdown_write()
+            channel.send_exit_status(status)
+        return status
+
     def _child_env(self, sess: Session) -> dict[str, str]:
         assert self.transport is not None
         server_ip, server_port = self.sock.getsockname()[:2]
         env = {
-            "PATH": SAFE_PATH,
+            "PATH": shell.SAFE_PATH,
             "HOME": os.environ.get("HOME", "/"),
             "SSH_CONNECTION": f"{self.peer[0]} {self.peer[1]} {server_ip} {server_port}",
             "GATEKEEPER_CONFIG": str(self.server.config_path),
@@ -658,6 +830,9 @@ class Connection(paramiko.ServerInterface):
             "gatekeeper.shell",
             "--config",
             str(self.server.config_path),
+            # The port this client connected to, for the commands the messages show.
+            "--port",
+            str(self.sock.getsockname()[1]),
             str(self.key.id),
         ]
         child = subprocess.Popen(
@@ -679,9 +854,13 @@ class Connection(paramiko.ServerInterface):
             with contextlib.suppress(OSError):
                 os.killpg(child.pid, signal.SIGKILL)
 
+        send: Callable[[bytes], None] = channel.sendall
+        send_stderr: Callable[[bytes], None] = channel.sendall_stderr
+        if sess.pty:
+            send, send_stderr = _crlf(send), _crlf(send_stderr)
         pumps = [
-            _thread(_pump_out, child.stdout, channel.sendall, kill),
-            _thread(_pump_out, child.stderr, channel.sendall_stderr, kill),
+            _thread(_pump_out, child.stdout, send, kill),
+            _thread(_pump_out, child.stderr, send_stderr, kill),
         ]
         feeder = _thread(_pump_in, channel, child.stdin, kill)
         transport = self.transport
@@ -730,6 +909,15 @@ def _thread(target: Callable[..., None], *args: Any) -> threading.Thread:
     return t
 
 
+def _crlf(send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """`send` with the line ends a terminal in raw mode shows as lines."""
+
+    def crlf(data: bytes) -> None:
+        send(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+    return crlf
+
+
 def _pump_out(source: IO[bytes], send: Callable[[bytes], None], kill: Callable[[], None]) -> None:
     """Child stdout/stderr -> channel, one chunk at a time (send blocks on the window)."""
     fd = source.fileno()
@@ -771,6 +959,76 @@ def _pump_in(channel: paramiko.Channel, sink: IO[bytes], kill: Callable[[], None
 # -- the listener ------------------------------------------------------------------
 
 
+class RememberedKeys:
+    """The keys the store last listed, and the git account the policy last named.
+
+    When the policy or the store cannot be loaded, the owner of a key should learn that
+    the server is at fault and what to tell an administrator, not read "Permission
+    denied" as if the key were wrong. So a key remembered here may then log in (its
+    signature checked as always), only to be answered with the forced command's
+    refusal; nothing runs. Refreshed every KEYS_REFRESH_SECONDS and by every lookup; a
+    key removed while the store cannot be read stays until it can, for that refusal
+    only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._user: str | None = None
+        self._keys: dict[str, KeyRecord] = {}
+
+    def replace(self, user: str, records: list[KeyRecord]) -> None:
+        keys = {r.fingerprint: _slim(r) for r in records}
+        with self._lock:
+            self._user, self._keys = user, keys
+
+    def note(self, user: str, fingerprint: str, record: KeyRecord | None) -> None:
+        """What one lookup found (None: no such key any more)."""
+        with self._lock:
+            self._user = user
+            if record is None:
+                self._keys.pop(fingerprint, None)
+            else:
+                self._keys[fingerprint] = _slim(record)
+
+    def find(self, user: str, fingerprint: str) -> KeyRecord | None:
+        with self._lock:
+            return self._keys.get(fingerprint) if user == self._user else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+
+def _slim(record: KeyRecord) -> KeyRecord:
+    # The fingerprint stands for the key: a large site need not keep every blob.
+    return evolve(record, blob="", comment="")
+
+
+class _Throttled:
+    """Log lines about refused connections: of each kind the first at once, then at
+    most one every `every` seconds with a count of those left out, so that a flood
+    cannot fill the log."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def log(self, kind: str, line: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.every:
+                self._left_out[kind] = self._left_out.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            log.warning("%s (and %d more like it since the last such line)", line, left_out)
+        else:
+            log.warning("%s", line)
+
+
 class GatekeeperServer:
     """Listening socket, connection threads, and a clean stop."""
 
@@ -790,9 +1048,17 @@ class GatekeeperServer:
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
         self._listener: socket.socket | None = None
-        self._connections: dict[threading.Thread, Connection] = {}
         self._lock = threading.Lock()
         self._count = 0
+        # Who holds what, under `_lock`: those still logging in (by address too) and
+        # those admitted to one of the `max_connections` slots.
+        self._waiting: set[Connection] = set()
+        self._waiting_from: dict[str, int] = {}
+        self._admitted: set[Connection] = set()
+        self._refusals = _Throttled()
+        self.known = RememberedKeys()
+        self._faults_logged: set[str] = set()
+        self._fault_lock = threading.Lock()
 
     def bind(self) -> tuple[str, int]:
         """Open the listening socket; return the address actually bound."""
@@ -817,16 +1083,72 @@ class GatekeeperServer:
 
     def active(self) -> int:
         with self._lock:
-            self._connections = {t: c for t, c in self._connections.items() if t.is_alive()}
-            return len(self._connections)
+            return len(self._waiting) + len(self._admitted)
 
-    def unauthenticated_from(self, address: str) -> int:
+    def fault_seen(self, detail: str) -> None:
+        """The policy or the store cannot be loaded: tell the admin once per fault,
+        not once per connection."""
+        with self._fault_lock:
+            if detail in self._faults_logged or len(self._faults_logged) >= 20:
+                return
+            self._faults_logged.add(detail)
+        log.warning("cannot serve anyone until this is fixed (known keys are told so): %s", detail)
+
+    def fault_cleared(self) -> None:
+        with self._fault_lock:
+            if not self._faults_logged:
+                return
+            self._faults_logged.clear()
+        log.warning("the policy and the store load again: serving as usual")
+
+    def remember_keys(self) -> None:
+        """Read every key and the git account again; keep the last ones on a fault."""
+        try:
+            policy, store = shell.load(str(self.config_path), self.fault_seen, light=False)
+        except Refused:
+            return
+        try:
+            with store:
+                records = store.list_keys()
+        except GatekeeperError as exc:
+            self.fault_seen(f"listing the keys failed: {' | '.join(exc.lines())}")
+            return
+        self.known.replace(policy.server.user, records)
+        self.fault_cleared()
+
+    def _remember_keys_forever(self) -> None:
+        while not self.stopping.wait(KEYS_REFRESH_SECONDS):
+            try:
+                self.remember_keys()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("reading the keys again failed: %s: %s", type(exc).__name__, exc)
+
+    def admit(self, conn: Connection) -> bool:
+        """Move a connection that just authenticated from the waiting ones to a slot;
+        False if every slot is taken."""
         with self._lock:
-            return sum(
-                1
-                for t, c in self._connections.items()
-                if t.is_alive() and c.peer[0] == address and not c.authenticated
-            )
+            if conn in self._admitted:
+                return True
+            if len(self._admitted) >= self.limits.max_connections:
+                return False
+            self._forget_waiting(conn)
+            self._admitted.add(conn)
+        conn.admitted.set()
+        return True
+
+    def release(self, conn: Connection) -> None:
+        with self._lock:
+            self._forget_waiting(conn)
+            self._admitted.discard(conn)
+
+    def _forget_waiting(self, conn: Connection) -> None:
+        if conn in self._waiting:
+            self._waiting.discard(conn)
+            left = self._waiting_from[conn.client_ip] - 1
+            if left:
+                self._waiting_from[conn.client_ip] = left
+            else:
+                del self._waiting_from[conn.client_ip]
 
     def serve_forever(self) -> None:
         """Accept until `stop()`; then give open sessions `grace` seconds and close them."""
@@ -834,6 +1156,9 @@ class GatekeeperServer:
             self.bind()
         assert self._listener is not None
         listener = self._listener
+        threading.Thread(
+            target=self._remember_keys_forever, daemon=True, name="gatekeeper-keys"
+        ).start()
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             while not self.stopping.is_set():
@@ -841,48 +1166,63 @@ class GatekeeperServer:
                     continue
                 try:
                     sock, peer = listener.accept()
-                except OSError:
+                except OSError as exc:
+                    # Out of file descriptors, say: the backlog waits, we do not spin.
+                    self._refusals.log("accept", f"cannot accept a connection: {exc.strerror}")
+                    time.sleep(0.05)
                     continue
                 self._accept(sock, peer)
         listener.close()
         self._drain()
 
+    def _why_not(self, address: str) -> tuple[str, str] | None:
+        """Why a new connection from `address` is not served (a kind and the words), or
+        None to serve it. Called under `_lock`."""
+        limits = self.limits
+        if len(self._admitted) >= limits.max_connections:
+            return "slots", f"{limits.max_connections} connections open"
+        if self._waiting_from.get(address, 0) >= limits.per_source:
+            return (
+                "source",
+                f"{limits.per_source} connections from there are not authenticated yet",
+            )
+        waiting = len(self._waiting)
+        percent = limits.max_startups.drop_percent(waiting)
+        if percent and secrets.randbelow(100) < percent:
+            return (
+                "startups",
+                f"{waiting} connections are not authenticated yet "
+                f"(max startups {limits.max_startups})",
+            )
+        return None
+
     def _accept(self, sock: socket.socket, peer: Any) -> None:
         self._count += 1
-        if self.active() >= self.limits.max_connections:
-            log.warning(
-                "connection %d from %s:%d: refused: %d connections open",
-                self._count,
-                peer[0],
-                peer[1],
-                self.limits.max_connections,
-            )
+        address, port = str(peer[0]), int(peer[1])
+        conn = Connection(self, sock, (address, port), self._count)
+        with self._lock:
+            why = self._why_not(address)
+            if why is None:
+                self._waiting.add(conn)
+                self._waiting_from[address] = self._waiting_from.get(address, 0) + 1
+        if why is not None:
             with contextlib.suppress(OSError):
                 sock.close()
-            return
-        per_source = self.limits.max_unauthenticated_per_source
-        if per_source is None:
-            per_source = max(1, self.limits.max_connections // 2)
-        if self.unauthenticated_from(str(peer[0])) >= per_source:
-            log.warning(
-                "connection %d from %s:%d: refused: %d connections from there are "
-                "not authenticated yet",
-                self._count,
-                peer[0],
-                peer[1],
-                per_source,
+            kind, words = why
+            self._refusals.log(
+                kind, f"connection {self._count} from {address}:{port}: refused: {words}"
             )
-            with contextlib.suppress(OSError):
-                sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, (str(peer[0]), int(peer[1])), self._count)
-        t = threading.Thread(
-            target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
-        )
-        with self._lock:
-            self._connections[t] = conn
-        t.start()
+        try:
+            threading.Thread(
+                target=conn.run, daemon=True, name=f"gatekeeper-connection-{self._count}"
+            ).start()
+        except RuntimeError as exc:  # no thread to be had: this one goes, the server stays
+            self.release(conn)
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._refusals.log("threads", f"connection {self._count} from {address}:{port}: {exc}")
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.grace
@@ -914,6 +1254,18 @@ def _signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]
             signal.signal(sig, old)
 
 
+def _raise_file_limit() -> None:
+    """Take the hard limit on open files as the soft one: a waiting connection holds a
+    socket and a session three pipes more, and the usual soft limit (1024) is below
+    what the default limits allow; out of descriptors, no one could connect."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(
     policy: Policy,
     config_path: Path,
@@ -933,9 +1285,11 @@ def serve(
         # connection's own log line says what happened.
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
         logging.getLogger("paramiko").propagate = False
+    _raise_file_limit()
     state_dir = policy.server.state_dir
     # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
-    Store.open(state_dir, policy.server.store).close()
+    with Store.open(state_dir, policy.server.store) as store:
+        keys = store.list_keys()
     host_key = load_host_key(state_dir)
     server = GatekeeperServer(
         config_path.absolute(),
@@ -944,6 +1298,7 @@ def serve(
         port if port is not None else policy.server.listen_port,
         limits,
     )
+    server.known.replace(policy.server.user, keys)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server.stopping.is_set():
@@ -956,7 +1311,7 @@ def serve(
         echo(f"gatekeeper: listening on {bound_host}:{bound_port} as user {policy.server.user!r}")
         echo(f"gatekeeper: host key {key_fingerprint(host_key)} (ED25519)")
         public = policy.server
-        port_part = "" if public.port == 22 else f":{public.port}"
+        port_part = "" if bound_port == 22 else f":{bound_port}"
         echo(
             f"gatekeeper: clone with: git clone ssh://{public.user}@{public.host}{port_part}/"
             "REPOSITORY.git"

@@ -20,7 +20,7 @@ from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused,
 from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.policy import DEFAULT_CONFIG, Policy, load_policy
 from gatekeeper.record import record
-from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
+from gatekeeper.store import ConnectionFacts, HookToken, KeyRecord, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def valid_git_protocol(value: str) -> bool:
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 PREFIX = "gatekeeper: "
 HOOK_TOKEN_SECONDS = 6 * 3600  # how long the hooks accept a connection's token
+BAD_COMMAND_KEPT = 200  # characters of a refused command in its audit record
 
 
 @record
@@ -62,6 +63,9 @@ class Connection:
     key_fp: str | None = None
     """The fingerprint the authorized_keys line names beside the key id (`--key`): the key
     sshd verified. The id counts only while the store still gives it this fingerprint."""
+    port: int | None = None
+    """The port the embedded server listens on, which messages name instead of
+    `server.port` (from its command line; never from the client's environment)."""
 
 
 def client_address(ssh_connection: str) -> str:
@@ -70,12 +74,19 @@ def client_address(ssh_connection: str) -> str:
     return parts[0] if parts and len(parts[0]) <= 64 else "unknown"
 
 
+def valid_port(arg: str) -> bool:
+    return 1 <= len(arg) <= 5 and _DIGITS.issuperset(arg) and 1 <= int(arg) <= 65535
+
+
 def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     config: str | None = None
     key_fp: str | None = None
+    port: int | None = None
     args = list(argv)
     if len(args) >= 2 and args[0] == "--config":
         config, args = args[1], args[2:]
+    if len(args) >= 2 and args[0] == "--port" and valid_port(args[1]):
+        port, args = int(args[1]), args[2:]
     if len(args) >= 2 and args[0] == "--key" and args[1].startswith("SHA256:"):
         key_fp, args = args[1], args[2:]
     if len(args) != 1 or not valid_key_id(args[0]):
@@ -93,31 +104,63 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         git_protocol=protocol if protocol and valid_git_protocol(protocol) else None,
         config=pathstr.norm(config or env.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG),
         key_fp=key_fp,
+        port=port,
     )
 
 
-def load(config: str, report: Callable[[str], None] | None = None) -> tuple[Policy, Store]:
+def load(
+    config: str, report: Callable[[str], None] | None = None, *, light: bool = True
+) -> tuple[Policy, Store]:
     """Policy and store, or a refusal that names the server-side problem, not its details
-    (those go to `report`, the forced command's log by default). The hooks refuse in the same
-    words."""
+    (those go to `report`, the forced command's log by default). The hooks and the
+    embedded server refuse in the same words. `light`: see `Store.open`."""
     report = report or log
     try:
         policy = load_policy(config)
     except PolicyError as exc:
         report(f"policy error: {' | '.join(exc.lines())}")
-        raise Refused(
-            "access refused: the server's policy file is invalid or unreadable.",
-            hint="an administrator must run `gatekeeper policy check`.",
-        ) from exc
+        raise policy_refusal() from exc
     try:
-        store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
+        store = Store.open(policy.server.state_dir_str, policy.server.store, light=light)
     except StoreError as exc:
         report(f"store error: {' | '.join(exc.lines())}")
-        raise Refused(
-            "access refused: the server cannot read its 2FA state right now.",
-            hint="try again in a moment; if it persists, tell an administrator.",
-        ) from exc
+        raise store_refusal() from exc
     return policy, store
+
+
+def policy_refusal() -> Refused:
+    return Refused(
+        "access refused: the server's policy file is invalid or unreadable.",
+        hint="an administrator must run `gatekeeper policy check`.",
+    )
+
+
+def store_refusal() -> Refused:
+    return Refused(
+        "access refused: the server cannot read its 2FA state right now.",
+        hint="try again in a moment; if it persists, tell an administrator.",
+    )
+
+
+def audit_bad_command(
+    store: Store, key: KeyRecord, client: str, command: str | None, now: float
+) -> None:
+    """The record of a command `sshcmd.parse_command` refused (the embedded server
+    writes it too, for the commands it cannot hand over whole)."""
+    store.audit(
+        "access",
+        now=now,
+        user=key.user,
+        key_fp=key.fingerprint,
+        reason="bad-command",
+        client=client,
+        detail={"command": sshcmd.redact((command or "")[:BAD_COMMAND_KEPT])},
+    )
+
+
+def refusal_text(exc: GatekeeperError) -> str:
+    """What the client reads for an expected failure, on every front-end."""
+    return "".join(PREFIX + line + "\n" for line in exc.lines())
 
 
 def user_facts(facts: ConnectionFacts) -> decision.UserFacts:
@@ -138,6 +181,8 @@ def run(
 ) -> int:
     conn = parse_invocation(argv, env)
     policy, store = load(conn.config)
+    if conn.port is not None:
+        policy = policy.served_on(conn.port)
     now = time.time()
     facts = store.connection_facts(conn.key_id, now)
     if facts is None or (conn.key_fp is not None and facts.key.fingerprint != conn.key_fp):
@@ -158,15 +203,7 @@ def run(
     try:
         request = sshcmd.parse_command(conn.original_command)
     except InputError:
-        store.audit(
-            "access",
-            now=now,
-            user=facts.key.user,
-            key_fp=facts.key.fingerprint,
-            reason="bad-command",
-            client=conn.client,
-            detail={"command": sshcmd.redact((conn.original_command or "")[:200])},
-        )
+        audit_bad_command(store, facts.key, conn.client, conn.original_command, now)
         raise
     if isinstance(request, sshcmd.UserCommand):
         from gatekeeper import usercmd
@@ -376,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
         )
     except GatekeeperError as exc:
-        for line in exc.lines():
-            sys.stderr.write(PREFIX + line + "\n")
+        sys.stderr.write(refusal_text(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

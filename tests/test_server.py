@@ -9,24 +9,30 @@ that never authenticate.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import pty
 import queue
+import resource
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
+import sshd
 from conftest import GATEKEEPER, Installation, avoid_step_boundary, git, password_file_url
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
@@ -36,6 +42,12 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from test_faults import fill, tmpfs
+
+from gatekeeper import shell, sshcmd
+from gatekeeper.errors import InputError
+from gatekeeper.server import Startups
+from gatekeeper.store import DB_NAME
 
 HOST = "127.0.0.1"
 
@@ -68,7 +80,13 @@ def free_port() -> int:
 class Served:
     """A `gatekeeper serve` process for one installation."""
 
-    def __init__(self, inst: Installation, port: int, *args: str) -> None:
+    def __init__(
+        self,
+        inst: Installation,
+        port: int,
+        *args: str,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.inst = inst
         self.port = port
         self.log_path = inst.base / f"serve-{port}.log"
@@ -79,13 +97,18 @@ class Served:
             stderr=self.log_file,
             env=inst.env,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.banner = [self.line(), self.line(), self.line()]
-        assert "listening on" in self.banner[0], self.banner
-        assert "host key SHA256:" in self.banner[1], self.banner
-        assert f"git clone ssh://git@{HOST}:{port}/REPOSITORY.git" in self.banner[2]
+        try:
+            self.banner = [self.line(), self.line(), self.line()]
+            assert "listening on" in self.banner[0], self.banner
+            assert "host key SHA256:" in self.banner[1], self.banner
+            assert f"@{HOST}:{port}/REPOSITORY.git" in self.banner[2], self.banner
+        except BaseException:
+            self.stop()  # no test holds it yet: do not leave it running
+            raise
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -373,7 +396,7 @@ def test_refused_user_sees_the_refusal_text(site: Site, tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert (
-        "gatekeeper: repository 'project' not found, or you do not have access to it."
+        "gatekeeper: repository 'project.git' not found, or you do not have access to it."
         in result.stderr
     )
     assert not (tmp_path / "x").exists()
@@ -414,14 +437,14 @@ def test_unknown_key_and_wrong_login_are_refused(site: Site, tmp_path: Path) -> 
     site.server.wait_log("unknown key SHA256:")
 
 
-def test_no_command_prints_the_info_text_and_pty_is_refused(site: Site) -> None:
+def test_no_command_prints_the_info_text_without_a_pty_warning(site: Site) -> None:
     result = site.ssh("alice", extra=("-T",))
     assert result.returncode == 0, result.stderr
     assert "alice" in result.stdout
     assert "project" in result.stdout
 
-    # From a terminal, as a person types `ssh git@HOST`: the pty is refused, the
-    # session still runs (without a terminal) and prints the same text.
+    # From a terminal, as a person types `ssh git@HOST`: the pty is granted in name
+    # only (none is made) and the same text arrives, in lines a raw terminal shows.
     primary, secondary = pty.openpty()
     argv = ssh_argv(site.keys["alice"], site.port, f"git@{HOST}")
     proc = subprocess.Popen(
@@ -443,9 +466,9 @@ def test_no_command_prints_the_info_text_and_pty_is_refused(site: Site) -> None:
         os.close(primary)
     text = output.decode(errors="replace")
     assert status == 0, text
-    assert "PTY allocation request failed" in text
+    assert "PTY allocation request failed" not in text
     assert "alice" in text and "project" in text
-    site.server.wait_log("pty refused")
+    assert "\r\n" in text and "\r\r\n" not in text
 
 
 def test_subsystems_forwarding_and_other_environment_are_refused(site: Site) -> None:
@@ -459,7 +482,6 @@ def test_subsystems_forwarding_and_other_environment_are_refused(site: Site) -> 
             t.request_port_forward("127.0.0.1", 0)
         # paramiko closes a channel whose request failed: one channel per refusal.
         refusals = [
-            lambda c: c.get_pty(),
             lambda c: c.invoke_subsystem("sftp"),
             lambda c: c.request_x11(),
         ]
@@ -476,7 +498,7 @@ def test_subsystems_forwarding_and_other_environment_are_refused(site: Site) -> 
     finally:
         t.close()
     log = site.server.wait_log("subsystem sftp refused")
-    assert "port forwarding refused" in log and "pty refused" in log
+    assert "port forwarding refused" in log
 
 
 def test_the_forced_command_gets_a_clean_environment(site: Site) -> None:
@@ -493,6 +515,110 @@ def test_the_forced_command_gets_a_clean_environment(site: Site) -> None:
     assert b"not found, or you do not have access" in err
     record = site.inst.audit(event="access", user="alice")[-1]
     assert record["client"] == HOST
+
+
+# -- the same words as the forced command ------------------------------------------------
+
+
+def refusal_of(command: str) -> str:
+    """What the forced command prints for `command` when its parser refuses it."""
+    with pytest.raises(InputError) as refused:
+        sshcmd.parse_command(command)
+    return shell.refusal_text(refused.value)
+
+
+def test_a_nul_in_a_command_is_refused_in_the_forced_commands_words(site: Site) -> None:
+    """No environment variable can carry a NUL to the forced command; the server says
+    what the forced command says of such a command, exits as it does and records it
+    the same way (OpenSSH's sshd drops the connection instead)."""
+    commands = ["info\0", "git-upload-pack 'project.git'\0; touch x", "\0" + "y" * 2000]
+    c = HandCrafted(site.port)
+    try:
+        assert c.request(site.pkey("alice"), signer=site.pkey("alice")) == MSG_USERAUTH_SUCCESS
+        answers = [c.run(command) for command in commands]
+    finally:
+        c.close()
+    for command, (out, err, status) in zip(commands, answers, strict=True):
+        assert (out, err, status) == ("", refusal_of(command), 2)
+    assert "it contains control characters (newline, NUL, escape...)." in answers[0][1]
+    assert "longer than 1024 characters" in answers[2][1]
+    records = site.inst.audit(event="access", user="alice")
+    assert [(r["reason"], json.loads(r["detail"])["command"]) for r in records] == [
+        ("bad-command", command[:200]) for command in commands
+    ]
+    assert records[0]["key_fp"] and records[0]["client"] == HOST
+
+
+def test_a_long_command_is_refused_as_the_forced_command_refuses_it(site: Site) -> None:
+    """Over 4096 bytes the server keeps only what the audit record keeps and answers
+    itself; up to there the forced command answers. Either way the same lines and exit
+    code as the forced command run by hand, and all blanks is still `info`."""
+    alice = site.key_ids["alice"]
+    for command in ["x" * 1025, "x" * 5000, "\U0001f600" * 1024, "\U0001f600" * 1025]:
+        through_serve = site.ssh("alice", command)
+        by_hand = site.inst.shell(alice, command)
+        assert (through_serve.returncode, through_serve.stderr) == (
+            by_hand.returncode,
+            by_hand.stderr,
+        ), command[:20]
+        assert through_serve.stderr.startswith("gatekeeper: "), through_serve.stderr
+    blanks = site.ssh("alice", " " * 5000)
+    assert blanks.returncode == 0 and "alice" in blanks.stdout, blanks.stderr
+    assert site.server.proc.poll() is None
+
+
+def test_a_packet_longer_than_openssh_takes_is_refused_before_it_is_read(site: Site) -> None:
+    with socket.create_connection((HOST, site.port), timeout=10) as raw:
+        assert raw.recv(256).startswith(b"SSH-2.0-")
+        raw.sendall(b"SSH-2.0-client\r\n")
+        # An unencrypted packet that says it is 64 MiB long (a multiple of the block size).
+        raw.sendall(struct.pack(">I", 64 * 1024 * 1024 + 4) + b"\0" * 4)
+        start = time.monotonic()
+        with contextlib.suppress(OSError):
+            while raw.recv(65536):
+                pass
+        assert time.monotonic() - start < 2.5
+    site.server.wait_log("a packet of 67108864 bytes (at most 262144)")
+
+
+@pytest.mark.sshd
+def test_sshd_and_serve_refuse_a_bad_command_in_the_same_words(tmp_path: Path) -> None:
+    """The same commands through OpenSSH's sshd (authorized_keys and the forced
+    command) and through `gatekeeper serve`, with the real ssh client: the same
+    gatekeeper lines, the same exit code, the same audit records."""
+    user = sshd.current_user()
+    port = free_port()
+    inst = Installation(tmp_path / "gk", POLICY, host=HOST, port=port, user=user).init()
+    key, _ = inst.add_user("alice")
+    inst.repo("project")
+    authorized = inst.base / "authorized_keys"
+    inst.gk("authorized-keys", "--write", str(authorized))
+    commands = [
+        "x" * 1025,
+        "x" * 5000,
+        "\U0001f600" * 1025,
+        "git-upload-pack '" + "a" * 100_000 + "'",
+        "git-upload-pack 'project.git'; touch x",
+        "git-upload-pack 'project.git' extra",
+    ]
+    served = Served(inst, port)
+    try:
+        with sshd.SshServer(authorized_keys_file=authorized, tmp_dir=tmp_path) as server:
+            client = server.client(key)
+            for command in commands:
+                through_sshd = client.run(command)
+                through_serve = run(ssh_argv(key, port, f"{user}@{HOST}", command))
+                assert through_sshd.stderr.startswith("gatekeeper: "), through_sshd.stderr
+                assert (through_serve.returncode, through_serve.stderr) == (
+                    through_sshd.returncode,
+                    through_sshd.stderr,
+                ), command[:40]
+    finally:
+        assert served.stop() == 0
+    records = [
+        (r["reason"], json.loads(r["detail"])["command"]) for r in inst.audit(event="access")
+    ]
+    assert records == [("bad-command", c[:200]) for c in commands for _ in ("sshd", "serve")]
 
 
 # -- identity only from a verified signature --------------------------------------------
@@ -803,21 +929,156 @@ def test_silent_clients_do_not_stall_others(site: Site) -> None:
             s.close()
 
 
-def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
-    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+def silent_connection(port: int, source: str = HOST) -> socket.socket:
+    """A TCP connection from `source` (any 127.x.y.z address is this host) that never
+    says a word, once the server has sent its banner (so it is being served)."""
+    raw = socket.socket()
+    try:
+        raw.bind((source, 0))
+        raw.connect((HOST, port))
+        raw.settimeout(10)
+        assert raw.recv(256).startswith(b"SSH-2.0-"), f"{source}: refused at once"
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+def is_open(raw: socket.socket) -> bool:
+    """Whether the server still holds this connection (nothing to read, no EOF)."""
+    raw.setblocking(False)
+    try:
+        return raw.recv(4096) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        raw.setblocking(True)
+
+
+def closed_after(raw: socket.socket, since: float, timeout: float = 30) -> float:
+    """Seconds from `since` until the server closed `raw`."""
+    raw.settimeout(timeout)
+    with contextlib.suppress(OSError):
+        while raw.recv(4096):
+            pass
+    return time.monotonic() - since
+
+
+def test_a_hundred_silent_addresses_do_not_keep_members_from_cloning(tmp_path: Path) -> None:
+    """The flood from issue 20: a hundred TCP connections from a hundred addresses that
+    never say a word. With the default limits every clone and ls-remote made while they
+    are held works at the first try, and each silent one is closed once its login grace
+    time (here 15 s) is over."""
+    site = Site(tmp_path / "gk", "", "--auth-timeout", "15")
+    silent: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        silent = [silent_connection(site.port, f"127.0.0.{i + 2}") for i in range(100)]
+        env = site.env("alice")
+        failures = []
+        for i in range(4):
+            cloned = run(
+                ["git", "clone", url(site.port, "project"), str(tmp_path / f"c{i}")], env=env
+            )
+            listed = run(["git", "ls-remote", url(site.port, "project")], env=env)
+            failures += [r.stderr for r in (cloned, listed) if r.returncode != 0]
+        assert failures == [], failures
+        assert all(is_open(raw) for raw in silent), "the flood was not held throughout"
+        waits = [closed_after(raw, opened) for raw in silent]
+        assert 14.5 < min(waits) and max(waits) < 19, (min(waits), max(waits))
+        site.server.wait_log("dropped: no authentication within 15s")
+    finally:
+        for raw in silent:
+            raw.close()
+        assert site.server.stop() == 0
+
+
+def test_past_max_startups_new_connections_are_dropped_but_logged_in_ones_never_count(
+    tmp_path: Path,
+) -> None:
+    """`--max-startups 2` (2:100:2): two connections that have not logged in make the
+    server drop every new one; any number that have logged in do not."""
+    site = Site(tmp_path / "gk", "", "--max-startups", "2", "--auth-timeout", "5")
     held: list[Any] = []
     try:
+        for _ in range(3):
+            t = connect(site.port)
+            t.auth_publickey("git", site.pkey("alice"))
+            held.append(t)
+        held += [silent_connection(site.port, f"127.0.1.{i + 1}") for i in range(2)]
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        refused = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert refused.returncode != 0
+        site.server.wait_log(
+            "refused: 2 connections are not authenticated yet (max startups 2:100:2)"
+        )
+        gone = held.pop()
+        source, port = gone.getsockname()[:2]
+        gone.close()
+        site.server.wait_log(f"from {source}:{port}: -")  # its one log line: the slot is free
+        result = run(["git", "ls-remote", url(site.port, "project")], env=site.env("alice"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        for h in held:
+            h.close()
+        assert site.server.stop() == 0
+
+
+def test_drop_chance_rises_from_rate_at_start_to_all_at_full() -> None:
+    """sshd's MaxStartups arithmetic, and its sshd_config spelling."""
+    startups = Startups.parse("10:30:100")
+    assert [startups.drop_percent(n) for n in (0, 9, 10, 55, 99, 100, 500)] == [
+        0,
+        0,
+        30,
+        65,
+        99,
+        100,
+        100,
+    ]
+    assert Startups.parse("5") == Startups(5, 100, 5)
+    assert str(Startups()) == "128:30:512"
+    assert (
+        Startups().drop_percent(100) == 0
+    )  # the default keeps a hundred silent ones out of the way
+    for bad in ("10:30", "a:b:c", "10:0:100", "10:101:100", "100:30:10", "0", ""):
+        with pytest.raises(ValueError):
+            Startups.parse(bad)
+
+
+def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
+    """`--max-connections` counts logged-in connections: while they are all taken a new
+    connection is closed at once, and one that was still logging in is told why."""
+    site = Site(tmp_path / "gk", "", "--max-connections", "2", "--auth-timeout", "5")
+    held: list[Any] = []
+    records: list[logging.LogRecord] = []
+    try:
+        late = connect(site.port)  # key exchange done, not logged in yet
+        held.append(late)
         for _ in range(2):
             t = connect(site.port)
             t.auth_publickey("git", site.pkey("alice"))
             held.append(t)
-        for _ in range(2):
-            raw = socket.create_connection((HOST, site.port))
-            assert raw.recv(256).startswith(b"SSH-2.0-")
-            held.append(raw)
-        with socket.create_connection((HOST, site.port), timeout=5) as fifth:
-            assert fifth.recv(256) == b""
-        site.server.wait_log("refused: 4 connections open")
+        with socket.create_connection((HOST, site.port), timeout=5) as third:
+            assert third.recv(256) == b""
+        site.server.wait_log("refused: 2 connections open")
+        capture = logging.Handler()
+        capture.emit = records.append  # type: ignore[method-assign]
+        client_log = logging.getLogger("paramiko.transport")
+        level = client_log.level
+        client_log.addHandler(capture)
+        client_log.setLevel(logging.INFO)  # paramiko logs the server's reason at INFO
+        try:
+            with pytest.raises(paramiko.SSHException):
+                late.auth_publickey("git", site.pkey("bob"))
+        finally:
+            client_log.removeHandler(capture)
+            client_log.setLevel(level)
+        said = [r.getMessage() for r in records]
+        assert any("too many connections right now" in m for m in said), said
         for h in held:
             h.close()
         time.sleep(0.5)  # the slots free up as the server notices
@@ -830,8 +1091,8 @@ def test_connections_over_the_limit_are_closed_at_once(tmp_path: Path) -> None:
 
 
 def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -> None:
-    # 4 connections at most, so at most 2 unauthenticated ones from one address.
-    site = Site(tmp_path / "gk", "", "--max-connections", "4", "--auth-timeout", "5")
+    # At most half of max startups' START from one address: 2 here.
+    site = Site(tmp_path / "gk", "", "--max-startups", "4:30:8", "--auth-timeout", "5")
     silent = []
     try:
         for _ in range(2):
@@ -841,6 +1102,8 @@ def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -
         with socket.create_connection((HOST, site.port), timeout=5) as third:
             assert third.recv(256) == b""
         site.server.wait_log("refused: 2 connections from there are not authenticated yet")
+        other = silent_connection(site.port, "127.0.2.1")  # another address is served
+        other.close()
         for raw in silent:
             raw.close()
         time.sleep(0.5)
@@ -850,6 +1113,161 @@ def test_one_address_cannot_take_every_slot_without_logging_in(tmp_path: Path) -
         for raw in silent:
             raw.close()
         assert site.server.stop() == 0
+
+
+def test_serve_lifts_its_open_files_limit_to_the_hard_one(site: Site) -> None:
+    """Started with the common soft limit of 1024 (or less), the server could not hold
+    the connections its defaults allow."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert site.server.stop() == 0
+    again = Served(
+        site.inst,
+        site.port,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    try:
+        limits = Path(f"/proc/{again.proc.pid}/limits").read_text()
+        soft = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft.split()[3] == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+    finally:
+        assert again.stop() == 0
+
+
+# -- the port users connect to -------------------------------------------------------------
+
+
+def test_messages_name_the_port_serve_listens_on_not_the_policys(tmp_path: Path) -> None:
+    """The policy says port 22 (OpenSSH's) and serve listens on another: every command
+    that a refusal, `info`, `help` or a 2fa message shows names the port served."""
+    port = free_port()
+    inst = Installation(tmp_path / "gk", POLICY, host=HOST, port=22, user="git").init()
+    keys = {name: inst.add_user(name)[0] for name in ("alice", "carol", "olga")}
+    inst.repo("project")
+    inst.repo("vault")
+    by_hand = inst.shell(inst.key_id("carol"), "git-upload-pack 'project.git'")
+    assert f"`ssh git@{HOST} info`" in by_hand.stderr  # the policy's port, for OpenSSH
+    served = Served(inst, port)
+    prefix = f"ssh -p {port} git@{HOST}"
+    try:
+        assert f"ssh://git@{HOST}:{port}/REPOSITORY.git" in served.banner[2]
+
+        def ssh(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+            return run(ssh_argv(keys[user], port, f"git@{HOST}", *command))
+
+        def clone(user: str, repo: str) -> subprocess.CompletedProcess[str]:
+            env = client_env(inst, keys[user], port)
+            return run(["git", "clone", url(port, repo), str(tmp_path / f"{user}-{repo}")], env=env)
+
+        carol = clone("carol", "project")
+        assert f"`{prefix} info` lists what you can reach" in carol.stderr, carol.stderr
+        olga = clone("olga", "vault")
+        assert f"{prefix} 2fa enroll" in olga.stderr, olga.stderr
+        info = ssh("alice", "info")
+        assert f"`{prefix} help`" in info.stdout, info.stdout
+        help_ = ssh("alice", "help")
+        assert f"{prefix} 2fa enroll" in help_.stdout, help_.stdout
+        assert f"ssh://git@{HOST}:{port}/REPOSITORY.git" in help_.stdout
+        enroll = ssh("olga", "2fa", "enroll")
+        assert f"{prefix} 2fa confirm CODE" in enroll.stdout, enroll
+        usage = ssh("alice", "2fa")
+        assert f"`{prefix} help` lists the commands" in usage.stderr, usage
+        said = [carol.stderr, olga.stderr, info.stdout, help_.stdout, enroll.stdout, usage.stderr]
+        assert not any(f"ssh git@{HOST}" in text for text in said), said
+    finally:
+        assert served.stop() == 0
+
+
+# -- a server at fault -------------------------------------------------------------------
+
+STORE_FAULT = (
+    "gatekeeper: access refused: the server cannot read its 2FA state right now.\n"
+    "gatekeeper: hint: try again in a moment; if it persists, tell an administrator.\n"
+)
+POLICY_FAULT = (
+    "gatekeeper: access refused: the server's policy file is invalid or unreadable.\n"
+    "gatekeeper: hint: an administrator must run `gatekeeper policy check`.\n"
+)
+
+
+def assert_told_the_server_is_at_fault(site: Site, words: str, tmp_path: Path) -> None:
+    """Known keys read the forced command's `words` for a command, for no command and
+    for a clone, exit 1, and nothing runs; an unknown key or another login name is
+    still denied; the admin reads about it once."""
+    info = site.ssh("alice", "info")
+    assert (info.returncode, info.stdout, info.stderr) == (1, "", words)
+    no_command = site.ssh("bob", extra=("-T",))
+    assert (no_command.returncode, no_command.stdout, no_command.stderr) == (1, "", words)
+    target = tmp_path / "fault-clone"
+    clone = run(["git", "clone", url(site.port, "project"), str(target)], env=site.env("alice"))
+    assert clone.returncode != 0 and words in clone.stderr, clone.stderr
+    assert not target.exists()
+    stranger = tmp_path / "stranger"
+    if not stranger.exists():
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True
+        )
+    denied = run(ssh_argv(stranger, site.port, f"git@{HOST}", "info"))
+    assert denied.returncode == 255 and "Permission denied (publickey)" in denied.stderr
+    wrong_login = site.ssh("alice", "info", login="alice")
+    assert wrong_login.returncode == 255 and "Permission denied" in wrong_login.stderr
+    log = site.server.wait_log("server fault: access refused")
+    assert log.count("cannot serve anyone until this is fixed") == 1, log
+    assert "exit 0" not in log.split("cannot serve anyone")[1]
+
+
+def assert_served_again(site: Site, tmp_path: Path) -> None:
+    target = tmp_path / "clone-again"
+    clone = run(["git", "clone", url(site.port, "project"), str(target)], env=site.env("alice"))
+    assert clone.returncode == 0, clone.stderr
+    site.server.wait_log("the policy and the store load again")
+
+
+def test_a_truncated_database_tells_known_keys_the_server_is_at_fault(
+    site: Site, tmp_path: Path
+) -> None:
+    """Through OpenSSH the forced command says the server cannot read its 2FA state;
+    through the embedded server a known key reads the same, not "Permission denied"."""
+    db = site.inst.state / DB_NAME
+    saved = {p: p.read_bytes() for p in site.inst.state.glob(DB_NAME + "*")}
+    by_hand = site.inst.shell(site.key_ids["alice"], "info")
+    os.truncate(db, 4096)
+    assert site.inst.shell(site.key_ids["alice"], "info").stderr == STORE_FAULT
+    assert_told_the_server_is_at_fault(site, STORE_FAULT, tmp_path)
+    for path, data in saved.items():
+        path.write_bytes(data)
+    assert site.inst.shell(site.key_ids["alice"], "info").stdout == by_hand.stdout
+    assert_served_again(site, tmp_path)
+
+
+def test_a_tab_in_the_policy_tells_known_keys_the_policy_is_invalid(
+    site: Site, tmp_path: Path
+) -> None:
+    good = site.inst.config.read_text()
+    site.inst.config.write_text(good.replace("  dev:\n", "\tdev:\n"))
+    assert site.inst.gk("policy", "check", check=False).returncode != 0
+    assert site.inst.shell(site.key_ids["alice"], "info").stderr == POLICY_FAULT
+    before = len(site.inst.audit())
+    assert_told_the_server_is_at_fault(site, POLICY_FAULT, tmp_path)
+    assert len(site.inst.audit()) == before  # nothing ran, so nothing was recorded
+    site.inst.config.write_text(good)
+    assert_served_again(site, tmp_path)
+
+
+def test_a_full_state_directory_tells_known_keys_the_server_is_at_fault(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "gk" / "state", "4m"):
+        site = Site(tmp_path / "gk", "", "--auth-timeout", "3")
+        try:
+            assert site.ssh("alice", "info").returncode == 0
+            # Once no one has the database open its write-ahead log is gone, and opening
+            # it needs room for a new one.
+            site.server.wait_log("'info' exit 0")
+            filler = fill(site.inst.state)
+            assert site.inst.shell(site.key_ids["alice"], "info").stderr == STORE_FAULT
+            assert_told_the_server_is_at_fault(site, STORE_FAULT, tmp_path)
+            filler.unlink()
+            assert_served_again(site, tmp_path)
+        finally:
+            assert site.server.stop() == 0
 
 
 def test_client_closing_early_stops_git(site: Site) -> None:

@@ -64,7 +64,21 @@ def test_ssh_connection_unknown_from_sshd_i_is_accepted(site: tuple[Installation
     assert gk.audit(event="access")[-1]["client"] == "UNKNOWN"
 
 
-@pytest.mark.parametrize("argv", [[], ["abc"], ["1", "2"], ["-1"], ["1;id"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["abc"],
+        ["1", "2"],
+        ["-1"],
+        ["1;id"],
+        ["--port", "0", "1"],
+        ["--port", "65536", "1"],
+        ["--port", "-22", "1"],
+        ["--port", "1"],
+        ["1", "--port", "22"],
+    ],
+)
 def test_a_bad_key_id_argument_is_refused(gk: Installation, argv: list[str]) -> None:
     env = {**gk.env, "SSH_CONNECTION": "127.0.0.1 1 127.0.0.1 22"}
     result = subprocess.run(
