@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from gatekeeper import report
+from gatekeeper import report, rollout, rollout_html
 from gatekeeper.cli import Context, actor, print_table, when
 from gatekeeper.errors import InputError
 from gatekeeper.sshcmd import normalize_repo_name
@@ -42,11 +42,31 @@ def _levels(levels: list[str]) -> str:
     help="List who would be refused if grace periods and report mode were taken away.",
 )
 @click.option(
+    "--detail",
+    is_flag=True,
+    help="Every team and repository rule, and each place someone misses a level.",
+)
+@click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "csv"]),
+    type=click.Choice(["table", "json", "csv", "prometheus"]),
     default="table",
     show_default=True,
+    help="prometheus: metrics for node_exporter's textfile collector.",
+)
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the rollout as one self-contained HTML page.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=rollout.REFUSAL_WINDOW_DAYS,
+    show_default=True,
+    metavar="DAYS",
+    help="How far back the refusals by reason look (HTML, JSON, prometheus).",
 )
 @click.option(
     "--fail-if-missing",
@@ -60,26 +80,38 @@ def audit_cmd(
     repo: str | None,
     missing_only: bool,
     would_refuse: bool,
+    detail: bool,
     fmt: str,
+    html_file: str | None,
+    window: int,
     fail_if_missing: bool,
 ) -> None:
     """Who has two-step verification, and who does not meet the level that applies.
 
-    Every user's 2FA state and keys; then, for each team and each repository rule
-    (checked against the repositories under the root), who misses the level that
-    applies and until when they are let through (grace date, or report mode)."""
+    By default: one line with the rollout's state, a row per user (the level that
+    applies to them, whether they meet it, their deadline) and a line per team.
+    --detail adds every repository rule and each place someone misses a level."""
     with ctx.store() as store:
         result = report.build_report(
             ctx.policy, store, team=team, repo=repo, missing_only=missing_only
         )
+        records = store.audit_records()
+    view = rollout.build_rollout(result, records, window_days=window)
+    if html_file is not None:
+        _write_page(html_file, rollout_html.page(view))
     if would_refuse:
         _show_would_refuse(result, fmt)
     elif fmt == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps({**result.to_json(), "rollout": view.to_json()}, indent=2))
     elif fmt == "csv":
-        _write_csv(report.csv_rows(result, missing_only=missing_only), report.CSV_COLUMNS)
-    else:
+        _write_csv(_rollout_csv(result, view, missing_only), ROLLOUT_CSV_COLUMNS)
+    elif fmt == "prometheus":
+        click.echo(rollout.prometheus_text(view), nl=False)
+    elif detail:
+        click.echo(view.summary() + "\n")
         _show_report(result)
+    else:
+        click.echo(rollout.text(view), nl=False)
     missing = result.missing_users
     if fail_if_missing and missing:
         click.echo(
@@ -88,6 +120,47 @@ def audit_cmd(
             err=True,
         )
         sys.exit(1)
+
+
+ROLLOUT_CSV_COLUMNS = (*report.CSV_COLUMNS, "applies", "meets", "deadline", "days_left")
+
+
+def _rollout_csv(
+    result: report.Report, view: rollout.Rollout, missing_only: bool
+) -> list[dict[str, Any]]:
+    """The detail rows, each with its user's rollout columns."""
+    by_user = {u.user: u for u in view.users}
+    rows = report.csv_rows(result, missing_only=missing_only)
+    for row in rows:
+        u = by_user[row["user"]]
+        left = u.days_left(view.today)
+        row.update(
+            applies=u.level,
+            meets="yes" if u.meets else "no",
+            deadline=u.deadline.isoformat() if u.deadline else "",
+            days_left="" if left is None else left,
+        )
+    return rows
+
+
+def _write_page(path: str, text: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise InputError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            hint="choose a file in a directory you can write.",
+        ) from exc
+    click.echo(f"wrote {path}", err=True)
 
 
 def _write_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
@@ -381,6 +454,20 @@ def log_prune(ctx: Context, before: str, force: bool) -> None:
         f"pruned {removed} record(s) before {cutoff}; the log verifies on from "
         f"the anchor at record {anchor[0]}"
     )
+
+
+@log_cmd.command("export")
+@click.argument("target", metavar="FILE.db", type=click.Path(dir_okay=False))
+@click.pass_obj
+def log_export(ctx: Context, target: str) -> None:
+    """Write the audit log, users, keys and 2FA state (no secrets) to a new SQLite
+    file, with indexes and full-text search, for sqlite-utils or Datasette."""
+    from gatekeeper import export
+
+    with ctx.store() as store:
+        counts = export.export(store, target)
+    shown = ", ".join(f"{n} {table}" for table, n in counts.items())
+    click.echo(f"exported {shown} to {target}")
 
 
 def register(group: click.Group) -> None:

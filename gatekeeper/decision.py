@@ -266,5 +266,27 @@ def soft_warning(
     assert req.grace_until is not None
     return (
         f"warning: '{repo}' needs {req.level} two-step verification ({req.source}); "
-        f"allowed until {req.grace_until.isoformat()} (grace period), refused after. To fix: {fix}"
+        f"allowed until {req.grace_until.isoformat()} (grace period, {days_left(req, now)}), "
+        f"refused after. To fix: {fix}"
     )
+
+
+def days_left(req: Requirement, now: datetime) -> str:
+    """`14 days left`, `last day`: what remains of a grace period, counting today."""
+    assert req.grace_until is not None
+    days = (req.grace_until - now.astimezone(timezone.utc).date()).days
+    return "last day" if days <= 0 else f"{days} day{'s' if days != 1 else ''} left"
+
+
+def deadline_note(policy: Policy, verdict: Decision, facts: UserFacts, now: datetime) -> str:
+    """For a soft allow, what `info` says instead of "ok": until when (with the days
+    left) or that it is only reported, and the one command that fixes it."""
+    unmet = [r for r in verdict.requirements if not r.met]
+    graced = [r for r in unmet if not r.soft and r.grace_until is not None]
+    fix = fix_command(policy, facts, strictest([r.level for r in unmet]), now)
+    if graced:
+        first = min(graced, key=lambda r: r.grace_until or now.date())
+        assert first.grace_until is not None
+        until = f"ok until {first.grace_until.isoformat()} ({days_left(first, now)})"
+        return f"{until}; then refused. {fix[0].upper()}{fix[1:]}"
+    return f"ok (report mode: would be refused). {fix[0].upper()}{fix[1:]}"

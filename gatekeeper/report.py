@@ -131,6 +131,13 @@ class UserLine:
     recovery_codes_left: int
     facts: UserFacts
     shortfalls: list[Shortfall] = field(default_factory=list)
+    levels: list[str] = field(default_factory=list)
+    """The level of every team and repository through which the user reaches anything."""
+
+    @property
+    def level(self) -> str:
+        """The strictest level that applies to the user anywhere."""
+        return decision.strictest(self.levels)
 
     @property
     def missing(self) -> list[str]:
@@ -475,6 +482,7 @@ def build_report(
                 found = access[key]
                 if found is None:
                     continue
+                users[user].levels.append(found.actual.level)
                 who.append(user)
                 short = _shortfall(
                     found.actual, found.strict, users[user], "rule", rule.match, name
@@ -518,6 +526,7 @@ def build_report(
         shortfalls = []
         for m in members:
             actual, hard = _team_decisions(policy, strict, t, users[m].facts, moment)
+            users[m].levels.append(actual.level)
             short = _shortfall(actual, hard, users[m], "team", t.name, None)
             if short is not None:
                 shortfalls.append(short)

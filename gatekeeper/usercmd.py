@@ -224,11 +224,14 @@ def info_text(policy: Policy, store: Store, facts: ConnectionFacts) -> str:
             continue
         write = decision.decide(policy, ufacts, repo, "write", now)
         can_write = write.reason != decision.NOT_AUTHORIZED
-        level = write.level if can_write else read.level
-        ok = (write if can_write else read).allowed
-        note = "ok" if ok else "needs " + level
-        if (write if can_write else read).would_refuse:
-            note = "ok for now (" + (write if can_write else read).reason + ")"
+        verdict = write if can_write else read
+        level = verdict.level
+        if verdict.would_refuse:
+            note = decision.deadline_note(policy, verdict, ufacts, now)
+        elif verdict.allowed:
+            note = "ok"
+        else:
+            note = f"needs {level}: " + decision.fix_command(policy, ufacts, level, now)
         rows.append((repo, "read/write" if can_write else "read", level, note))
     if rows:
         width = max(len(r[0]) for r in rows)

@@ -41,6 +41,9 @@ fi
 if ! have shellcheck; then
     missing+=(shellcheck) # tests/test_install.py lints scripts/install.sh
 fi
+if ! have chromium && ! have chromium-browser; then
+    missing+=(chromium) # tests/test_rollout.py renders the audit page in a real browser
+fi
 if ! have_postgres_server; then
     # The tests run their own clusters (initdb in a temporary directory, a free port); the
     # package's default cluster, if it makes and starts one, is never used.
@@ -63,7 +66,8 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     else
         note "missing: ${missing[*]} (install them as root, e.g. with apt-get)."
         note "without sshd the end-to-end tests are skipped (they fail when CI=true);"
-        note "without PostgreSQL the postgres tests are skipped (they fail when CI=true)."
+        note "without PostgreSQL the postgres tests are skipped (they fail when CI=true);"
+        note "without Chromium the HTML page's test is skipped (it fails when CI=true)."
     fi
 fi
 
