@@ -376,18 +376,23 @@ def log_cmd(
 
 
 def _check_code(store: Store, column: str, value: str) -> None:
-    """Refuse a reason or event the log has never held, naming those it has: an empty
-    table for a misspelt code would read as "nothing happened"."""
+    """Refuse a reason or event that gatekeeper never writes and the log has never held,
+    naming those that exist: an empty table for a misspelt code would read as "nothing
+    happened"."""
+    from gatekeeper import codes
+
+    catalog = codes.REASONS if column == "reason" else codes.EVENTS
     known = store.audit_values(column)
-    if value in known:
+    if value in known or value in catalog:
         return
+    known = sorted({*known, *catalog})
     import difflib
 
     close = difflib.get_close_matches(value, known, n=1)
     maybe = f" Did you mean '{close[0]}'?" if close else ""
     raise InputError(
-        f"no record in the log has {column} '{value}'.{maybe}",
-        hint=f"{column}s in the log: {', '.join(known) or 'none yet'}.",
+        f"there is no {column} '{value}'.{maybe}",
+        hint=f"{column}s: {', '.join(known)}.",
     )
 
 

@@ -49,7 +49,7 @@ def test_a_misspelt_reason_is_named_not_an_empty_table(gk: Installation) -> None
     gk.shell(key, "git-receive-pack 'platform/api'")
     result = gk.gk("log", "--reason", "not-authorised", check=False)
     assert result.returncode == 2
-    assert "no record in the log has reason 'not-authorised'" in result.stderr
+    assert "there is no reason 'not-authorised'" in result.stderr
     assert "Did you mean 'not-authorized'?" in result.stderr
     assert "not-authorized" in result.stderr.split("hint:", 1)[1]
     assert gk.gk("log", "--event", "acess", check=False).returncode == 2
@@ -90,3 +90,25 @@ def test_no_code_reaches_the_audit_log_whatever_was_typed(gk: Installation) -> N
     text = json.dumps(gk.audit())
     assert code not in text
     assert code[:3] + " " + code[3:] not in text
+
+
+def test_every_code_the_source_writes_is_in_the_catalog() -> None:
+    """`log --reason/--event` check filters against gatekeeper.codes: a code written
+    somewhere but missing there would be refused as a typo."""
+    import re
+    from pathlib import Path
+
+    from gatekeeper import codes
+
+    package = Path(codes.__file__).parent
+    source = "\n".join(p.read_text() for p in package.glob("*.py"))
+    calls = r'(?:_append_audit|\.audit|audit_many|audit_with_token)\(\s*"([a-z0-9-]+)"'
+    events = set(re.findall(calls, source)) | set(re.findall(r'"event": "([a-z0-9-]+)"', source))
+    assert events and events <= set(codes.EVENTS), events - set(codes.EVENTS)
+    # Reason codes: given as reason="..." or as the constants of the decision and hooks.
+    reasons = set(re.findall(r'reason="([a-z0-9-]+)"', source))
+    for module in ("decision.py", "hooks.py"):
+        text = (package / module).read_text()
+        reasons |= set(re.findall(r'^[A-Z_]+ = "([a-z0-9]+(?:-[a-z0-9]+)*)"$', text, re.M))
+    reasons -= {"pre-receive", "pre-receive.tmpl", "none", "read", "write"}
+    assert reasons <= set(codes.REASONS), reasons - set(codes.REASONS)

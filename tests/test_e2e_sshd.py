@@ -277,7 +277,7 @@ def test_grace_and_report_modes_allow_with_a_warning(tmp_path: Path) -> None:
     for site in start_site(tmp_path, "authorized-keys", GRACE_POLICY):
         rc, err = site.clone("bob", "platform/api", tmp_path / "b")
         assert rc == 0, err
-        assert "allowed until 2999-12-31 (grace period)" in err and "2fa enroll" in err
+        assert "allowed until 2999-12-31 (grace period, " in err and "2fa enroll" in err
         rc, err = site.clone("carol", "platform/api", tmp_path / "c")
         assert rc == 0, err
         assert "would be refused" in err

@@ -251,7 +251,7 @@ def test_csv_says_the_same_as_json(site: Installation) -> None:
 
 
 def test_the_table_says_the_same_as_json(site: Installation) -> None:
-    sections = table_sections(site.gk("audit").stdout)
+    sections = table_sections(site.gk("audit", "--detail").stdout)
     users = {r["user"]: r for r in sections["users"]}
     assert {n: r["2fa"] for n, r in users.items()} == STATES
     assert users["alice"]["keys"] == "2" and users["alice"]["verified_until"] != "-"
@@ -276,7 +276,8 @@ def test_the_table_says_the_same_as_json(site: Installation) -> None:
         for r in sections["not meeting the level that applies"]
     }
     assert table == EXPECTED
-    assert "note: team 'contractors' lists 'ghost', who is not a user" in site.gk("audit").stdout
+    detail = site.gk("audit", "--detail").stdout
+    assert "note: team 'contractors' lists 'ghost', who is not a user" in detail
 
 
 # -- filters ---------------------------------------------------------------------------
@@ -425,6 +426,8 @@ def test_an_empty_installation_reports_nothing_missing(tmp_path: Path) -> None:
     gk = Installation(tmp_path / "gk", "teams: {}\n").init()
     data = audit_json(gk, "--fail-if-missing")
     assert data["users"] == [] and data["missing_users"] == []
-    table = gk.gk("audit").stdout
+    assert gk.gk("audit").stdout.startswith("2FA rollout: 0 of 0 users meet their level")
+    table = gk.gk("audit", "--detail").stdout
     assert "not meeting the level that applies (0 user(s), 0 place(s))" in table
-    assert gk.gk("audit", "--format", "csv").stdout.splitlines() == [",".join(CSV_COLUMNS)]
+    csv = gk.gk("audit", "--format", "csv").stdout.splitlines()
+    assert csv == [",".join((*CSV_COLUMNS, "applies", "meets", "deadline", "days_left"))]
