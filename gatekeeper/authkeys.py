@@ -61,16 +61,25 @@ def valid_fingerprint(value: str) -> bool:
     return entry_name(value) is not None
 
 
+FACTORS = ("touch", "touch+pin")
+
+
 def forced_command(
     key_id: int,
     config: str | Path,
     shell: str | Path | None = None,
     fingerprint: str | None = None,
+    factor: str | None = None,
 ) -> str:
-    """`command="gatekeeper-shell --config CONFIG [--key FP] KEY_ID",restrict`. With the
-    fingerprint, the forced command accepts the key id only while it still names that
-    key: a line left behind for a removed key can never act as another key whose row
-    took its id."""
+    """`command="gatekeeper-shell --config CONFIG [--key FP] [--factor F] KEY_ID",restrict`.
+
+    With the fingerprint, the forced command accepts the key id only while it still
+    names that key: a line left behind for a removed key can never act as another key
+    whose row took its id. With a factor (a security key's), the line also carries the
+    options that make sshd enforce it: sshd asks a security key for a touch unless told
+    `no-touch-required`, which gatekeeper never writes, and for the PIN with
+    `verify-required`; `--factor` tells the forced command what sshd enforced for this
+    very line, so a line written before a key's flags changed can never claim more."""
     shell = shell or shell_path()
     for value in (str(shell), str(config)):
         if not _safe_path(value):
@@ -78,12 +87,19 @@ def forced_command(
                 f"refusing to write {value!r} into authorized_keys: unsafe characters.",
                 hint="install gatekeeper and its config under paths of letters, digits, ./_+-",
             )
-    key = ""
+    args = ""
     if fingerprint is not None:
         if not valid_fingerprint(fingerprint):
             raise InputError(f"refusing to write a malformed fingerprint (key id {key_id}).")
-        key = f" --key {fingerprint}"
-    return f'command="{shell} --config {config}{key} {int(key_id)}",restrict'
+        args += f" --key {fingerprint}"
+    options = "restrict"
+    if factor is not None:
+        if factor not in FACTORS:
+            raise InputError(f"refusing to write an unknown factor {factor!r} (key id {key_id}).")
+        args += f" --factor {factor}"
+        if factor == "touch+pin":
+            options += ",verify-required"
+    return f'command="{shell} --config {config}{args} {int(key_id)}",{options}'
 
 
 def key_line(
@@ -93,10 +109,12 @@ def key_line(
     config: str | Path,
     shell: str | Path | None = None,
     fingerprint: str | None = None,
+    factor: str | None = None,
 ) -> str:
     if not _key_type_ok(key_type) or not _blob_ok(blob_b64):
         raise InputError(f"refusing to write a malformed key (id {key_id}) into authorized_keys.")
-    return f"{forced_command(key_id, config, shell, fingerprint)} {key_type} {blob_b64}"
+    command = forced_command(key_id, config, shell, fingerprint, factor)
+    return f"{command} {key_type} {blob_b64}"
 
 
 def render_block(lines: list[str]) -> str:
@@ -224,7 +242,7 @@ def lookup_line(argv: list[str]) -> str | None:
         found = keyindex.read_entry(state_dir, fingerprint)
         if found is None or (key is not None and key.key_type != found[1]):
             return None
-        return key_line(found[0], found[1], found[2], config, fingerprint=fingerprint)
+        return key_line(*found[:3], config, fingerprint=fingerprint, factor=found[3])
     if login != policy.server.user:
         return None
     found = keyindex.read_entry(policy.server.state_dir_str, fingerprint)
@@ -232,15 +250,19 @@ def lookup_line(argv: list[str]) -> str | None:
         found = _from_store(policy.server.state_dir_str, policy.server.store, fingerprint)
     if found is None or (key is not None and key.key_type != found[1]):
         return None
-    return key_line(found[0], found[1], found[2], config, fingerprint=fingerprint)
+    return key_line(*found[:3], config, fingerprint=fingerprint, factor=found[3])
 
 
-def _from_store(state_dir: str, url: str, fingerprint: str) -> tuple[int, str, str] | None:
+def _from_store(
+    state_dir: str, url: str, fingerprint: str
+) -> tuple[int, str, str, str | None] | None:
     from gatekeeper.store import Store
 
     with Store.open(state_dir, url, light=True, readonly=True) as store:
         record = store.key_by_fingerprint(fingerprint)
-    return (record.id, record.key_type, record.blob) if record is not None else None
+    if record is None:
+        return None
+    return record.id, record.key_type, record.blob, record.factor
 
 
 def fallback_state_dir(config: str) -> str | None:

@@ -264,11 +264,28 @@ def key() -> None:
     type=click.Path(path_type=Path),
     help="Also refresh this authorized_keys file.",
 )
+@click.option(
+    "--verify-required",
+    is_flag=True,
+    help="A security key that must prove its PIN (user verification) on every use.",
+)
+@click.option("--no-touch-required", is_flag=True, hidden=True)
 @pass_ctx
-def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | None) -> None:
-    """Register the public key in FILE (or stdin) for USER; prints its fingerprint."""
-    from gatekeeper.sshkeys import parse_public_key
+def key_add(
+    ctx: Context,
+    user_name: str,
+    source: Any,
+    authorized_keys: Path | None,
+    verify_required: bool,
+    no_touch_required: bool,
+) -> None:
+    """Register the public key in FILE (or stdin) for USER; prints its fingerprint.
+    A security key (sk-ssh-ed25519, sk-ecdsa) needs a touch on every connection;
+    --verify-required makes it need its PIN too."""
+    from gatekeeper.sshkeys import parse_public_key, refuse_no_touch
 
+    if no_touch_required:
+        refuse_no_touch()
     text = source.read(64 * 1024)
     parsed = parse_public_key(text)
     with ctx.store() as store:
@@ -280,6 +297,7 @@ def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | N
             parsed.bits,
             parsed.comment,
             actor=actor(),
+            verify_required=verify_required,
         )
         if authorized_keys:
             refresh_authorized_keys(ctx, store, authorized_keys)
@@ -301,12 +319,14 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
             "fingerprint": k.fingerprint,
             "type": k.key_type,
             "bits": k.bits,
+            "security_key": k.factor or ("-" if not as_json else None),
             "comment": k.comment,
             "added": k.added_at if as_json else when(k.added_at),
         }
         for k in keys
     ]
-    emit(rows, ("id", "user", "fingerprint", "type", "bits", "added", "comment"), as_json)
+    columns = ("id", "user", "fingerprint", "type", "bits", "security_key", "added", "comment")
+    emit(rows, columns, as_json)
 
 
 @key.command("remove")
@@ -329,7 +349,9 @@ def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> 
 
 def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
     return [
-        authkeys.key_line(k.id, k.key_type, k.blob, ctx.config, fingerprint=k.fingerprint)
+        authkeys.key_line(
+            k.id, k.key_type, k.blob, ctx.config, fingerprint=k.fingerprint, factor=k.factor
+        )
         for k in store.list_keys()
     ]
 

@@ -23,6 +23,7 @@ EVENTS = (
     "2fa-unlock",
     "2fa-recovery-codes",
     "2fa-recovery-code-used",
+    "sk-counter",
     "hooks-install",
     "hooks-uninstall",
     "log-prune",
@@ -38,6 +39,8 @@ REASONS = (
     "2fa-not-enrolled",
     "2fa-not-verified",
     "2fa-locked",
+    "2fa-no-security-key",
+    "2fa-no-user-verification",
     # the forced command
     "not-found",
     "unknown-key",

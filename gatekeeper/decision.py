@@ -28,7 +28,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from gatekeeper.policy import Policy
 
-LEVEL_ORDER = {"none": 0, "enrolled": 1, "verified": 2}
+LEVEL_ORDER = {"none": 0, "enrolled": 1, "verified": 2, "security-key": 3, "security-key-pin": 4}
+SECURITY_KEY_LEVELS = ("security-key", "security-key-pin")
 ACTIONS = ("read", "write")
 
 # Stable reason codes: they appear in the audit log and in scripts' JSON output.
@@ -40,6 +41,8 @@ NOT_AUTHORIZED = "not-authorized"
 NOT_ENROLLED = "2fa-not-enrolled"
 NOT_VERIFIED = "2fa-not-verified"
 LOCKED = "2fa-locked"
+NO_SECURITY_KEY = "2fa-no-security-key"
+NO_USER_VERIFICATION = "2fa-no-user-verification"
 
 
 @record
@@ -52,6 +55,9 @@ class UserFacts:
     verified_until: datetime | None = None
     """End of the verified session for *this* key, if one was ever opened."""
     locked_until: datetime | None = None
+    factor: str | None = None
+    """What this connection's key proved by itself: `touch` or `touch+pin` for a
+    security key (enforced by sshd or the embedded server), None otherwise."""
 
     def verified(self, now: datetime) -> bool:
         return self.enrolled and self.verified_until is not None and now < self.verified_until
@@ -60,11 +66,26 @@ class UserFacts:
         return self.locked_until is not None and now < self.locked_until
 
     def meets(self, level: str, now: datetime) -> bool:
+        """A touch on every connection is a fresh second factor of its own, so it meets
+        `enrolled` and `verified` too; TOTP never meets a security-key level."""
+        if level == "security-key-pin":
+            return self.factor == "touch+pin"
+        if level == "security-key":
+            return self.factor is not None
         if level == "verified":
-            return self.verified(now)
+            return self.factor is not None or self.verified(now)
         if level == "enrolled":
-            return self.enrolled
+            return self.factor is not None or self.enrolled
         return True
+
+    def met_by(self, level: str, now: datetime) -> str | None:
+        """Which factor meets `level` on this connection: `touch`, `touch+pin`,
+        `totp-session`, `totp`, or None (nothing is needed, or it is not met)."""
+        if level == "none" or not self.meets(level, now):
+            return None
+        if self.factor is not None:
+            return self.factor
+        return "totp-session" if level == "verified" else "totp"
 
 
 @record
@@ -200,9 +221,19 @@ def not_found_message(policy: Policy, repo: str) -> tuple[str, ...]:
     )
 
 
+SECURITY_KEY_HOWTO = "ssh-keygen -t ed25519-sk -O verify-required"
+
+
 def fix_command(policy: Policy, facts: UserFacts, level: str, now: datetime) -> str:
     """The one thing this user should do next to meet `level`."""
     ssh = ssh_command_prefix(policy)
+    if level in SECURITY_KEY_LEVELS:
+        pin = " --verify-required" if level == "security-key-pin" else ""
+        return (
+            f"make a security key with `{SECURITY_KEY_HOWTO}` (or -t ecdsa-sk), ask an "
+            f"administrator to register its .pub file (gatekeeper key add {facts.name} "
+            f"FILE.pub{pin}), and connect with it (ssh -i ~/.ssh/id_ed25519_sk)"
+        )
     if not facts.enrolled:
         if facts.pending:
             return f"finish enrolling with the code your app shows: {ssh} 2fa confirm CODE"
@@ -217,6 +248,14 @@ def fix_command(policy: Policy, facts: UserFacts, level: str, now: datetime) -> 
     return f"check your status with: {ssh} 2fa status"
 
 
+NEEDS = {
+    "enrolled": "two-step verification (TOTP) enrolled",
+    "verified": "a verified two-step session for this key",
+    "security-key": "a security key (FIDO2) with a touch on every connection",
+    "security-key-pin": "a security key (FIDO2) with a touch and its PIN on every connection",
+}
+
+
 def refusal(
     policy: Policy,
     facts: UserFacts,
@@ -228,13 +267,15 @@ def refusal(
 ) -> tuple[str, tuple[str, ...]]:
     verb = "push to" if action == "write" else "read"
     sources = ", ".join(r.source for r in hard if r.level == level)
-    need = (
-        "a verified two-step session for this key"
-        if level == "verified"
-        else "two-step verification (TOTP) enrolled"
-    )
-    head = f"{verb} '{repo}' refused: it requires {need} ({sources})."
-    if not facts.enrolled:
+    head = f"{verb} '{repo}' refused: it requires {NEEDS[level]} ({sources})."
+    if level in SECURITY_KEY_LEVELS:
+        if facts.factor is None:
+            reason = NO_SECURITY_KEY
+            state = "this connection was not made with a security key."
+        else:
+            reason = NO_USER_VERIFICATION
+            state = "this security key is not registered to prove its PIN on every use."
+    elif not facts.enrolled and facts.factor is None:
         reason = NOT_ENROLLED
         state = (
             "your enrollment is pending confirmation."

@@ -140,6 +140,8 @@ class Identity:
     key_id: int = 0
     key_fp: str | None = None
     client: str | None = None
+    factor: str | None = None
+    """What the connection's security key proved, as the forced command found it."""
 
 
 def remote_url(policy: Policy, repo: str) -> str:
@@ -236,7 +238,7 @@ def identify(
         log(f"{verb} {shown}: token of {grant.user} does not match its {', '.join(mismatch)}")
         raise Denied(BAD_IDENTITY, *unproven)
     audit["repo"] = grant.repo
-    return Identity(grant.repo, grant.user, grant.key_id, grant.key_fp, grant.client)
+    return Identity(grant.repo, grant.user, grant.key_id, grant.key_fp, grant.client, grant.factor)
 
 
 def decide(
@@ -253,7 +255,7 @@ def decide(
             "hint: ask an administrator to add your public key (`gatekeeper key add`).",
         )
     when = datetime.fromtimestamp(now, timezone.utc)
-    verdict = decision.decide(policy, user_facts(facts), ident.repo, action, when)
+    verdict = decision.decide(policy, user_facts(facts, ident.factor), ident.repo, action, when)
     if not verdict.allowed:
         raise Denied(verdict.reason, *verdict.message)
     return verdict

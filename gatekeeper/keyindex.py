@@ -4,7 +4,8 @@ sshd runs the AuthorizedKeysCommand for every key a client offers, as a user tha
 should be able to read as little as possible (docs/threat-model.md). The index lets
 that lookup read one file named by the key's fingerprint, and nothing else: not the
 database, not the server key, not even the policy when the policy is broken. Each
-entry holds `KEY_ID KEY_TYPE BLOB`; `keys-command` builds sshd's line from it.
+entry holds `KEY_ID KEY_TYPE BLOB FACTOR` (FACTOR: `touch`, `touch+pin` for a security
+key, `-` otherwise); `keys-command` builds sshd's line from it.
 
 Why an entry can never grant more than the store does:
 - The line it yields runs the forced command with the key id *and* the fingerprint,
@@ -45,8 +46,12 @@ def index_dir(state_dir: str) -> str:
     return os.path.join(state_dir, INDEX_DIR)
 
 
-def read_entry(state_dir: str, fingerprint: str) -> tuple[int, str, str] | None:
-    """(key id, key type, blob) for `fingerprint`, or None when there is no usable entry."""
+Entry = tuple[int, str, str, str | None]
+"""(key id, key type, blob, factor)."""
+
+
+def read_entry(state_dir: str, fingerprint: str) -> Entry | None:
+    """The entry for `fingerprint`, or None when there is no usable entry."""
     name = entry_name(fingerprint)
     if name is None:
         return None
@@ -56,9 +61,14 @@ def read_entry(state_dir: str, fingerprint: str) -> tuple[int, str, str] | None:
     except (OSError, UnicodeDecodeError):
         return None
     parts = text.split()
-    if len(parts) != 3 or not parts[0].isdigit():
+    if len(parts) == 3:  # written before security keys: no factor
+        parts.append("-")
+    if len(parts) != 4 or not parts[0].isdigit() or parts[3] not in FACTORS:
         return None
-    return int(parts[0]), parts[1], parts[2]
+    return int(parts[0]), parts[1], parts[2], None if parts[3] == "-" else parts[3]
+
+
+FACTORS = ("-", "touch", "touch+pin")
 
 
 def _ensure_dir(state_dir: str) -> str:
@@ -73,7 +83,14 @@ def _ensure_dir(state_dir: str) -> str:
     return directory
 
 
-def write_entry(state_dir: str, fingerprint: str, key_id: int, key_type: str, blob: str) -> None:
+def write_entry(
+    state_dir: str,
+    fingerprint: str,
+    key_id: int,
+    key_type: str,
+    blob: str,
+    factor: str | None = None,
+) -> None:
     """Add or replace the entry for one key (atomically: a reader sees old or new)."""
     name = entry_name(fingerprint)
     if name is None:
@@ -83,7 +100,7 @@ def write_entry(state_dir: str, fingerprint: str, key_id: int, key_type: str, bl
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         os.fchmod(fd, 0o640)
-        os.write(fd, f"{int(key_id)} {key_type} {blob}\n".encode("ascii"))
+        os.write(fd, f"{int(key_id)} {key_type} {blob} {factor or '-'}\n".encode("ascii"))
     finally:
         os.close(fd)
     try:
@@ -99,20 +116,20 @@ def remove_entry(state_dir: str, fingerprint: str) -> None:
         _unlink(os.path.join(index_dir(state_dir), name))
 
 
-def sync(state_dir: str, keys: list[tuple[str, int, str, str]]) -> tuple[int, int]:
-    """Make the index hold exactly `keys` (fingerprint, id, type, blob): write what is
+def sync(state_dir: str, keys: list[tuple[str, int, str, str, str | None]]) -> tuple[int, int]:
+    """Make the index hold exactly `keys` (fingerprint, id, type, blob, factor): write what is
     missing or different, remove what is not a key any more (and stray temporary
     files). Returns (written, removed)."""
     directory = _ensure_dir(state_dir)
     wanted = {}
-    for fingerprint, key_id, key_type, blob in keys:
+    for fingerprint, key_id, key_type, blob, factor in keys:
         name = entry_name(fingerprint)
         if name is not None:
-            wanted[name] = (fingerprint, key_id, key_type, blob)
+            wanted[name] = (fingerprint, key_id, key_type, blob, factor)
     written = removed = 0
-    for fingerprint, key_id, key_type, blob in wanted.values():
-        if read_entry(state_dir, fingerprint) != (key_id, key_type, blob):
-            write_entry(state_dir, fingerprint, key_id, key_type, blob)
+    for fingerprint, key_id, key_type, blob, factor in wanted.values():
+        if read_entry(state_dir, fingerprint) != (key_id, key_type, blob, factor):
+            write_entry(state_dir, fingerprint, key_id, key_type, blob, factor)
             written += 1
     for name in os.listdir(directory):
         if name not in wanted:

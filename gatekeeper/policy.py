@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-LEVELS = ("none", "enrolled", "verified")  # ordered, weakest first
+LEVELS = ("none", "enrolled", "verified", "security-key", "security-key-pin")  # weakest first
 MODES = ("enforce", "report")
 
 # Plain strings: `re` caches what it compiles, and only validation ever needs them.

@@ -56,7 +56,7 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, shell, sshcmd, twofactor
+from gatekeeper import decision, seckey, shell, sshcmd, sshkeys, twofactor
 from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError
 from gatekeeper.policy import Policy
 from gatekeeper.record import evolve
@@ -271,15 +271,50 @@ if TYPE_CHECKING:
         def _parse_service_request(self, m: Message) -> None: ...
         def _parse_userauth_request(self, m: Message) -> None: ...
         def _parse_userauth_info_response(self, m: Message) -> None: ...
+        def _generate_key_from_request(
+            self, algorithm: str, keyblob: bytes
+        ) -> paramiko.PKey | None: ...
         def _send_auth_result(self, username: str, method: str, result: int) -> None: ...
 
 else:
     _StockAuthHandler = AuthHandler
 
 
+class SecurityKeyPKey(paramiko.PKey):
+    """A FIDO2 `sk-` public key for paramiko's server side, which has none: parsed and
+    checked by `seckey` (PROTOCOL.u2f). `verify_ssh_sig` answers whether the signature
+    is the key's; what its flags and counter assert is read with `assertion`."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.public = seckey.parse_public_key(blob)
+
+    def asbytes(self) -> bytes:
+        return self.public.blob
+
+    def get_name(self) -> str:
+        return self.public.key_type
+
+    def get_bits(self) -> int:
+        return 256
+
+    def can_sign(self) -> bool:
+        return False
+
+    def verify_ssh_sig(self, data: bytes, msg: Message) -> bool:
+        try:
+            self.assertion(data, msg.asbytes())
+        except seckey.BadSignature:
+            return False
+        return True
+
+    def assertion(self, data: bytes, signature: bytes) -> seckey.Assertion:
+        return seckey.verify(self.public, data, signature)
+
+
 class _AuthHandler(_StockAuthHandler):
-    """Stock server-side auth with two additions: the connection sees every publickey
-    request before paramiko acts on it, and failed attempts are capped."""
+    """Stock server-side auth with three additions: the connection sees every publickey
+    request before paramiko acts on it, failed attempts are capped, and security keys
+    (`sk-`, which paramiko does not know) are parsed by gatekeeper."""
 
     def __init__(self, transport: paramiko.Transport, conn: Connection) -> None:
         super().__init__(transport)
@@ -300,6 +335,15 @@ class _AuthHandler(_StockAuthHandler):
             super()._parse_userauth_request(m)
         finally:
             self._conn.current_request = None
+
+    def _generate_key_from_request(self, algorithm: str, keyblob: bytes) -> paramiko.PKey | None:
+        if sshkeys.is_security_key(algorithm):
+            try:
+                return SecurityKeyPKey(keyblob)
+            except seckey.BadSignature as exc:
+                self._conn.note(f"malformed security key: {exc}")
+                return None
+        return super()._generate_key_from_request(algorithm, keyblob)
 
     def _parse_userauth_info_response(self, m: Message) -> None:
         if not self.transport.initial_kex_done:
@@ -420,6 +464,8 @@ class Connection(paramiko.ServerInterface):
         then log in, only to read this refusal (see `RememberedKeys`)."""
         self.needs_code = False
         self.second_factor = "-"
+        self.factor: str | None = None
+        """What the security key that signed proved (touch, touch+pin), checked here."""
         self.code_error: str | None = None
         self.sessions: dict[int, Session] = {}
         self.lock = threading.Lock()
@@ -526,9 +572,47 @@ class Connection(paramiko.ServerInterface):
         if not valid:
             self.note(f"bad signature for {fingerprint}")
             return AUTH_FAILED
+        if isinstance(key, SecurityKeyPKey):
+            assert session_id is not None
+            factor = self._security_key_factor(key, record, _session_blob(session_id, req), req)
+            if factor is None:
+                return AUTH_FAILED
+            self.factor = factor
         self.key = record
         self.needs_code = self.fault is None and self._wants_code(record)
         return AUTH_PARTIALLY_SUCCESSFUL if self.needs_code else AUTH_SUCCESSFUL
+
+    def _security_key_factor(
+        self, key: SecurityKeyPKey, record: KeyRecord, data: bytes, req: PublickeyRequest
+    ) -> str | None:
+        """What sshd enforces for a security key, and one check beyond it: a touch on
+        every signature, the PIN where the key is registered to need it, and a
+        signature counter that grows (one that does not is a cloned authenticator:
+        refused and audited). None refuses the signature."""
+        assert req.signature is not None
+        try:
+            said = key.assertion(data, req.signature)
+        except seckey.BadSignature:
+            return None
+        if not said.user_present:
+            self.note(f"security key {record.fingerprint} signed without a touch")
+            return None
+        if record.verify_required and not said.user_verified:
+            self.note(f"security key {record.fingerprint} signed without its PIN")
+            return None
+        if self.store is not None and self.fault is None:
+            try:
+                fresh = self.store.advance_sk_counter(record, said.counter, client=self.client_ip)
+            except GatekeeperError as exc:
+                self.server.fault_seen(f"security key counter: {' | '.join(exc.lines())}")
+                return None
+            if not fresh:
+                self.note(
+                    f"security key {record.fingerprint}: counter {said.counter} does not "
+                    "grow (a cloned authenticator?)"
+                )
+                return None
+        return "touch+pin" if said.user_verified and record.verify_required else "touch"
 
     def _wants_code(self, record: KeyRecord) -> bool:
         """Ask for a code in-band: enrolled, not locked, no current session for this key,
@@ -833,6 +917,9 @@ class Connection(paramiko.ServerInterface):
             # The port this client connected to, for the commands the messages show.
             "--port",
             str(self.sock.getsockname()[1]),
+            # What this server enforced for the key that signed, as sshd's line options
+            # do behind OpenSSH; the forced command caps it by the key's record.
+            *(["--factor", self.factor] if self.factor else []),
             str(self.key.id),
         ]
         child = subprocess.Popen(

@@ -66,6 +66,10 @@ class Connection:
     port: int | None = None
     """The port the embedded server listens on, which messages name instead of
     `server.port` (from its command line; never from the client's environment)."""
+    factor: str | None = None
+    """What the front-end enforced for this key on this connection (`--factor`): a
+    security key's `touch` or `touch+pin`, as sshd's line options or the embedded
+    server's own check of the signature's flags."""
 
 
 def client_address(ssh_connection: str) -> str:
@@ -89,6 +93,9 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         port, args = int(args[1]), args[2:]
     if len(args) >= 2 and args[0] == "--key" and args[1].startswith("SHA256:"):
         key_fp, args = args[1], args[2:]
+    factor: str | None = None
+    if len(args) >= 2 and args[0] == "--factor" and args[1] in ("touch", "touch+pin"):
+        factor, args = args[1], args[2:]
     if len(args) != 1 or not valid_key_id(args[0]):
         raise InputError(
             "gatekeeper-shell must be run by sshd with one key id argument.",
@@ -105,6 +112,7 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
         config=pathstr.norm(config or env.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG),
         key_fp=key_fp,
         port=port,
+        factor=factor,
     )
 
 
@@ -163,7 +171,19 @@ def refusal_text(exc: GatekeeperError) -> str:
     return "".join(PREFIX + line + "\n" for line in exc.lines())
 
 
-def user_facts(facts: ConnectionFacts) -> decision.UserFacts:
+def proven_factor(key: KeyRecord, claimed: str | None) -> str | None:
+    """What the front-end says it enforced for this connection (`claimed`), never more
+    than the key as the store has it now allows: a security key's `touch`, with its
+    PIN only when both say so."""
+    if claimed is None or key.factor is None:
+        return None
+    return "touch+pin" if claimed == key.factor == "touch+pin" else "touch"
+
+
+def user_facts(facts: ConnectionFacts, factor: str | None = None) -> decision.UserFacts:
+    """The decision's view of a key's user; `factor` is the front-end's claim for this
+    connection (`proven_factor` caps it)."""
+
     def when(ts: int | None) -> datetime | None:
         return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
 
@@ -173,6 +193,7 @@ def user_facts(facts: ConnectionFacts) -> decision.UserFacts:
         pending=facts.pending,
         verified_until=when(facts.verified_until),
         locked_until=when(facts.locked_until),
+        factor=proven_factor(facts.key, factor),
     )
 
 
@@ -208,7 +229,9 @@ def run(
     if isinstance(request, sshcmd.UserCommand):
         from gatekeeper import usercmd
 
-        return usercmd.run(request, policy, store, facts, conn.client, env, stdin, stdout, stderr)
+        return usercmd.run(
+            request, policy, store, facts, conn.client, env, stdin, stdout, stderr, conn.factor
+        )
     return git_access(request, conn, policy, store, facts, now, stderr, env)
 
 
@@ -223,11 +246,12 @@ def git_access(
     env: Mapping[str, str],
 ) -> int:
     when = datetime.fromtimestamp(now, timezone.utc)
+    ufacts = user_facts(facts, conn.factor)
     # Decide on the repository git will open, whatever the client's spelling and the
     # symlinks on the way (an alias gets its target's rules, never its own name's).
     located = sshcmd.locate_repo(policy.server.repositories_str, request.repo)
     repo = located.name if located is not None else request.repo
-    verdict = decision.decide(policy, user_facts(facts), repo, request.action, when)
+    verdict = decision.decide(policy, ufacts, repo, request.action, when)
     reason, message = verdict.reason, verdict.message
     if verdict.reason == decision.NOT_AUTHORIZED or (verdict.allowed and located is None):
         # The same words for a repository that is missing and one the user may not
@@ -237,6 +261,9 @@ def git_access(
             reason = "not-found"
     allowed = verdict.allowed and located is not None
     detail: dict[str, object] = {"verb": request.verb, "level": verdict.level, "allowed": allowed}
+    met_by = ufacts.met_by(verdict.level, when)
+    if met_by is not None:
+        detail["factor"] = met_by
     if repo != request.repo:
         detail["requested"] = request.repo
     fields = {
@@ -263,6 +290,7 @@ def git_access(
             conn.client,
             int(now),
             int(now + HOOK_TOKEN_SECONDS),
+            ufacts.factor,
         )
         store.audit_with_token("access", token_digest(token), grant, now=now, **fields)
     else:
@@ -314,7 +342,9 @@ def git_access(
             from gatekeeper import hooks
 
             key = facts.key
-            ident = hooks.Identity(repo, key.user, key.id, key.fingerprint, conn.client)
+            ident = hooks.Identity(
+                repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor
+            )
             return hooks.check_fetch(config, time.time(), ident, path)
 
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)

@@ -154,6 +154,14 @@ class PublicKey:
         return f"{self.key_type} {self.blob_b64}"
 
 
+SECURITY_KEY_TYPES = (SK_ED25519, SK_ECDSA)
+
+
+def is_security_key(key_type: str) -> bool:
+    """A FIDO2 security key: its signatures carry the authenticator's flags (touch, PIN)."""
+    return key_type in SECURITY_KEY_TYPES
+
+
 def fingerprint_of_blob(blob: bytes) -> str:
     """The SHA256 fingerprint of a key blob, as `ssh-keygen -lf` prints it."""
     digest = sha256(blob).digest()
@@ -243,7 +251,19 @@ def _refuse_other_formats(text: str) -> None:
         )
 
 
+def refuse_no_touch() -> None:
+    """A security key without a touch is a key file that works while its owner is away."""
+    raise InputError(
+        "gatekeeper never drops a security key's touch (no-touch-required): without it "
+        "the key signs for whoever holds the computer, and stops being a second factor",
+        "register the key without that option; each connection then needs a touch",
+    )
+
+
 def _parse_line(line: str) -> PublicKey:
+    options = line.split(None, 1)[:1]
+    if options and "no-touch-required" in options[0]:
+        refuse_no_touch()
     parts = line.split(None, 2)
     first = parts[0]
     if first in _KNOWN_TYPES:
@@ -382,7 +402,7 @@ def _check_structure(key_type: str, reader: _Reader) -> int:
         if len(reader.string()) != 32:
             raise _damaged("an Ed25519 key must be 32 bytes")
         if key_type == SK_ED25519:
-            reader.string()  # the FIDO application, usually "ssh:"
+            _check_application(reader.string())
         return 256
     if key_type == RSA:
         e = reader.mpint("exponent")
@@ -407,8 +427,15 @@ def _check_structure(key_type: str, reader: _Reader) -> int:
         raise _damaged(f"the curve name does not match {key_type}")
     _check_point(curve, reader.string())
     if key_type == SK_ECDSA:
-        reader.string()  # the FIDO application
+        _check_application(reader.string())
     return curve.bits
+
+
+def _check_application(application: bytes) -> None:
+    """OpenSSH makes and accepts only security keys whose FIDO application starts
+    with `ssh:`; anything else was not made for SSH (or was edited)."""
+    if not application.startswith(b"ssh:"):
+        raise _damaged("a security key's application must start with 'ssh:'")
 
 
 def _check_point(curve: _Curve, point: bytes) -> None:

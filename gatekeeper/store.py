@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     Database = SqliteDatabase | PostgresDatabase | LibpqDatabase
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SERVER_KEY_NAME = "server.key"
 HEAD_NAME = "audit.head"
 BUSY_TIMEOUT_MS = 5000
@@ -127,6 +127,15 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX hook_tokens_expires ON hook_tokens(expires_at);
     """,
+    # Security keys (FIDO2 `sk-` keys): whether a key is one, whether it must prove user
+    # verification (a PIN) on every use, and the authenticator's last signature counter
+    # the embedded server saw (a counter that does not increase is a cloned key).
+    3: """
+    ALTER TABLE keys ADD COLUMN sk INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE keys ADD COLUMN verify_required INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE keys ADD COLUMN sk_counter INTEGER NOT NULL DEFAULT -1;
+    ALTER TABLE hook_tokens ADD COLUMN factor TEXT;
+    """,
 }
 
 # Every table, parents before children (so foreign keys hold at every insert).
@@ -168,6 +177,19 @@ class KeyRecord:
     bits: int
     comment: str
     added_at: int
+    sk: bool = False
+    """A FIDO2 security key (`sk-ssh-ed25519@openssh.com`, `sk-ecdsa-...`): every
+    signature needs a touch, which every front-end enforces."""
+    verify_required: bool = False
+    """The key must also prove user verification (a PIN or biometric) on every use."""
+
+    @property
+    def factor(self) -> str | None:
+        """What a connection signed by this key proves by itself, every front-end
+        enforcing it: `touch`, `touch+pin`, or None (not a security key)."""
+        if not self.sk:
+            return None
+        return "touch+pin" if self.verify_required else "touch"
 
 
 @record
@@ -195,6 +217,9 @@ class HookToken:
     client: str | None
     created_at: int
     expires_at: int
+    factor: str | None = None
+    """What the connection's security key proved (`touch`, `touch+pin`), for the hooks'
+    re-check of a repository that needs one."""
 
 
 def token_digest(token: str) -> str:
@@ -586,7 +611,7 @@ class Store:
             self._exec("DELETE FROM hook_tokens WHERE expires_at <= ?", (int(now),))
             self._exec(
                 'INSERT INTO hook_tokens (token_hash, "user", key_id, key_fp, repo, action, client,'
-                " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " created_at, expires_at, factor) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     token_hash,
                     token.user,
@@ -597,6 +622,7 @@ class Store:
                     token.client,
                     token.created_at,
                     token.expires_at,
+                    token.factor,
                 ),
             )
             return self._append_audit(event, now, **fields)
@@ -604,7 +630,7 @@ class Store:
     def hook_token(self, token_hash: str, now: float) -> HookToken | None:
         """The unexpired token with this digest, or None."""
         row = self._read_one(
-            'SELECT "user", key_id, key_fp, repo, action, client, created_at, expires_at'
+            'SELECT "user", key_id, key_fp, repo, action, client, created_at, expires_at, factor'
             " FROM hook_tokens WHERE token_hash = ? AND expires_at > ?",
             (token_hash, int(now)),
         )
@@ -754,7 +780,8 @@ class Store:
 
     _KEY_SELECT = (
         'SELECT k.id, k.user_id, u.name AS "user", k.fingerprint, k.key_type, k.blob, k.bits,'
-        " k.comment, k.added_at FROM keys k JOIN users u ON u.id = k.user_id"
+        " k.comment, k.added_at, k.sk, k.verify_required"
+        " FROM keys k JOIN users u ON u.id = k.user_id"
     )
 
     def add_key(
@@ -767,7 +794,16 @@ class Store:
         comment: str = "",
         *,
         actor: str | None = None,
+        verify_required: bool = False,
     ) -> KeyRecord:
+        from gatekeeper.sshkeys import is_security_key
+
+        sk = is_security_key(key_type)
+        if verify_required and not sk:
+            raise InputError(
+                "only a security key (sk-...) can be required to prove user verification.",
+                hint="make one with `ssh-keygen -t ed25519-sk -O verify-required`.",
+            )
         now = time.time()
         with self._write():
             user = self.get_user(user_name)
@@ -783,27 +819,40 @@ class Store:
                     hint="each key identifies one person: generate a new key for this user.",
                 )
             key_id = self._insert(
-                "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at)"
-                " VALUES (?,?,?,?,?,?,?)",
-                (user.id, fingerprint, key_type, blob_b64, bits, comment, int(now)),
+                "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at,"
+                " sk, verify_required) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    user.id,
+                    fingerprint,
+                    key_type,
+                    blob_b64,
+                    bits,
+                    comment,
+                    int(now),
+                    int(sk),
+                    int(verify_required),
+                ),
             )
+            detail: dict[str, Any] = {"type": key_type, "bits": bits, "comment": comment}
+            if sk:
+                detail["security_key"] = "touch+pin" if verify_required else "touch"
             self._append_audit(
-                "key-add",
-                now,
-                actor=actor,
-                user=user_name,
-                key_fp=fingerprint,
-                detail={"type": key_type, "bits": bits, "comment": comment},
+                "key-add", now, actor=actor, user=user_name, key_fp=fingerprint, detail=detail
             )
+        key = self.key_by_id(key_id)
+        assert key is not None
         # After the commit, so the index never names an id the store has not given.
-        self._index_key(fingerprint, key_id, key_type, blob_b64)
-        return self.key_by_id(key_id)  # type: ignore[return-value]
+        self._index_key(key)
+        return key
 
-    def _index_key(self, fingerprint: str, key_id: int, key_type: str, blob: str) -> None:
+    def _index_key(self, key: KeyRecord) -> None:
         from gatekeeper import keyindex
 
+        fingerprint = key.fingerprint
         try:
-            keyindex.write_entry(self._state_dir, fingerprint, key_id, key_type, blob)
+            keyindex.write_entry(
+                self._state_dir, fingerprint, key.id, key.key_type, key.blob, key.factor
+            )
         except OSError as exc:
             # The key is in the store; keys-command finds it there when it may read it.
             from gatekeeper import logs
@@ -827,7 +876,7 @@ class Store:
         """Rebuild this host's key index from the store: (written, removed)."""
         from gatekeeper import keyindex
 
-        keys = [(k.fingerprint, k.id, k.key_type, k.blob) for k in self.list_keys()]
+        keys = [(k.fingerprint, k.id, k.key_type, k.blob, k.factor) for k in self.list_keys()]
         try:
             return keyindex.sync(self._state_dir, keys)
         except OSError as exc:
@@ -836,13 +885,41 @@ class Store:
                 hint="run as the git user; the state directory must be writable by it.",
             ) from exc
 
+    def advance_sk_counter(self, key: KeyRecord, counter: int, *, client: str | None) -> bool:
+        """Accept a security key's signature counter only if it is greater than the last
+        one seen (one conditional UPDATE, as the TOTP replay guard): a counter that does
+        not increase is the sign of a cloned authenticator, refused and audited. An
+        authenticator that keeps no counter (always 0) is let through."""
+        with self._write():
+            if counter == 0:
+                row = self._read_one("SELECT sk_counter FROM keys WHERE id = ?", (key.id,))
+                if row is not None and row["sk_counter"] <= 0:
+                    self._exec("UPDATE keys SET sk_counter = 0 WHERE id = ?", (key.id,))
+                    return True
+            cur = self._exec(
+                "UPDATE keys SET sk_counter = ? WHERE id = ? AND sk_counter < ?",
+                (counter, key.id, counter),
+            )
+            if cur.rowcount == 1:
+                return True
+            row = self._read_one("SELECT sk_counter FROM keys WHERE id = ?", (key.id,))
+            self._append_audit(
+                "sk-counter",
+                time.time(),
+                user=key.user,
+                key_fp=key.fingerprint,
+                client=client,
+                detail={"counter": counter, "last": row["sk_counter"] if row else None},
+            )
+        return False
+
     def key_by_id(self, key_id: int) -> KeyRecord | None:
         row = self._read_one(f"{self._KEY_SELECT} WHERE k.id = ?", (key_id,))
-        return KeyRecord(**dict(row)) if row else None
+        return _key_record(row) if row else None
 
     def key_by_fingerprint(self, fingerprint: str) -> KeyRecord | None:
         row = self._read_one(f"{self._KEY_SELECT} WHERE k.fingerprint = ?", (fingerprint,))
-        return KeyRecord(**dict(row)) if row else None
+        return _key_record(row) if row else None
 
     def list_keys(self, user_name: str | None = None) -> list[KeyRecord]:
         if user_name is None:
@@ -850,7 +927,7 @@ class Store:
         else:
             self.get_user(user_name)
             rows = self._read(f"{self._KEY_SELECT} WHERE u.name = ? ORDER BY k.id", (user_name,))
-        return [KeyRecord(**dict(r)) for r in rows]
+        return [_key_record(r) for r in rows]
 
     def remove_key(self, fingerprint: str, *, actor: str | None = None) -> KeyRecord:
         now = time.time()
@@ -869,7 +946,8 @@ class Store:
         """The key, its user, and their 2FA state in one query (None: unknown key)."""
         row = self._read_one(
             'SELECT k.id, k.user_id, u.name AS "user", k.fingerprint, k.key_type, k.blob, k.bits,'
-            " k.comment, k.added_at, t.confirmed_at, t.user_id AS totp_user,"
+            " k.comment, k.added_at, k.sk, k.verify_required,"
+            " t.confirmed_at, t.user_id AS totp_user,"
             " (SELECT max(s.expires_at) FROM sessions s"
             "   WHERE s.user_id = k.user_id AND s.key_id = k.id) AS verified_until,"
             " f.locked_until"
@@ -887,7 +965,7 @@ class Store:
         verified_until = data.pop("verified_until")
         locked_until = data.pop("locked_until")
         return ConnectionFacts(
-            key=KeyRecord(**data),
+            key=_key_record(data),
             enrolled=confirmed_at is not None,
             pending=has_totp and confirmed_at is None,
             verified_until=verified_until,
@@ -1288,6 +1366,13 @@ class _WriteTransaction:
             store._rollback()
             raise db.error(error) from error
         store._settle_head(keep=True)
+
+
+def _key_record(row: Any) -> KeyRecord:
+    data = dict(row)
+    data["sk"] = bool(data["sk"])
+    data["verify_required"] = bool(data["verify_required"])
+    return KeyRecord(**data)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -61,10 +61,11 @@ def run(
     stdin: TextIO,
     stdout: TextIO,
     stderr: TextIO,
+    factor: str | None = None,
 ) -> int:
     words = cmd.words
     if not words or words == ("info",):
-        stdout.write(info_text(policy, store, facts))
+        stdout.write(info_text(policy, store, facts, factor))
         if env.get("SSH_TTY"):
             stderr.write("gatekeeper: interactive shells are not available here.\n")
             return 1
@@ -211,12 +212,17 @@ def list_repositories(root: Path) -> Iterator[str]:
         yield repo.name
 
 
-def info_text(policy: Policy, store: Store, facts: ConnectionFacts) -> str:
+def info_text(
+    policy: Policy, store: Store, facts: ConnectionFacts, factor: str | None = None
+) -> str:
     from gatekeeper.shell import user_facts
 
     now = datetime.now(timezone.utc)
-    ufacts = user_facts(facts)
+    ufacts = user_facts(facts, factor)
     out = [status_text(store, facts)]
+    if ufacts.factor is not None:
+        pin = " and its PIN" if ufacts.factor == "touch+pin" else ""
+        out.append(f"this connection: a security key, with a touch{pin}\n")
     rows = []
     for repo in list_repositories(policy.server.repositories):
         read = decision.decide(policy, ufacts, repo, "read", now)

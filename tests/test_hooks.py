@@ -977,7 +977,7 @@ def test_expired_tokens_are_dropped_when_the_next_one_is_recorded(local: Install
 
 def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
     from gatekeeper.sqlitedb import SqliteDatabase
-    from gatekeeper.store import MIGRATIONS, _split_sql
+    from gatekeeper.store import MIGRATIONS, SCHEMA_VERSION, _split_sql
 
     path = tmp_path / "state"
     path.mkdir()
@@ -989,7 +989,7 @@ def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
     db.close()
     with Store.create(path) as store:
         assert store.hook_token("0" * 64, time.time()) is None
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 # -- the checks that replaced regular expressions (the fetch hook must not import `re`) --

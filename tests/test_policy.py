@@ -223,7 +223,7 @@ def test_teams_of_lists_the_user_s_teams_in_file_order() -> None:
 
 
 def test_levels_and_modes() -> None:
-    assert LEVELS == ("none", "enrolled", "verified")
+    assert LEVELS == ("none", "enrolled", "verified", "security-key", "security-key-pin")
     assert MODES == ("enforce", "report")
 
 
@@ -377,7 +377,8 @@ BAD = [
     (
         "teams:\n  a:\n    require_2fa: always\n",
         3,
-        "team 'a' require_2fa: unknown level 'always' (expected one of: none, enrolled, verified)",
+        "team 'a' require_2fa: unknown level 'always' (expected one of: none, enrolled, "
+        "verified, security-key, security-key-pin)",
     ),
     (
         "teams:\n  a:\n    require_2fa: Verified\n",
@@ -387,7 +388,8 @@ BAD = [
     (
         "teams:\n  a:\n    require_2fa:\n",
         3,
-        "team 'a' require_2fa: expected one of: none, enrolled, verified, got nothing",
+        "team 'a' require_2fa: expected one of: none, enrolled, verified, security-key, "
+        "security-key-pin, got nothing",
     ),
     (
         "teams:\n  a:\n    mode: loud\n",
