@@ -101,14 +101,12 @@ def splice(existing: str, block: str) -> str:
 def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
     """Atomically put `block` into `path`; refuse if the file changed since it was read.
 
-    Returns False when nothing needed to change.
+    Returns False when nothing needed to change. Any failure leaves the file as it was
+    and raises a `GatekeeperError` naming the file and what to do.
     """
     import hashlib
 
-    try:
-        existing = path.read_text()
-    except FileNotFoundError:
-        existing = ""
+    existing = _read_existing(path)
     digest = hashlib.sha256(existing.encode()).hexdigest()
     if expected_digest is not None and digest != expected_digest:
         raise GatekeeperError(
@@ -118,26 +116,89 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
     new = splice(existing, block)
     if new == existing:
         return False
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GatekeeperError(
+            f"cannot create the directory for {path}: {_reason(exc)}; nothing written.",
+            hint=_WHO_WRITES,
+        ) from None
     tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
+    try:
+        _write_new(tmp, new)
+        # Check again right before the rename: an edit that raced us wins, ours is dropped.
+        if _read_existing(path) != existing:
+            raise GatekeeperError(
+                f"{path} changed while it was being updated; nothing written.",
+                hint="run the command again.",
+            )
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise GatekeeperError(
+            f"cannot write {path}: {_reason(exc)}; it was left as it was.",
+            hint=_hint_for(exc),
+        ) from None
+    finally:
+        _remove_quietly(tmp)
+    return True
+
+
+_WHO_WRITES = (
+    "run gatekeeper as the account that owns the file and its directory (the git user), "
+    "or fix their owner and mode."
+)
+
+
+def _read_existing(path: Path) -> str:
+    """The file's text, or "" when there is none yet."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+    except IsADirectoryError:
+        raise GatekeeperError(
+            f"cannot update {path}: it is a directory.",
+            hint="name the authorized_keys file itself, e.g. ~git/.ssh/authorized_keys.",
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise GatekeeperError(
+            f"cannot update {path}: it is not UTF-8 text (byte {exc.start}).",
+            hint="fix the file by hand (sshd reads it as text), then run again.",
+        ) from None
+    except OSError as exc:
+        raise GatekeeperError(f"cannot read {path}: {_reason(exc)}.", hint=_hint_for(exc)) from None
+
+
+def _write_new(tmp: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    # Check again right before the rename: an edit that raced us wins, ours is dropped.
+
+
+def _remove_quietly(path: Path) -> None:
     try:
-        current = path.read_text()
-    except FileNotFoundError:
-        current = ""
-    if current != existing:
-        os.unlink(tmp)
-        raise GatekeeperError(
-            f"{path} changed while it was being updated; nothing written.",
-            hint="run the command again.",
-        )
-    os.replace(tmp, path)
-    return True
+        os.unlink(path)
+    except OSError:
+        pass  # gone already (renamed into place), or never created
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _hint_for(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that file system, then run the command again."
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only: write the file where sshd reads it on a writable one."
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+        return "a part of the path is not what it should be: name the authorized_keys file itself."
+    return _WHO_WRITES
 
 
 KEYS_COMMAND_TIMEOUT = 5
