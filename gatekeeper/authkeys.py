@@ -5,8 +5,8 @@ Two ways in (README, "Behind OpenSSH"):
   key between marker lines, rewritten atomically; lines outside the markers stay.
 - `AuthorizedKeysCommand`: `gatekeeper keys-command %u %t %k` prints the line for
   one key, found by its fingerprint through an index. sshd also runs it for keys a
-  client merely offers, so it changes nothing, logs to syslog (sshd discards its
-  stderr) and stops itself after a few seconds. Standard library only.
+  client merely offers, so it changes nothing, logs to the server log (logs.py; sshd
+  discards its stderr) and stops itself after a few seconds. Standard library only.
 
 Only ids and paths matching strict patterns are written into `command="..."`: a
 key comment or user name never reaches the line sshd hands to a shell.
@@ -230,7 +230,7 @@ def keys_command(argv: list[str]) -> int:
 
 
 def lookup_line(argv: list[str]) -> str | None:
-    from gatekeeper import pathstr
+    from gatekeeper import logs, pathstr
     from gatekeeper.policy import DEFAULT_CONFIG, load_policy
     from gatekeeper.sshkeys import fingerprint_of_blob, parse_key_blob_b64
     from gatekeeper.store import Store
@@ -249,6 +249,7 @@ def lookup_line(argv: list[str]) -> str | None:
     # Strings, not pathlib (and the `re` it imports): sshd runs this for every key.
     config = pathstr.resolve(config or os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG)
     policy = load_policy(config)
+    logs.use_state_dir(policy.server.state_dir_str)
     if login != policy.server.user:
         return None
     with Store.open(policy.server.state_dir_str, policy.server.store, light=True) as store:

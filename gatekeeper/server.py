@@ -54,7 +54,7 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, twofactor
+from gatekeeper import decision, logs, twofactor
 from gatekeeper.errors import GatekeeperError, StoreError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.shell import SAFE_PATH
@@ -458,7 +458,8 @@ class Connection(paramiko.ServerInterface):
         try:
             twofactor.verify(self.store, self.policy, self.key, code, client=self.client_ip)
         except GatekeeperError as exc:
-            self.code_error = " ".join(exc.lines())
+            shown = exc.for_client() if isinstance(exc, StoreError) else exc
+            self.code_error = " ".join(shown.lines())
             self.note(f"code refused: {exc.message}")
             return AUTH_FAILED
         self.second_factor = "verified"
@@ -934,6 +935,9 @@ def serve(
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
         logging.getLogger("paramiko").propagate = False
     state_dir = policy.server.state_dir
+    logs.use_state_dir(str(state_dir))
+    if not any(h.get_name() == logs.HANDLER_NAME for h in log.handlers):
+        log.addHandler(logs.handler("gatekeeper-serve"))
     # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
     Store.open(state_dir, policy.server.store).close()
     host_key = load_host_key(state_dir)

@@ -102,14 +102,12 @@ def load(config: str, report: Callable[[str], None] | None = None) -> tuple[Poli
             "access refused: the server's policy file is invalid or unreadable.",
             hint="an administrator must run `gatekeeper policy check`.",
         ) from exc
+    logs.use_state_dir(policy.server.state_dir_str)
     try:
         store = Store.open(policy.server.state_dir_str, policy.server.store, light=True)
     except StoreError as exc:
         report(f"store error: {' | '.join(exc.lines())}")
-        raise Refused(
-            "access refused: the server cannot read its 2FA state right now.",
-            hint="try again in a moment; if it persists, tell an administrator.",
-        ) from exc
+        raise exc.for_client() from exc
     return policy, store
 
 
@@ -322,7 +320,7 @@ def git_binary() -> str:
         candidate = os.path.join(directory, "git")
         if os.access(candidate, os.X_OK):
             return candidate
-    raise StoreError("git is not installed on the server.", hint="install git.")
+    raise Refused("access refused: git is not installed on the server.", hint="install git.")
 
 
 def log(message: str) -> None:
@@ -335,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
         )
     except GatekeeperError as exc:
+        if isinstance(exc, StoreError):
+            # Its words name the database and quote it: for the server log, not the client.
+            log(f"store error: {' | '.join(exc.lines())}")
+            exc = exc.for_client()
         for line in exc.lines():
             sys.stderr.write(PREFIX + line + "\n")
         return exc.exit_code
