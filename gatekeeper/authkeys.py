@@ -5,8 +5,8 @@ Two ways in (README, "Behind OpenSSH"):
   key between marker lines, rewritten atomically; lines outside the markers stay.
 - `AuthorizedKeysCommand`: `gatekeeper keys-command %u %t %k` prints the line for
   one key, found by its fingerprint through an index. sshd also runs it for keys a
-  client merely offers, so it changes nothing, logs to syslog (sshd discards its
-  stderr) and stops itself after a few seconds. Standard library only.
+  client merely offers, so it changes nothing, logs to the server log (logs.py; sshd
+  discards its stderr) and stops itself after a few seconds. Standard library only.
 
 Only ids and paths matching strict patterns are written into `command="..."`: a
 key comment or user name never reaches the line sshd hands to a shell.
@@ -141,14 +141,12 @@ def splice(existing: str, block: str) -> str:
 def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
     """Atomically put `block` into `path`; refuse if the file changed since it was read.
 
-    Returns False when nothing needed to change.
+    Returns False when nothing needed to change. Any failure leaves the file as it was
+    and raises a `GatekeeperError` naming the file and what to do.
     """
     import hashlib
 
-    try:
-        existing = path.read_text()
-    except FileNotFoundError:
-        existing = ""
+    existing = _read_existing(path)
     digest = hashlib.sha256(existing.encode()).hexdigest()
     if expected_digest is not None and digest != expected_digest:
         raise GatekeeperError(
@@ -158,26 +156,89 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
     new = splice(existing, block)
     if new == existing:
         return False
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GatekeeperError(
+            f"cannot create the directory for {path}: {_reason(exc)}; nothing written.",
+            hint=_WHO_WRITES,
+        ) from None
     tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
+    try:
+        _write_new(tmp, new)
+        # Check again right before the rename: an edit that raced us wins, ours is dropped.
+        if _read_existing(path) != existing:
+            raise GatekeeperError(
+                f"{path} changed while it was being updated; nothing written.",
+                hint="run the command again.",
+            )
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise GatekeeperError(
+            f"cannot write {path}: {_reason(exc)}; it was left as it was.",
+            hint=_hint_for(exc),
+        ) from None
+    finally:
+        _remove_quietly(tmp)
+    return True
+
+
+_WHO_WRITES = (
+    "run gatekeeper as the account that owns the file and its directory (the git user), "
+    "or fix their owner and mode."
+)
+
+
+def _read_existing(path: Path) -> str:
+    """The file's text, or "" when there is none yet."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+    except IsADirectoryError:
+        raise GatekeeperError(
+            f"cannot update {path}: it is a directory.",
+            hint="name the authorized_keys file itself, e.g. ~git/.ssh/authorized_keys.",
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise GatekeeperError(
+            f"cannot update {path}: it is not UTF-8 text (byte {exc.start}).",
+            hint="fix the file by hand (sshd reads it as text), then run again.",
+        ) from None
+    except OSError as exc:
+        raise GatekeeperError(f"cannot read {path}: {_reason(exc)}.", hint=_hint_for(exc)) from None
+
+
+def _write_new(tmp: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    # Check again right before the rename: an edit that raced us wins, ours is dropped.
+
+
+def _remove_quietly(path: Path) -> None:
     try:
-        current = path.read_text()
-    except FileNotFoundError:
-        current = ""
-    if current != existing:
-        os.unlink(tmp)
-        raise GatekeeperError(
-            f"{path} changed while it was being updated; nothing written.",
-            hint="run the command again.",
-        )
-    os.replace(tmp, path)
-    return True
+        os.unlink(path)
+    except OSError:
+        pass  # gone already (renamed into place), or never created
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _hint_for(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that file system, then run the command again."
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only: write the file where sshd reads it on a writable one."
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+        return "a part of the path is not what it should be: name the authorized_keys file itself."
+    return _WHO_WRITES
 
 
 KEYS_COMMAND_TIMEOUT = 5
@@ -214,7 +275,7 @@ def lookup_line(argv: list[str]) -> str | None:
     knows still gets its line, so its owner reaches the forced command and learns
     that the server is at fault (which refuses everything); an unknown key gets
     nothing."""
-    from gatekeeper import keyindex, pathstr
+    from gatekeeper import keyindex, logs, pathstr
     from gatekeeper.errors import PolicyError
     from gatekeeper.policy import DEFAULT_CONFIG, load_policy
     from gatekeeper.sshkeys import fingerprint_of_blob, parse_key_blob_b64
@@ -235,14 +296,17 @@ def lookup_line(argv: list[str]) -> str | None:
     try:
         policy = load_policy(config)
     except PolicyError as exc:
-        _log(f"keys-command: policy error: {exc.message}")
         state_dir = fallback_state_dir(config)
+        if state_dir is not None:
+            logs.use_state_dir(state_dir)
+        _log(f"keys-command: policy error: {exc.message}")
         if state_dir is None:
             return None
         found = keyindex.read_entry(state_dir, fingerprint)
         if found is None or (key is not None and key.key_type != found[1]):
             return None
         return key_line(*found[:3], config, fingerprint=fingerprint, factor=found[3])
+    logs.use_state_dir(policy.server.state_dir_str)
     if login != policy.server.user:
         return None
     found = keyindex.read_entry(policy.server.state_dir_str, fingerprint)

@@ -261,7 +261,7 @@ def key() -> None:
 @click.option(
     "--authorized-keys",
     "authorized_keys",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Also refresh this authorized_keys file.",
 )
 @click.option(
@@ -286,7 +286,14 @@ def key_add(
 
     if no_touch_required:
         refuse_no_touch()
-    text = source.read(64 * 1024)
+    try:
+        text = source.read(64 * 1024)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise InputError(
+            f"cannot read a public key from {source.name}: {reason}.",
+            hint="pass the .pub file ssh-keygen wrote (one line: type, key, comment).",
+        ) from None
     parsed = parse_public_key(text)
     with ctx.store() as store:
         store.add_key(
@@ -300,7 +307,9 @@ def key_add(
             verify_required=verify_required,
         )
         if authorized_keys:
-            refresh_authorized_keys(ctx, store, authorized_keys)
+            refresh_authorized_keys(
+                ctx, store, authorized_keys, done=f"added {parsed.fingerprint} for {user_name}"
+            )
     click.echo(parsed.fingerprint)
 
 
@@ -334,7 +343,7 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
 @click.option(
     "--authorized-keys",
     "authorized_keys",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Also refresh this authorized_keys file.",
 )
 @pass_ctx
@@ -343,7 +352,9 @@ def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> 
     with ctx.store() as store:
         removed = store.remove_key(fingerprint, actor=actor())
         if authorized_keys:
-            refresh_authorized_keys(ctx, store, authorized_keys)
+            refresh_authorized_keys(
+                ctx, store, authorized_keys, done=f"removed {fingerprint} ({removed.user})"
+            )
     click.echo(f"removed {fingerprint} ({removed.user})")
 
 
@@ -356,15 +367,30 @@ def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
     ]
 
 
-def refresh_authorized_keys(ctx: Context, store: Store, path: Path) -> bool:
-    return authkeys.write_file(path, authkeys.render_block(authorized_keys_lines(ctx, store)))
+def refresh_authorized_keys(
+    ctx: Context, store: Store, path: Path, *, done: str | None = None
+) -> bool:
+    """Rewrite gatekeeper's block in `path`. `done`: the store change already made, which
+    a failure to write must not hide (it stays, and sshd still sees the old lines)."""
+    lines = authorized_keys_lines(ctx, store)
+    try:
+        return authkeys.write_file(path, authkeys.render_block(lines))
+    except GatekeeperError as exc:
+        if done is None:
+            raise
+        raise GatekeeperError(
+            f"{done}, but {exc.message}",
+            hint=f"{(exc.hint or 'fix that').rstrip('.')}; then run "
+            f"`gatekeeper authorized-keys --write {path}`.",
+        ) from None
 
 
 @cli.command("authorized-keys")
 @click.option(
     "--write",
     "target",
-    type=click.Path(dir_okay=False, path_type=Path),
+    # No checks by click: authkeys.write_file names what is wrong in one line with a hint.
+    type=click.Path(path_type=Path, readable=False),
     help="Update this file in place between gatekeeper's marker lines.",
 )
 @pass_ctx
@@ -519,9 +545,13 @@ def policy_check(ctx: Context, file: Path | None) -> None:
     """Validate FILE (default: the configured policy); list every problem."""
     path = file or ctx.config
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"policy file {path} is not UTF-8 text (byte {exc.start})", hint="save it as UTF-8."
+        ) from None
     known: set[str] | None = None
     loaded, _ = check_policy_text(text, str(path))
     if loaded is not None:
@@ -726,6 +756,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
+        return 1
+    except OSError as exc:
+        # The last resort for a file problem no command foresaw: still one line, no traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"gatekeeper: error: {exc.strerror or exc}{where}", err=True)
+        click.echo(
+            "gatekeeper: hint: check that file's owner, mode and file system; run gatekeeper "
+            "as the git user.",
+            err=True,
+        )
         return 1
     except click.ClickException as exc:
         exc.show()

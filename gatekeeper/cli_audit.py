@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import select
+import signal
 import sys
 from typing import Any
 
@@ -344,35 +347,82 @@ def log_cmd(
         reason=reason,
         event=event,
     )
-    if follow and last is None:
-        last = 10
     with ctx.store() as store:
         for column, value in (("reason", reason), ("event", event)):
             if value is not None:
                 _check_code(store, column, value)
-        records = flt.records(store)
-        after = int(records[-1]["seq"]) if records else 0
+    if not follow:
+        with ctx.store() as store:
+            records = flt.records(store)
         if last is not None:
             records = records[-last:]
-        if as_json and not follow:
+        if as_json:
             click.echo(json.dumps([report.readable(r) for r in records], indent=2))
             return
+        click.echo(report.log_header())
+        _print_records(records, as_json)
+        return
+    # From before the first read: a signal at any moment after this ends it cleanly.
+    with StopSignals() as signals, ctx.store() as store:
+        records = flt.records(store)
+        after = int(records[-1]["seq"]) if records else 0
         if not as_json:
             click.echo(report.log_header())
-        _print_records(records, as_json)
-        if not follow:
-            return
-        try:
-            report.follow(
-                store,
-                flt,
-                after,
-                lambda batch: _print_records(batch, as_json),
-                interval=interval,
-                max_wait=max_wait,
-            )
-        except KeyboardInterrupt:
-            pass
+        _print_records(records[-(last or 10) :], as_json)
+        report.follow(
+            store,
+            flt,
+            after,
+            lambda batch: _print_records(batch, as_json),
+            interval=interval,
+            max_wait=max_wait,
+            sleep=signals.wait,
+            stopped=signals.caught,
+        )
+
+
+class StopSignals:
+    """SIGINT and SIGTERM end `log --follow`, whenever they arrive and however it started.
+
+    Not by the KeyboardInterrupt Python raises by default: Python turns SIGINT into one
+    only if SIGINT was at its default disposition when the interpreter started, and a
+    command started in the background by a non-interactive shell (`... &` in a script or
+    a CI job) inherits SIGINT *ignored*, so `kill -INT` (and Ctrl-C) never stopped it.
+    The handlers here only note the signal: nothing is raised in the middle of a
+    database call or of a record being printed. The wait between polls watches the
+    wakeup fd the signal writes to, so it ends at once, and the loop ends at its next
+    check. Main thread only, as Python's signal handling is.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self._signal: int | None = None
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._write)
+        self._old = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        # A mask inherited from the parent could hold them back as well.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self._signal = signum
+
+    def caught(self) -> bool:
+        return self._signal is not None
+
+    def wait(self, seconds: float) -> None:
+        if self._signal is None:
+            select.select([self._read], [], [], seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._read)
+        os.close(self._write)
 
 
 def _check_code(store: Store, column: str, value: str) -> None:

@@ -23,6 +23,7 @@ EVENTS = (
     "2fa-unlock",
     "2fa-recovery-codes",
     "2fa-recovery-code-used",
+    "2fa-code-reused",
     "sk-counter",
     "hooks-install",
     "hooks-uninstall",

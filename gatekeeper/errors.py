@@ -45,9 +45,28 @@ class PolicyError(GatekeeperError):
 
 
 class StoreError(GatekeeperError):
-    """The state database or the server key is missing, locked, corrupt or unwritable."""
+    """The state database or the server key is missing, locked, corrupt or unwritable.
+
+    Its message names the database (a path or a URL) and quotes the database's own
+    words: for the admin, on the box. A git client is told `for_client()` instead."""
 
     exit_code = 4
+
+    def __init__(self, message: str, hint: str | None = None, *, busy: bool = False) -> None:
+        super().__init__(message, hint)
+        self.busy = busy
+        """Another writer held the store past the timeout: it may well work in a moment."""
+
+    def for_client(self) -> Refused:
+        """What a git client learns: that the server's 2FA state is busy or unusable, in
+        the same words whatever the store; never where it lives or what the database said
+        (the entry point logs that on the server)."""
+        if self.busy:
+            return Refused("access refused: the server's 2FA state is busy right now.", TRY_AGAIN)
+        return Refused("access refused: the server cannot read its 2FA state right now.", TRY_AGAIN)
+
+
+TRY_AGAIN = "try again in a moment; if it persists, tell an administrator."
 
 
 class NotFound(GatekeeperError):

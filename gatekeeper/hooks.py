@@ -419,12 +419,12 @@ def pre_receive(
         try:
             store.audit_many("ref-update", records, now=now)
         except StoreError as exc:
-            log(f"push to {ident.repo} refused, audit failed: {exc.message}")
-            busy = "busy" in exc.message
+            log(f"push to {ident.repo} refused, audit failed: {' | '.join(exc.lines())}")
+            why = "the state database is busy" if exc.busy else "logged on the server"
             raise Denied(
                 SERVER_ERROR,
                 f"push to '{ident.repo}' refused: the server could not record it in its "
-                f"audit log ({'the state database is busy' if busy else 'logged on the server'})"
+                f"audit log ({why})"
                 "; nothing was changed.",
                 "hint: try again in a moment; if it persists, tell an administrator.",
                 audit=False,
@@ -434,13 +434,8 @@ def pre_receive(
         return refuse(denied, store, audit, now, stderr)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
-        unreadable = Denied(
-            SERVER_ERROR,
-            "access refused: the server cannot read its 2FA state right now.",
-            "hint: try again in a moment; if it persists, tell an administrator.",
-            audit=False,
-        )
-        return refuse(unreadable, store, audit, now, stderr)
+        unusable = Denied(SERVER_ERROR, *exc.for_client().lines(), audit=False)
+        return refuse(unusable, store, audit, now, stderr)
     finally:
         if store is not None:
             store.close()
@@ -526,7 +521,7 @@ def check_fetch(
         return out.getvalue().splitlines()
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
-        return [PREFIX + "access refused: the server cannot read its 2FA state right now."]
+        return [PREFIX + line for line in exc.for_client().lines()]
     finally:
         if store is not None:
             store.close()

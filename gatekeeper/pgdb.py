@@ -157,6 +157,7 @@ class _Postgres:
                 f"state database is busy: {where} ({text}).",
                 hint="try again in a moment; if it persists, look for a stuck gatekeeper "
                 "process or a long transaction.",
+                busy=True,
             )
         if state == "42501":
             return StoreError(

@@ -683,12 +683,13 @@ def follow(
     max_wait: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> int:
     """Poll for records after `after_seq` that pass `flt`, handing each batch to
-    `on_records`, until `max_wait` seconds have passed (forever without it). Returns
-    the last sequence number seen."""
+    `on_records`, until `max_wait` seconds have passed (forever without it) or `stopped()`
+    says so (checked before and after each wait). Returns the last sequence number seen."""
     deadline = None if max_wait is None else clock() + max_wait
-    while True:
+    while not stopped():
         if deadline is not None:
             left = deadline - clock()
             if left <= 0:
@@ -696,10 +697,13 @@ def follow(
             sleep(min(interval, left))
         else:
             sleep(interval)
+        if stopped():
+            break
         batch = flt.records(store, after_seq)
         if batch:
             on_records(batch)
             after_seq = int(batch[-1]["seq"])
+    return after_seq
 
 
 # -- checking the log ---------------------------------------------------------------

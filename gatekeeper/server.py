@@ -56,7 +56,7 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, seckey, shell, sshcmd, sshkeys, twofactor
+from gatekeeper import decision, logs, seckey, shell, sshcmd, sshkeys, twofactor
 from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError
 from gatekeeper.policy import Policy
 from gatekeeper.record import evolve
@@ -666,7 +666,8 @@ class Connection(paramiko.ServerInterface):
         try:
             twofactor.verify(self.store, self.policy, self.key, code, client=self.client_ip)
         except GatekeeperError as exc:
-            self.code_error = " ".join(exc.lines())
+            shown = exc.for_client() if isinstance(exc, StoreError) else exc
+            self.code_error = " ".join(shown.lines())
             self.note(f"code refused: {exc.message}")
             return AUTH_FAILED
         self.second_factor = "verified"
@@ -1374,6 +1375,9 @@ def serve(
         logging.getLogger("paramiko").propagate = False
     _raise_file_limit()
     state_dir = policy.server.state_dir
+    logs.use_state_dir(str(state_dir))
+    if not any(h.get_name() == logs.HANDLER_NAME for h in log.handlers):
+        log.addHandler(logs.handler("gatekeeper-serve"))
     # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
     with Store.open(state_dir, policy.server.store) as store:
         keys = store.list_keys()

@@ -128,11 +128,12 @@ def load(
     except PolicyError as exc:
         report(f"policy error: {' | '.join(exc.lines())}")
         raise policy_refusal() from exc
+    logs.use_state_dir(policy.server.state_dir_str)
     try:
         store = Store.open(policy.server.state_dir_str, policy.server.store, light=light)
     except StoreError as exc:
         report(f"store error: {' | '.join(exc.lines())}")
-        raise store_refusal() from exc
+        raise exc.for_client() from exc
     return policy, store
 
 
@@ -143,11 +144,11 @@ def policy_refusal() -> Refused:
     )
 
 
-def store_refusal() -> Refused:
-    return Refused(
-        "access refused: the server cannot read its 2FA state right now.",
-        hint="try again in a moment; if it persists, tell an administrator.",
-    )
+def store_refusal(exc: StoreError | None = None) -> Refused:
+    """What a client learns of a store fault (`StoreError.for_client`)."""
+    if exc is not None:
+        return exc.for_client()
+    return StoreError("").for_client()
 
 
 def audit_bad_command(
@@ -430,7 +431,7 @@ def git_binary() -> str:
         candidate = os.path.join(directory, "git")
         if os.access(candidate, os.X_OK):
             return candidate
-    raise StoreError("git is not installed on the server.", hint="install git.")
+    raise Refused("access refused: git is not installed on the server.", hint="install git.")
 
 
 def log(message: str) -> None:
@@ -443,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
         )
     except GatekeeperError as exc:
+        if isinstance(exc, StoreError):
+            # Its words name the database and quote it: for the server log, not the client.
+            log(f"store error: {' | '.join(exc.lines())}")
+            exc = exc.for_client()
         sys.stderr.write(refusal_text(exc))
         return exc.exit_code
     except KeyboardInterrupt:

@@ -148,6 +148,7 @@ class SqliteDatabase:
             return StoreError(
                 f"state database is busy: {path} is locked by another process.",
                 hint="try again in a moment; if it persists, look for a stuck gatekeeper process.",
+                busy=True,
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return StoreError(

@@ -25,7 +25,7 @@ from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
     from types import TracebackType
     from typing import Any
@@ -203,6 +203,19 @@ class Totp:
     @property
     def confirmed(self) -> bool:
         return self.confirmed_at is not None
+
+
+@record
+class CodeCheck:
+    """How `Store.check_totp_code` judged a code."""
+
+    outcome: str
+    """accepted, replayed (right, but its timestep was used already), wrong, locked (not
+    evaluated), or changed (no enrollment, or not in the state asked for)."""
+    step: int | None = None
+    """The timestep the code matched (accepted, replayed)."""
+    locked_until: int | None = None
+    """The lock that refused it (locked), or that this failure set (wrong)."""
 
 
 @record
@@ -1003,16 +1016,29 @@ class Store:
             self._append_audit("2fa-enroll-start", now, actor=actor, user=user.name)
 
     def confirm_enrollment(
-        self, user: User, timestep: int, code_hashes: list[str], *, actor: str | None = None
+        self,
+        user: User,
+        timestep: int,
+        code_hashes: list[str],
+        *,
+        actor: str | None = None,
+        secret: bytes | None = None,
     ) -> bool:
-        """Confirm a pending enrollment with an accepted timestep and store recovery codes."""
+        """Confirm a pending enrollment with an accepted timestep and store recovery codes.
+
+        The timestep may already be the enrollment's last accepted one (`check_totp_code`
+        accepted it); `secret`, the encrypted secret the code was checked against, makes
+        sure an enrollment restarted meanwhile is not confirmed by the old one's code."""
         now = time.time()
+        sql = (
+            "UPDATE totp SET confirmed_at = ?, last_timestep = ?"
+            " WHERE user_id = ? AND confirmed_at IS NULL AND last_timestep <= ?"
+        )
+        params: tuple[Any, ...] = (int(now), timestep, user.id, timestep)
+        if secret is not None:
+            sql, params = sql + " AND secret = ?", (*params, secret)
         with self._write():
-            cur = self._exec(
-                "UPDATE totp SET confirmed_at = ?, last_timestep = ?"
-                " WHERE user_id = ? AND confirmed_at IS NULL AND last_timestep < ?",
-                (int(now), timestep, user.id, timestep),
-            )
+            cur = self._exec(sql, params)
             if cur.rowcount != 1:
                 return False
             self._replace_recovery_codes(user.id, code_hashes)
@@ -1210,55 +1236,151 @@ class Store:
         With `attempt` (from `reserve_attempt`) the failure was already counted; without
         it, it is counted here. Either way an active lock is never shortened."""
         with self._write():
-            row = self._read_one(
-                "SELECT count, window_start, locked_until FROM failures WHERE user_id = ?",
-                (user.id,),
+            return self._failure(
+                user,
+                now,
+                max_failures=max_failures,
+                window_seconds=window_seconds,
+                lockout_seconds=lockout_seconds,
+                key_fp=key_fp,
+                client=client,
+                what=what,
+                attempt=attempt,
             )
-            active = (
-                row["locked_until"]
-                if row is not None and row["locked_until"] is not None and row["locked_until"] > now
-                else None
-            )
-            if attempt is not None:
-                count = attempt
-                locked = active if attempt >= max_failures else None
+
+    def _failure(
+        self,
+        user: User,
+        now: float,
+        *,
+        max_failures: int,
+        window_seconds: int,
+        lockout_seconds: int,
+        key_fp: str | None,
+        client: str | None,
+        what: str,
+        attempt: int | None,
+    ) -> int | None:
+        """`record_failure`'s work, inside the caller's `_write()`."""
+        row = self._read_one(
+            "SELECT count, window_start, locked_until FROM failures WHERE user_id = ?",
+            (user.id,),
+        )
+        active = (
+            row["locked_until"]
+            if row is not None and row["locked_until"] is not None and row["locked_until"] > now
+            else None
+        )
+        if attempt is not None:
+            count = attempt
+            locked = active if attempt >= max_failures else None
+        else:
+            if row is None or now - row["window_start"] > window_seconds:
+                count, start = 1, int(now)
             else:
-                if row is None or now - row["window_start"] > window_seconds:
-                    count, start = 1, int(now)
-                else:
-                    count, start = row["count"] + 1, row["window_start"]
-                locked = int(now + lockout_seconds) if count >= max_failures else None
-                if active is not None:
-                    locked = max(active, locked or 0) if locked else None
-                self._exec(
-                    "INSERT INTO failures (user_id, count, window_start, locked_until)"
-                    " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
-                    " window_start = excluded.window_start, locked_until = excluded.locked_until",
-                    (
-                        user.id,
-                        0 if locked else count,
-                        int(now) if locked else start,
-                        locked or active,
-                    ),
-                )
+                count, start = row["count"] + 1, row["window_start"]
+            locked = int(now + lockout_seconds) if count >= max_failures else None
+            if active is not None:
+                locked = max(active, locked or 0) if locked else None
+            self._exec(
+                "INSERT INTO failures (user_id, count, window_start, locked_until)"
+                " VALUES (?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET count = excluded.count,"
+                " window_start = excluded.window_start, locked_until = excluded.locked_until",
+                (
+                    user.id,
+                    0 if locked else count,
+                    int(now) if locked else start,
+                    locked or active,
+                ),
+            )
+        self._append_audit(
+            "2fa-failure",
+            now,
+            user=user.name,
+            key_fp=key_fp,
+            client=client,
+            detail={"what": what, "count": count},
+        )
+        if locked:
             self._append_audit(
-                "2fa-failure",
+                "2fa-lockout",
                 now,
                 user=user.name,
                 key_fp=key_fp,
                 client=client,
-                detail={"what": what, "count": count},
+                detail={"until": utc_iso(locked), "failures": count},
             )
-            if locked:
+        return locked
+
+    def check_totp_code(
+        self,
+        user: User,
+        now: float,
+        evaluate: Callable[[Totp], int | None],
+        *,
+        confirmed: bool,
+        max_failures: int,
+        window_seconds: int,
+        lockout_seconds: int,
+        key_fp: str | None = None,
+        client: str | None = None,
+        what: str = "totp",
+    ) -> CodeCheck:
+        """Judge a TOTP code in one write transaction: the lock check, the evaluation
+        (`evaluate(enrollment)`: the timestep the code matches, or None), then either the
+        failure (counted, audited, locking at `max_failures`) or the replay guard.
+
+        Evaluating under the store's write lock makes the count exact however many
+        connections guess at once: each sees every failure before it, so no more than
+        `max_failures` wrong codes are ever evaluated per window, with no attempt left
+        "in flight" (compare `reserve_attempt`, which the slow recovery-code check still
+        needs). A process killed before the commit has answered nothing and counted
+        nothing. `confirmed`: the enrollment state the caller needs (True to verify, False
+        to confirm a pending one); any other state is `changed`, evaluated and counted not.
+
+        A right code whose timestep was already used (a replay, or the loser of a race
+        between connections sending the same code) is `replayed`: audited as
+        `2fa-code-reused`, not counted as a failure. Leaving it uncounted gives a guesser
+        nothing: the answer only says that the code equals one already used and never
+        accepted again, and a TOTP code says nothing about the codes of other timesteps;
+        every code that is not right for the secret is still counted.
+        """
+        with self._write():
+            row = self._read_one("SELECT locked_until FROM failures WHERE user_id = ?", (user.id,))
+            if row is not None and row["locked_until"] is not None and row["locked_until"] > now:
+                return CodeCheck("locked", locked_until=int(row["locked_until"]))
+            enrollment = self.get_totp(user.id)
+            if enrollment is None or enrollment.confirmed != confirmed:
+                return CodeCheck("changed")
+            step = evaluate(enrollment)
+            if step is None:
+                locked = self._failure(
+                    user,
+                    now,
+                    max_failures=max_failures,
+                    window_seconds=window_seconds,
+                    lockout_seconds=lockout_seconds,
+                    key_fp=key_fp,
+                    client=client,
+                    what=what,
+                    attempt=None,
+                )
+                return CodeCheck("wrong", locked_until=locked)
+            if step <= enrollment.last_timestep:
                 self._append_audit(
-                    "2fa-lockout",
+                    "2fa-code-reused",
                     now,
                     user=user.name,
                     key_fp=key_fp,
                     client=client,
-                    detail={"until": utc_iso(locked), "failures": count},
+                    detail={"what": what, "step": step},
                 )
-        return locked
+                return CodeCheck("replayed", step=step)
+            self._exec(
+                "UPDATE totp SET last_timestep = ? WHERE user_id = ? AND last_timestep < ?",
+                (step, user.id, step),
+            )
+        return CodeCheck("accepted", step=step)
 
     def unlock(self, user: User, *, actor: str | None = None) -> int | None:
         """An admin lifts a lockout (and the failures counted towards one); returns the

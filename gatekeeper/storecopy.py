@@ -31,7 +31,7 @@ def copy_store(source: Store, dest: Store, *, replace: bool = False) -> CopyResu
         if problems:
             raise StoreError(
                 f"the source's audit log does not verify: {problems[0].message}.",
-                hint="run `gatekeeper audit verify` and resolve it before moving the store.",
+                hint="run `gatekeeper log verify` and resolve it before moving the store.",
             )
         data = {table: source.dump_table(table) for table in TABLES}
         with dest.write_lock():

@@ -4,7 +4,9 @@ The same functions serve the admin CLI and the users' own `ssh git@HOST 2fa ...`
 commands, so both follow one set of rules (DESIGN.md, "TOTP rules"):
 - an enrollment is pending until a first valid code confirms it;
 - an accepted timestep is never accepted again (the store's conditional UPDATE);
-- only failed attempts count, and too many within the window lock verification;
+- only wrong codes count, and too many within the window lock verification; a right
+  code whose timestep was used already (a replay, or a race lost to another
+  connection) is refused and audited, never counted;
 - every change is audited in the same transaction that makes it.
 """
 
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from gatekeeper import totp
-from gatekeeper.errors import InputError, Refused
+from gatekeeper.errors import GatekeeperError, InputError, Refused
 from gatekeeper.policy import Policy
-from gatekeeper.store import KeyRecord, Store, User
+from gatekeeper.store import KeyRecord, Store, Totp, User
 
 
 @dataclass(frozen=True)
@@ -52,20 +54,6 @@ def enroll(
     return Enrollment(user.name, secret, uri)
 
 
-def _secret(store: Store, user: User) -> tuple[str, bool, int]:
-    record = store.get_totp(user.id)
-    if record is None:
-        raise Refused(
-            f"'{user.name}' has not enrolled in two-step verification.",
-            hint="enroll first (`2fa enroll`).",
-        )
-    return (
-        totp.decrypt_secret(_server_key(store), user.id, record.secret),
-        record.confirmed,
-        record.last_timestep,
-    )
-
-
 def _locked(user: User, until: float) -> Refused:
     return Refused(
         f"verification is locked for '{user.name}' until {_fmt(until)} after repeated wrong codes.",
@@ -89,7 +77,7 @@ def _limits(policy: Policy) -> dict[str, int]:
 
 
 def _reserve(store: Store, policy: Policy, user: User, now: float) -> int:
-    """Count this attempt before the code is compared with anything (see
+    """Count a recovery-code attempt before the code is compared with anything (see
     `Store.reserve_attempt`): parallel guesses cannot exceed `max_failures`."""
     attempt, until = store.reserve_attempt(user, now, **_limits(policy))
     if until is not None:
@@ -122,11 +110,86 @@ def _fail(
         what=what,
         attempt=attempt,
     )
+    return _wrong(message, locked)
+
+
+def _wrong(message: str, locked: int | None) -> Refused:
     if locked is not None:
         return Refused(
             f"{message} Too many wrong codes: verification is locked until {_fmt(locked)}."
         )
     return Refused(message, hint="use the current code from your authenticator app.")
+
+
+def _reused() -> Refused:
+    """A right code whose timestep was used already: never a failure (see
+    `Store.check_totp_code`), so nothing about a lock."""
+    return Refused(
+        "this code was already used; wait for the next one.",
+        hint="each code works once: use the next code your authenticator app shows.",
+    )
+
+
+def _check_totp(
+    store: Store,
+    policy: Policy,
+    user: User,
+    code: str,
+    now: float,
+    *,
+    confirmed: bool,
+    wrong: str,
+    key_fp: str | None = None,
+    client: str | None = None,
+    what: str = "totp",
+) -> tuple[int, bytes]:
+    """A TOTP code for `user`'s enrollment (confirmed or pending, as asked): the accepted
+    timestep and the encrypted secret it was checked against, or `Refused`."""
+    code = totp.normalize_code(code)
+    checked: list[bytes] = []
+
+    def evaluate(enrollment: Totp) -> int | None:
+        checked.append(enrollment.secret)
+        secret = totp.decrypt_secret(_server_key(store), user.id, enrollment.secret)
+        return totp.match_timestep(secret, code, now)
+
+    result = store.check_totp_code(
+        user,
+        now,
+        evaluate,
+        confirmed=confirmed,
+        **_limits(policy),
+        key_fp=key_fp,
+        client=client,
+        what=what,
+    )
+    if result.outcome == "locked":
+        raise _locked(user, result.locked_until or now)
+    if result.outcome == "changed":
+        raise _not_in_state(store, user, confirmed)
+    if result.outcome == "wrong":
+        raise _wrong(wrong, result.locked_until)
+    if result.outcome == "replayed":
+        raise _reused()
+    assert result.step is not None and checked
+    return result.step, checked[-1]
+
+
+def _not_in_state(store: Store, user: User, confirmed: bool) -> GatekeeperError:
+    record = store.get_totp(user.id)
+    if record is None:
+        return Refused(
+            f"'{user.name}' has not enrolled in two-step verification.",
+            hint="enroll first (`2fa enroll`).",
+        )
+    if record.confirmed and not confirmed:
+        return InputError(f"'{user.name}' is already enrolled; nothing to confirm.")
+    if not record.confirmed and confirmed:
+        return Refused(
+            f"'{user.name}' has a pending enrollment; confirm it first.",
+            hint="`2fa confirm CODE` with the code your app shows.",
+        )
+    return Refused("the enrollment changed meanwhile.", hint="try again.")
 
 
 def confirm(
@@ -144,28 +207,22 @@ def confirm(
     user = store.get_user(user_name)
     code = totp.normalize_code(code)
     _refuse_if_locked(store, user, now)
-    secret, confirmed, _ = _secret(store, user)
-    if confirmed:
-        raise InputError(f"'{user.name}' is already enrolled; nothing to confirm.")
-    attempt = _reserve(store, policy, user, now)
-    step = totp.match_timestep(secret, code, now)
-    if step is None:
-        raise _fail(
-            store,
-            policy,
-            user,
-            now,
-            "wrong code: enrollment not confirmed.",
-            attempt=attempt,
-            client=client,
-            what="confirm",
-        )
+    step, secret = _check_totp(
+        store,
+        policy,
+        user,
+        code,
+        now,
+        confirmed=False,
+        wrong="wrong code: enrollment not confirmed.",
+        client=client,
+        what="confirm",
+    )
     codes = totp.new_recovery_codes()
-    if not store.confirm_enrollment(
-        user, step, [totp.hash_recovery_code(c) for c in codes], actor=actor
-    ):
+    hashes = [totp.hash_recovery_code(c) for c in codes]
+    if not store.confirm_enrollment(user, step, hashes, actor=actor, secret=secret):
         raise Refused(
-            "enrollment was not confirmed: it changed meanwhile or the code was reused.",
+            "enrollment was not confirmed: it changed meanwhile.",
             hint="start again with `2fa enroll`.",
         )
     return codes
@@ -184,58 +241,74 @@ def check_code(
 ) -> str:
     """Check a TOTP or recovery code for a confirmed user; return the method used.
 
-    Raises `Refused` for a wrong, replayed or locked-out attempt (each failure is
-    counted and audited) and `InputError` for something that is not a code at all.
+    Raises `Refused` for a wrong, already used or locked-out attempt (each wrong code is
+    counted and audited; a right one used already is audited, not counted) and
+    `InputError` for something that is not a code at all.
     """
     now = time.time() if now is None else now
+    # A read first: during a lockout a flood of attempts never takes the write lock.
     _refuse_if_locked(store, user, now)
     if allow_recovery and totp.looks_like_recovery_code(code):
-        attempt = _reserve(store, policy, user, now)
-        for code_id, hashed in store.unused_recovery_codes(user.id):
-            if totp.check_recovery_code(code, hashed) and store.use_recovery_code(code_id):
-                store.audit(
-                    "2fa-recovery-code-used", now=now, user=user.name, key_fp=key_fp, client=client
-                )
-                _succeeded(store, policy, user, attempt)
-                return "recovery-code"
-        raise _fail(
-            store,
-            policy,
-            user,
-            now,
-            "wrong or already used recovery code.",
-            attempt=attempt,
-            key_fp=key_fp,
-            client=client,
-            what="recovery-code",
-        )
-    code = totp.normalize_code(code)
-    secret, confirmed, _ = _secret(store, user)
-    if not confirmed:
-        raise Refused(
-            f"'{user.name}' has a pending enrollment; confirm it first.",
-            hint="`2fa confirm CODE` with the code your app shows.",
-        )
-    attempt = _reserve(store, policy, user, now)
-    step = totp.match_timestep(secret, code, now)
-    if step is None:
-        raise _fail(
-            store, policy, user, now, "wrong code.", attempt=attempt, key_fp=key_fp, client=client
-        )
-    if not store.accept_timestep(user.id, step):
-        raise _fail(
-            store,
-            policy,
-            user,
-            now,
-            "that code was already used; wait for the next one.",
-            attempt=attempt,
-            key_fp=key_fp,
-            client=client,
-            what="replay",
-        )
-    _succeeded(store, policy, user, attempt)
+        return _check_recovery_code(store, policy, user, code, now, key_fp=key_fp, client=client)
+    _check_totp(
+        store,
+        policy,
+        user,
+        code,
+        now,
+        confirmed=True,
+        wrong="wrong code.",
+        key_fp=key_fp,
+        client=client,
+    )
     return "totp"
+
+
+def _check_recovery_code(
+    store: Store,
+    policy: Policy,
+    user: User,
+    code: str,
+    now: float,
+    *,
+    key_fp: str | None,
+    client: str | None,
+) -> str:
+    # scrypt takes a while per stored code: reserved outside the write lock, not under it.
+    attempt = _reserve(store, policy, user, now)
+    matched = False
+    for code_id, hashed in store.unused_recovery_codes(user.id):
+        if not totp.check_recovery_code(code, hashed):
+            continue
+        if store.use_recovery_code(code_id):
+            store.audit(
+                "2fa-recovery-code-used", now=now, user=user.name, key_fp=key_fp, client=client
+            )
+            _succeeded(store, policy, user, attempt)
+            return "recovery-code"
+        matched = True  # a racing connection used it a moment ago
+    if matched:
+        _succeeded(store, policy, user, attempt)
+        store.audit(
+            "2fa-code-reused",
+            now=now,
+            user=user.name,
+            key_fp=key_fp,
+            client=client,
+            detail={"what": "recovery-code"},
+        )
+        raise Refused("this recovery code was already used.", hint="each recovery code works once.")
+    raise _fail(
+        store,
+        policy,
+        user,
+        now,
+        "wrong or already used recovery code.",
+        attempt=attempt,
+        key_fp=key_fp,
+        client=client,
+        what="recovery-code",
+    )
 
 
 def verify(
@@ -266,10 +339,11 @@ def disable(
     actor: str | None,
     key_fp: str | None = None,
     client: str | None = None,
+    now: float | None = None,
 ) -> None:
     """A user turning 2FA off: needs a current code (or a recovery code)."""
     user = store.get_user(user_name)
-    check_code(store, policy, user, code, key_fp=key_fp, client=client)
+    check_code(store, policy, user, code, now=now, key_fp=key_fp, client=client)
     store.disable_2fa(user, actor=actor)
 
 

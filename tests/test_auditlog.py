@@ -352,6 +352,78 @@ def test_follow_prints_new_records_until_interrupted(
     assert "Traceback" not in err
 
 
+def _sigint_ignored() -> None:
+    # What a non-interactive shell does to a job it starts with `&` (a script, a CI step).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _sigint_blocked() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+@pytest.mark.parametrize(
+    ("inherited", "signum"),
+    [
+        (_sigint_ignored, signal.SIGINT),
+        (_sigint_blocked, signal.SIGINT),
+        (None, signal.SIGTERM),
+        (_sigint_ignored, signal.SIGTERM),
+    ],
+    ids=["sigint-ignored-by-the-parent", "sigint-blocked-by-the-parent", "sigterm", "sigterm-bg"],
+)
+def test_follow_stops_on_a_signal_however_it_was_started(
+    logged: Installation, inherited: Callable[[], None] | None, signum: int
+) -> None:
+    args = ["log", "--follow", "--json", "--event", "user-add", "--interval", "0.1"]
+    proc = subprocess.Popen(
+        [GATEKEEPER, *args, "--max-wait", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=logged.env,
+        preexec_fn=inherited,
+    )
+    try:
+        lines = _lines(proc.stdout)
+        _until(lines, lambda r: r["user"] == "u7")
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert err == ""
+
+
+def test_follow_stops_on_a_signal_that_arrives_while_it_reads(
+    logged: Installation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: SIGINT lands in the middle of a database read; the read finishes, the
+    loop ends at its next check, nothing is raised where the signal landed."""
+    from click.testing import CliRunner
+
+    from gatekeeper import cli, report
+
+    reads = 0
+    real = report.LogFilter.records
+
+    def records(self: report.LogFilter, store: Any, after_seq: int = 0) -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        if reads == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, store, after_seq)
+
+    monkeypatch.setattr(report.LogFilter, "records", records)
+    before = signal.getsignal(signal.SIGINT)
+    args = ["--config", str(logged.config), "log", "--follow", "--interval", "0.05"]
+    result = CliRunner().invoke(cli.cli, [*args, "--max-wait", "30"])
+    assert result.exit_code == 0, result.output
+    assert reads == 3
+    assert signal.getsignal(signal.SIGINT) is before, "the handler is put back"
+
+
 def test_follow_stops_by_itself_after_max_wait(logged: Installation) -> None:
     result = logged.gk("log", "--follow", "--max-wait", "0.3", "--interval", "0.1", "--user", "u2")
     lines = result.stdout.splitlines()

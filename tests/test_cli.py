@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from asuser import AsUser, throwaway_user
 from conftest import Installation
+from test_faults import fill, tmpfs
 
 from gatekeeper.store import DB_NAME
 
@@ -308,3 +312,161 @@ def test_keys_command_prints_a_line_only_for_known_keys_and_the_git_user(
     assert gk.gk("keys-command", "git", t2, b2).stdout == ""
     garbage = gk.gk("keys-command", "git", "ssh-ed25519", "!!!", check=False)
     assert garbage.stdout == "" and "Traceback" not in garbage.stderr
+
+
+# -- authorized-keys --write where the account cannot write ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unprivileged() -> Iterator[AsUser]:
+    with throwaway_user() as user:
+        yield user
+
+
+@pytest.fixture
+def their_install(unprivileged: AsUser) -> Iterator[Installation]:
+    """An installation with one registered key, owned by the unprivileged user."""
+    base = Path(tempfile.mkdtemp(prefix="gk.", dir=unprivileged.home))
+    gk = Installation(base).init()
+    gk.add_user("alice")
+    unprivileged.own(base)
+    yield gk
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def tree(directory: Path) -> dict[str, bytes | None]:
+    """Every entry under `directory` with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def _root_owned_dir(gk: Installation) -> Path:
+    """A directory the user may read but not write, holding an authorized_keys it owns."""
+    directory = gk.base / "sealed"
+    directory.mkdir(mode=0o755)
+    target = directory / "authorized_keys"
+    target.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther admin@box\n")
+    os.chown(target, *_owner(gk.base))
+    return target
+
+
+def _missing_under_a_root_owned_dir(gk: Installation) -> Path:
+    directory = gk.base / "sealed"
+    directory.mkdir(mode=0o755)
+    return directory / "ssh" / "authorized_keys"
+
+
+def _unreadable_file(gk: Installation) -> Path:
+    target = gk.base / "authorized_keys"
+    target.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther admin@box\n")
+    os.chown(target, 0, 0)
+    target.chmod(0o600)
+    return target
+
+
+def _a_directory(gk: Installation) -> Path:
+    target = gk.base / "authorized_keys"
+    target.mkdir()
+    os.chown(target, *_owner(gk.base))
+    return target
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid
+
+
+@pytest.mark.parametrize(
+    ("make_target", "expected"),
+    [
+        (_root_owned_dir, "cannot write"),
+        (_missing_under_a_root_owned_dir, "cannot create the directory"),
+        (_unreadable_file, "cannot read"),
+        (_a_directory, "it is a directory"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[1:] if callable(v) else None,
+)
+def test_authorized_keys_write_refuses_in_one_line_and_leaves_the_file(
+    unprivileged: AsUser, their_install: Installation, make_target: object, expected: str
+) -> None:
+    gk = their_install
+    target: Path = make_target(gk)  # type: ignore[operator]
+    before = tree(gk.base)
+    result = unprivileged.gk("authorized-keys", "--write", str(target), env=gk.env)
+    assert_one_line_error(result, expected, str(target))
+    assert len(result.stderr.splitlines()) == 2 and "gatekeeper: hint: " in result.stderr
+    assert tree(gk.base) == before, "the file and its directory are as they were"
+
+
+def test_key_add_says_the_key_was_added_when_authorized_keys_cannot_be_written(
+    unprivileged: AsUser, their_install: Installation
+) -> None:
+    gk = their_install
+    target = _root_owned_dir(gk)
+    before = target.read_bytes()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(gk.base / "k")])
+    unprivileged.own(gk.base / "k.pub")
+    result = unprivileged.gk(
+        "key", "add", "alice", str(gk.base / "k.pub"), "--authorized-keys", str(target), env=gk.env
+    )
+    assert_one_line_error(result, "added SHA256:", "but cannot write")
+    assert f"gatekeeper authorized-keys --write {target}" in result.stderr
+    assert target.read_bytes() == before
+    assert len(gk.audit(event="key-add")) == 2
+
+
+def test_authorized_keys_write_on_a_full_disk_leaves_the_file(
+    unprivileged: AsUser, their_install: Installation
+) -> None:
+    gk = their_install
+    mount = gk.base / "full"
+    with tmpfs(mount, "1m"):
+        os.chown(mount, unprivileged.uid, unprivileged.gid)
+        target = mount / "authorized_keys"
+        target.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther admin@box\n")
+        os.chown(target, unprivileged.uid, unprivileged.gid)
+        fill(mount)
+        before = tree(mount)
+        result = unprivileged.gk("authorized-keys", "--write", str(target), env=gk.env)
+        after = tree(mount)
+    assert_one_line_error(result, "cannot write", "no space left")
+    assert "free space" in result.stderr
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("key", "add", "alice", "{bad}"), "not UTF-8 text"),
+        (("policy", "check", "{bad}"), "not UTF-8 text"),
+        (("authorized-keys", "--write", "{bad}"), "not UTF-8 text"),
+    ],
+)
+def test_files_that_are_not_text_are_refused_in_one_line(
+    gk: Installation, args: tuple[str, ...], expected: str
+) -> None:
+    bad = gk.base / "binary"
+    bad.write_bytes(b"ssh-ed25519 \xff\xfe\n")
+    result = gk.gk(*(a.replace("{bad}", str(bad)) for a in args), check=False)
+    assert_one_line_error(result, expected)
+    assert bad.read_bytes() == b"ssh-ed25519 \xff\xfe\n"
+
+
+def test_a_file_error_no_command_foresaw_is_still_one_line(
+    gk: Installation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gatekeeper import authkeys, cli
+
+    def broken(lines: list[str]) -> str:
+        raise PermissionError(13, "Permission denied", "/somewhere/else")
+
+    monkeypatch.setattr(authkeys, "render_block", broken)
+    assert cli.main(["--config", str(gk.config), "authorized-keys"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "gatekeeper: error: Permission denied (/somewhere/else)",
+        "gatekeeper: hint: check that file's owner, mode and file system; run gatekeeper as "
+        "the git user.",
+    ]

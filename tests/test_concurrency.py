@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gatekeeper import totp, twofactor
-from gatekeeper.errors import Refused
+from gatekeeper.errors import GatekeeperError, Refused
 from gatekeeper.policy import Policy, compile_policy_text
 from gatekeeper.store import Store
 
@@ -178,6 +178,125 @@ def test_racing_uses_of_the_same_code_exactly_one_wins(tmp_path: Path, racers: i
         events = Counter(r["event"] for r in store.audit_records(user="alice"))
         assert events["2fa-verified"] == 1
         assert store.verify_audit() == []
+
+
+# -- the same right code from many connections, whatever the command: no lockout -------------
+
+RACERS = 10
+
+
+def pending_site(tmp_path: Path) -> tuple[Path, str, str]:
+    """alice with a key and an enrollment not confirmed yet; (state dir, policy, secret)."""
+    state = tmp_path / "state"
+    text = policy_text(state)
+    store = Store.create(state)
+    totp.create_server_key(store.server_key_path)
+    store.add_user("alice", actor="admin")
+    store.add_key("alice", "ssh-ed25519", "AAAA", f"SHA256:{0:043d}", 256, actor="admin")
+    pol = compile_policy_text(text, str(tmp_path / "config.yaml"))
+    secret = twofactor.enroll(store, pol, "alice", actor="admin").secret
+    store.close()
+    return state, text, secret
+
+
+def _race_command(
+    state: str, text: str, command: str, code: str, barrier: Any, results: Any
+) -> None:
+    """One connection running `2fa COMMAND CODE` (as usercmd does) at T0 + STEP."""
+    store, policy = load(state, text)
+    key = store.list_keys("alice")[0]
+    user = store.get_user("alice")
+    now = T0 + STEP
+    barrier.wait()
+    try:
+        if command == "verify":
+            twofactor.verify(store, policy, key, code, now=now, client="racer")
+        elif command == "confirm":
+            twofactor.confirm(store, policy, "alice", code, actor="alice", now=now)
+        elif command == "disable":
+            twofactor.disable(
+                store, policy, "alice", code, actor="alice", key_fp=key.fingerprint, now=now
+            )
+        else:
+            twofactor.check_code(store, policy, user, code, now=now, allow_recovery=False)
+            twofactor.new_recovery_codes(store, "alice", actor="alice")
+        results.put("won")
+    except GatekeeperError as exc:
+        results.put(exc.message)
+    finally:
+        store.close()
+
+
+WINNER_EVENT = {
+    "verify": "2fa-verified",
+    "confirm": "2fa-enabled",
+    "disable": "2fa-disabled",
+    "recovery-codes": "2fa-recovery-codes",
+}
+
+
+@pytest.mark.parametrize("command", list(WINNER_EVENT))
+def test_racing_connections_with_one_right_code_lock_nobody_out(
+    tmp_path: Path, command: str
+) -> None:
+    """Ten connections send the same right code at once, with the default limit of 5
+    failures: one wins, the nine others are told the code was used, and none of them is
+    a failure or locks the user out."""
+    if command == "confirm":
+        state, text, secret = pending_site(tmp_path)
+    else:
+        state, text, secrets = enrolled_site(tmp_path, ["alice"])
+        secret = secrets["alice"]
+    with Store.open(state) as store:
+        before = len(store.audit_records())
+    code = totp.current_code(secret, T0 + STEP)
+    barrier = SPAWN.Barrier(RACERS)
+    results = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(
+            target=_race_command, args=(str(state), text, command, code, barrier, results)
+        )
+        for _ in range(RACERS)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+
+    assert outcomes.count("won") == 1, outcomes
+    losers = [o for o in outcomes if o != "won"]
+    reused = [o for o in losers if o == "this code was already used; wait for the next one."]
+    # Once 2FA is off, a connection that comes later finds no enrollment to check against.
+    gone = [o for o in losers if command == "disable" and "has not enrolled" in o]
+    assert len(reused) + len(gone) == RACERS - 1, outcomes
+    with Store.open(state) as store:
+        events = Counter(r["event"] for r in store.audit_records(after_seq=before))
+        assert events[WINNER_EVENT[command]] == 1
+        assert events["2fa-code-reused"] == len(reused)
+        assert events["2fa-failure"] == 0 and events["2fa-lockout"] == 0, events
+        user = store.get_user("alice")
+        assert store.locked_until(user.id, T0 + STEP) is None
+        assert store.conn.execute("SELECT count(*) FROM failures").fetchone()[0] == 0
+        assert store.verify_audit() == []
+
+
+def test_a_used_right_code_is_never_a_failure_and_a_wrong_one_always_is(tmp_path: Path) -> None:
+    store, policy, user, secret = one_user(tmp_path, max_failures=2)
+    now = T0 + STEP
+    right = totp.current_code(secret, now)
+    wrong = wrong_codes(secret, now, 2)
+    assert attempt(store, policy, user, right, now) == "totp"
+    assert attempt(store, policy, user, wrong[0], now) == "wrong"
+    for _ in range(20):
+        with pytest.raises(Refused, match="already used"):
+            twofactor.check_code(store, policy, user, right, now=now)
+    assert store.locked_until(user.id, now) is None
+    assert attempt(store, policy, user, wrong[1], now) == "wrong"  # the second failure
+    assert store.locked_until(user.id, now) is not None
+    events = Counter(r["event"] for r in store.audit_records(user="alice"))
+    assert events["2fa-code-reused"] == 20
+    assert events["2fa-failure"] == 2 and events["2fa-lockout"] == 1
 
 
 # -- brute force from parallel connections ---------------------------------------------------

@@ -11,7 +11,9 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -102,6 +104,81 @@ def test_a_postgres_store_gates_clone_and_push_through_sshd(pg_site: Site, tmp_p
     reasons = [r["reason"] for r in pg_site.inst.audit(event="access", user="bob")]
     assert reasons == ["2fa-not-enrolled", "allowed", "allowed"]
     assert pg_site.inst.gk("log", "verify").returncode == 0
+
+
+# -- a busy store: the client learns that, the server log learns the rest ----------------------
+
+BUSY = [
+    "gatekeeper: access refused: the server's 2FA state is busy right now.",
+    "gatekeeper: hint: try again in a moment; if it persists, tell an administrator.",
+]
+
+
+def gatekeeper_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("gatekeeper:")]
+
+
+def busy_story(site: Site, tmp_path: Path, hold: Any) -> tuple[list[str], list[str], str]:
+    """bob clones and verifies while another connection holds the store's write lock:
+    what git and ssh showed him, and the server log afterwards."""
+    site.inst.enroll("bob")
+    code = site.inst.code("bob")
+    with hold():
+        rc, clone_err = site.clone("bob", "platform/api", tmp_path / "w")
+        verify = site.client("bob").run(f"2fa verify {code}")
+    assert rc != 0 and verify.returncode != 0
+    assert "Traceback" not in clone_err + verify.stderr
+    log = (site.inst.state / "gatekeeper.log").read_text()
+    return gatekeeper_lines(clone_err), gatekeeper_lines(verify.stderr), log
+
+
+def test_a_locked_sqlite_store_is_busy_to_the_client_and_detailed_in_the_log(
+    ak_site: Site, tmp_path: Path
+) -> None:
+    db = ak_site.inst.state / "gatekeeper.db"
+
+    @contextmanager
+    def hold() -> Iterator[None]:
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+    clone, verify, log = busy_story(ak_site, tmp_path, hold)
+    assert clone == verify == BUSY
+    shell_lines = [line for line in log.splitlines() if " gatekeeper-shell[" in line]
+    assert len(shell_lines) == 2, log
+    assert all(f"state database is busy: {db} is locked" in line for line in shell_lines), log
+
+
+def test_a_postgres_lock_timeout_is_busy_to_the_client_and_detailed_in_the_log(
+    pg_site: Site, tmp_path: Path, postgres_url: str, postgres_server: Any
+) -> None:
+    import psycopg
+
+    from gatekeeper.pgdb import WRITE_LOCK_KEY
+
+    @contextmanager
+    def hold() -> Iterator[None]:
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+            try:
+                yield
+            finally:
+                other.execute("ROLLBACK")
+
+    clone, verify, log = busy_story(pg_site, tmp_path, hold)
+    # The same words as on SQLite: no URL, no database message.
+    assert clone == verify == BUSY
+    shell_lines = [line for line in log.splitlines() if " gatekeeper-shell[" in line]
+    assert len(shell_lines) == 2, log
+    for line in shell_lines:
+        assert f"state database is busy: {postgres_url}" in line and "lock timeout" in line, line
+    assert postgres_server.password not in log
 
 
 def secret_from_uri(text: str) -> str:

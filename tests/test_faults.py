@@ -185,7 +185,8 @@ def test_a_missing_server_key_refuses_verify_but_not_git(
 ) -> None:
     """The git-access path never reads the server key (it needs only the store's facts),
     so members keep working at level `enrolled` and within open verified sessions; what
-    needs the key (verify, confirm, disable) refuses with what to do, changing nothing."""
+    needs the key (verify, confirm, disable) refuses, changing nothing, and the server
+    log tells the admin what to do."""
     gk, key = site
     gk.repo("platform/secrets")
     assert gk.shell(key, f"2fa verify {gk.code('bob')}").returncode == 0
@@ -195,7 +196,9 @@ def test_a_missing_server_key_refuses_verify_but_not_git(
     before = state_of(gk)
 
     refused = gk.shell(key, f"2fa verify {gk_code_from(saved, gk, 'bob', 0)}")
-    assert_clean_refusal(refused, "server key", "does not exist", "restore it from a backup")
+    assert_clean_refusal(refused, "cannot read its 2FA state")
+    assert "server key" not in refused.stderr
+    assert_logged(gk, "server key", "does not exist", "restore it from a backup")
     assert state_of(gk) == before
     assert_fetch_allowed(gk, key)  # platform/api needs `enrolled`
     secrets = gk.shell(key, "git-upload-pack 'platform/secrets'", stdin="0000")
@@ -214,7 +217,8 @@ def test_a_server_key_readable_by_others_refuses_with_the_fix(
     key_file.chmod(mode)
     before = state_of(gk)
     refused = gk.shell(key, f"2fa verify {gk_code_from(key_file.read_bytes(), gk, 'bob', 0)}")
-    assert_clean_refusal(refused, f"mode {mode:04o}", f"chmod 600 {key_file}")
+    assert_clean_refusal(refused, "cannot read its 2FA state")
+    assert_logged(gk, f"mode {mode:04o}", f"chmod 600 {key_file}")
     assert state_of(gk) == before
     assert_fetch_allowed(gk, key)
 
@@ -228,8 +232,15 @@ def test_a_server_key_from_elsewhere_refuses_with_the_fix(
     restore_key(key_file, os.urandom(32))
     before = state_of(gk)
     refused = gk.shell(key, f"2fa verify {gk_code_from(saved, gk, 'bob', 0)}")
-    assert_clean_refusal(refused, "wrong server key", "2fa reset")
+    assert_clean_refusal(refused, "cannot read its 2FA state")
+    assert_logged(gk, "wrong server key", "2fa reset")
     assert state_of(gk) == before
+
+
+def assert_logged(gk: Installation, *expected: str) -> None:
+    """The details the client was spared are in the server log, on one line."""
+    lines = (gk.state / "gatekeeper.log").read_text().splitlines()
+    assert any(all(text in line for text in expected) for line in lines), lines
 
 
 def restore_key(path: Path, data: bytes) -> None:

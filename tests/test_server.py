@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import threading
@@ -819,6 +820,41 @@ def test_keyboard_interactive_wrong_code_is_refused_and_counted(kbd_site: Site) 
     failures = site.inst.audit(event="2fa-failure", user="olga")
     assert len(failures) == 1
     site.server.wait_log("code refused: wrong code")
+
+
+def test_keyboard_interactive_on_a_busy_store_says_busy_and_logs_the_details(
+    tmp_path: Path,
+) -> None:
+    tf = "two_factor:\n  max_failures: 3\n  keyboard_interactive: true\n"
+    site = Site(tmp_path / "gk", tf, "--auth-timeout", "30")  # the busy timeout is 5 s
+    try:
+        site.inst.enroll("olga")
+        avoid_step_boundary(10)
+        t = connect(site.port)
+        try:
+            t.auth_publickey("git", site.pkey("olga"))
+            holder = sqlite3.connect(site.inst.state / "gatekeeper.db", isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(paramiko.AuthenticationException):
+                    t.auth_interactive("git", answer(site.inst.code("olga")))
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            handler = answer(site.inst.code("olga"))
+            t.auth_interactive("git", handler)
+            assert t.is_authenticated()
+        finally:
+            t.close()
+        said = handler.seen[0][1]
+        assert "access refused: the server's 2FA state is busy right now." in said
+        assert str(site.inst.state) not in said and "locked" not in said
+        site.server.wait_log("2fa=verified")
+        log = (site.inst.state / "gatekeeper.log").read_text()
+        assert " gatekeeper-serve[" in log and "2fa=verified" in log
+        assert f"code refused: state database is busy: {site.inst.state}" in log
+    finally:
+        assert site.server.stop() == 0
 
 
 def test_keyboard_interactive_empty_answer_goes_on_without_a_session(kbd_site: Site) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gatekeeper.errors import InputError
-from gatekeeper.store import SCHEMA_VERSION, Store
+from gatekeeper.store import SCHEMA_VERSION, CodeCheck, Store
 
 FP = "SHA256:" + "B" * 43
 
@@ -146,6 +146,34 @@ def test_a_released_attempt_is_not_a_failure(tmp_path: Path, url: str) -> None:
     assert store.locked_until(user.id, now) is not None  # the last allowed attempt locks...
     store.release_attempt(user, attempt, max_failures=1)
     assert store.locked_until(user.id, now) is None  # ...until it turns out right
+
+
+def test_a_code_check_counts_wrong_codes_and_never_a_used_right_one(
+    tmp_path: Path, url: str
+) -> None:
+    store = open_store(tmp_path, url)
+    enrolled(store)  # the confirming code was timestep 10
+    user = store.get_user("alice")
+    now = time.time()
+    limits = {"max_failures": 2, "window_seconds": 60, "lockout_seconds": 300}
+
+    def check(step: int | None, confirmed: bool = True) -> CodeCheck:
+        return store.check_totp_code(
+            user, now, lambda enrollment: step, confirmed=confirmed, **limits
+        )
+
+    assert check(12) == CodeCheck("accepted", step=12)
+    assert check(12) == CodeCheck("replayed", step=12)
+    assert check(11) == CodeCheck("replayed", step=11)
+    assert check(13, confirmed=False) == CodeCheck("changed")
+    assert check(None) == CodeCheck("wrong")
+    assert store.locked_until(user.id, now) is None
+    until = int(now + 300)
+    assert check(None) == CodeCheck("wrong", locked_until=until)
+    assert check(14) == CodeCheck("locked", locked_until=until)
+    events = [r["event"] for r in store.audit_records(user="alice")]
+    assert events.count("2fa-code-reused") == 2
+    assert events.count("2fa-failure") == 2 and events.count("2fa-lockout") == 1
 
 
 def test_edits_to_the_log_are_found_and_pruning_keeps_it_verifiable(
