@@ -130,6 +130,7 @@ class UserLine:
     oldest_key: int | None
     recovery_codes_left: int
     facts: UserFacts
+    security_keys: int = 0
     shortfalls: list[Shortfall] = field(default_factory=list)
     levels: list[str] = field(default_factory=list)
     """The level of every team and repository through which the user reaches anything."""
@@ -155,6 +156,7 @@ class UserLine:
             "verified_until": iso(self.verified_until),
             "locked_until": iso(self.locked_until),
             "keys": self.keys,
+            "security_keys": self.security_keys,
             "newest_key": iso(self.newest_key),
             "oldest_key": iso(self.oldest_key),
             "recovery_codes_left": self.recovery_codes_left,
@@ -455,6 +457,7 @@ def build_report(
             oldest_key=row["oldest_key"],
             recovery_codes_left=row["recovery_codes_left"],
             facts=user_facts(row),
+            security_keys=row.get("security_keys", 0),
         )
     if team is not None:
         users = {n: u for n, u in users.items() if team in u.teams}

@@ -42,6 +42,7 @@ class UserRow:
     deadline: date | None
     keys: int
     last_verified: int | None
+    security_keys: int = 0
 
     def days_left(self, today: date) -> int | None:
         return None if self.deadline is None else (self.deadline - today).days
@@ -69,6 +70,7 @@ class UserRow:
             "deadline": self.deadline.isoformat() if self.deadline else None,
             "days_left": self.days_left(today),
             "keys": self.keys,
+            "security_keys": self.security_keys,
             "last_verified": iso(self.last_verified),
         }
 
@@ -81,6 +83,7 @@ class TeamRow:
     grace_until: date | None
     members: int
     meeting: int
+    with_security_key: int = 0
 
     @property
     def percent(self) -> int:
@@ -95,6 +98,7 @@ class TeamRow:
             "members": self.members,
             "meeting": self.meeting,
             "percent": self.percent,
+            "with_security_key": self.with_security_key,
         }
 
 
@@ -193,6 +197,7 @@ def user_row(line: UserLine) -> UserRow:
         deadline=deadline,
         keys=line.keys,
         last_verified=line.last_verified,
+        security_keys=line.security_keys,
     )
 
 
@@ -217,6 +222,7 @@ def build_rollout(
                 grace_until=line.team.grace_until,
                 members=len(members),
                 meeting=sum(m.meets for m in members),
+                with_security_key=sum(m.security_keys > 0 for m in members),
             )
         )
     since = iso(report.generated_at - window_days * 86400) or ""
@@ -293,7 +299,7 @@ def text(rollout: Rollout) -> str:
             "level": u.level,
             "meets": "yes" if u.meets else "no",
             "deadline": u.when(today).replace("grace ends ", "") or "-",
-            "keys": str(u.keys),
+            "keys": f"{u.keys}" + (f" ({u.security_keys} sk)" if u.security_keys else ""),
             "last verified": _day(u.last_verified),
         }
         for u in rollout.users
@@ -309,12 +315,14 @@ def text(rollout: Rollout) -> str:
             "members": str(t.members),
             "meeting": str(t.meeting),
             "%": f"{t.percent}%",
+            "security keys": str(t.with_security_key),
             "deadline": t.grace_until.isoformat() if t.grace_until else "-",
             "mode": t.mode,
         }
         for t in rollout.teams
     ]
-    out += _table(team_rows, ("team", "level", "members", "meeting", "%", "deadline", "mode"))
+    columns = ("team", "level", "members", "meeting", "%", "security keys", "deadline", "mode")
+    out += _table(team_rows, columns)
     out.append("")
     out.append(
         "Every team and repository rule: --detail; who is let through for now: --would-refuse"
@@ -371,6 +379,12 @@ def prometheus_text(rollout: Rollout) -> str:
         "gauge",
         "Users who do not meet the level that applies to them, by team.",
         [(_labels(team=team), n) for team, n in sorted(missing_team.items())],
+    )
+    metric(
+        "gatekeeper_users_with_security_key",
+        "gauge",
+        "Users with at least one registered security key (FIDO2), by team.",
+        [(_labels(team=t.team), t.with_security_key) for t in rollout.teams],
     )
     metric(
         "gatekeeper_users_missing_level_total",

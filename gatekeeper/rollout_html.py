@@ -83,10 +83,12 @@ def _teams(rollout: Rollout) -> str:
         deadline = t.grace_until.isoformat() if t.grace_until else "-"
         rows.append(
             f'<tr class="team" data-team="{escape(t.team)}" data-members="{t.members}" '
-            f'data-meeting="{t.meeting}" data-percent="{t.percent}">'
+            f'data-meeting="{t.meeting}" data-percent="{t.percent}" '
+            f'data-security-keys="{t.with_security_key}">'
             f"<td>{escape(t.team)}</td><td>{escape(t.level)}</td>"
             f'<td class="num">{t.meeting} of {t.members} ({t.percent}%)</td>'
-            f"<td>{_bar(t.percent, color)}</td><td>{deadline}</td><td>{escape(t.mode)}</td></tr>"
+            f'<td>{_bar(t.percent, color)}</td><td class="num">{t.with_security_key}</td>'
+            f"<td>{deadline}</td><td>{escape(t.mode)}</td></tr>"
         )
     rows.append("</table>")
     return "\n".join(rows)
@@ -171,16 +173,17 @@ def _refusals(rollout: Rollout) -> str:
 def _everyone(rollout: Rollout) -> str:
     rows = [
         '<table id="users"><tr><th>User</th><th>Teams</th><th>2FA</th><th>Level</th>'
-        "<th>Meets</th><th>Keys</th></tr>"
+        "<th>Meets</th><th>Keys</th><th>Security keys</th></tr>"
     ]
     for u in rollout.users:
         meets = '<span class="ok">yes</span>' if u.meets else f'<span class="{u.status}">no</span>'
         rows.append(
             f'<tr class="user" data-user="{escape(u.user)}" data-meets="{str(u.meets).lower()}" '
-            f'data-level="{escape(u.level)}" data-state="{escape(u.state)}">'
+            f'data-level="{escape(u.level)}" data-state="{escape(u.state)}" '
+            f'data-security-keys="{u.security_keys}">'
             f"<td>{escape(u.user)}</td><td>{escape(', '.join(u.teams) or '-')}</td>"
             f"<td>{escape(u.state)}</td><td>{escape(u.level)}</td><td>{meets}</td>"
-            f'<td class="num">{u.keys}</td></tr>'
+            f'<td class="num">{u.keys}</td><td class="num">{u.security_keys}</td></tr>'
         )
     rows.append("</table>")
     return "\n".join(rows)

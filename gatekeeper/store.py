@@ -1417,6 +1417,8 @@ class Store:
             "SELECT u.id, u.name, u.created_at,"
             " t.created_at AS totp_created, t.confirmed_at,"
             " (SELECT count(*) FROM keys k WHERE k.user_id = u.id) AS keys,"
+            " (SELECT count(*) FROM keys k WHERE k.user_id = u.id AND k.sk = 1)"
+            "   AS security_keys,"
             " (SELECT min(added_at) FROM keys k WHERE k.user_id = u.id) AS oldest_key,"
             " (SELECT max(added_at) FROM keys k WHERE k.user_id = u.id) AS newest_key,"
             " (SELECT max(created_at) FROM sessions s WHERE s.user_id = u.id) AS last_verified,"
@@ -1447,6 +1449,7 @@ class Store:
                     else None,
                     "locked_until": locked,
                     "keys": r["keys"],
+                    "security_keys": r["security_keys"],
                     "oldest_key": r["oldest_key"],
                     "newest_key": r["newest_key"],
                     "recovery_codes_left": r["recovery_codes_left"],

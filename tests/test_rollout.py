@@ -102,7 +102,16 @@ def test_the_default_audit_answers_in_one_line_and_one_screen(site: Installation
     assert rows["erin"][1:6] == ["contractors", "pending", "enrolled", "no", "report"]
     assert rows["frank"][1:5] == ["-", "none", "none", "yes"]
     team_lines = {line.split()[0]: line.split() for line in lines[12:16]}
-    assert team_lines["web"] == ["web", "enrolled", "2", "1", "50%", GRACE.isoformat(), "enforce"]
+    assert team_lines["web"] == [
+        "web",
+        "enrolled",
+        "2",
+        "1",
+        "50%",
+        "0",
+        GRACE.isoformat(),
+        "enforce",
+    ]
     assert team_lines["contractors"][1:5] == ["enrolled", "1", "0", "0%"]
     detail = site.gk("audit", "--detail").stdout
     assert detail.splitlines()[0] == SUMMARY and "repository rules" in detail

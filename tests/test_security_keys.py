@@ -308,3 +308,17 @@ def test_a_key_with_the_wrong_application_or_no_touch_option_is_not_registered(
     assert [k["security_key"] for k in listed] == ["touch+pin"]
     lines = gk.gk("authorized-keys").stdout
     assert "--factor touch+pin" in lines and ",restrict,verify-required sk-ecdsa" in lines
+
+
+def test_the_audit_shows_who_has_a_security_key_per_team(gk: Installation) -> None:
+    gk.write_policy(POLICY)
+    gk.add_user("bob")
+    gk.gk("user", "add", "alice")
+    gk.gk("key", "add", "alice", "-", input=SoftKey().public_line())
+    data = json.loads(gk.gk("audit", "--format", "json").stdout)["rollout"]
+    assert {u["user"]: u["security_keys"] for u in data["per_user"]} == {"alice": 1, "bob": 0}
+    assert data["per_team"][0]["with_security_key"] == 1
+    table = gk.gk("audit").stdout
+    assert "1 (1 sk)" in table and "SECURITY KEYS" in table
+    metrics = gk.gk("audit", "--format", "prometheus").stdout
+    assert 'gatekeeper_users_with_security_key{team="hw"} 1' in metrics
