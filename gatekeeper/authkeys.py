@@ -241,6 +241,38 @@ def _hint_for(exc: OSError) -> str:
     return _WHO_WRITES
 
 
+KEYS_SCRIPT = "keys-command.sh"
+
+
+def keys_script(config: str | Path, state_dir: str, user: str) -> str:
+    """The text of the shell AuthorizedKeysCommand (resources/keys-command.sh) with
+    this installation's paths written in; every one must be a safe path, as in the
+    lines themselves, because sh reads them."""
+    from gatekeeper import keyindex
+
+    gatekeeper = os.path.join(os.path.dirname(sys.executable), "gatekeeper")
+    values = {
+        "@USER@": user,
+        "@INDEX@": keyindex.index_dir(state_dir),
+        "@SHELL@": shell_path(),
+        "@CONFIG@": str(config),
+        "@GATEKEEPER@": gatekeeper,
+    }
+    for value in values.values():
+        if not _safe_path(value):
+            raise InputError(
+                f"refusing to write {value!r} into the keys script: unsafe characters.",
+                hint="install gatekeeper, its config and state under paths of letters, digits, "
+                "./_+- (and the git account's name likewise).",
+            )
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "resources", KEYS_SCRIPT), encoding="utf-8") as fh:
+        text = fh.read()
+    for name, value in values.items():
+        text = text.replace(name, value)
+    return text
+
+
 KEYS_COMMAND_TIMEOUT = 5
 
 

@@ -416,6 +416,40 @@ def key_sync_index(ctx: Context) -> None:
     click.echo(f"key index: {written} written, {removed} removed")
 
 
+@cli.command("keys-script")
+@click.option(
+    "--write",
+    "target",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write it to this file (mode 0755) instead of printing it.",
+)
+@pass_ctx
+def keys_script_cmd(ctx: Context, target: Path | None) -> None:
+    """The AuthorizedKeysCommand as a shell script (`SCRIPT %u %f`): it reads the key
+    index with no interpreter start, and hands only a key the index does not have to
+    `gatekeeper keys-command`. sshd needs it, and every directory above it, owned by
+    root and not writable by others."""
+    server = ctx.policy.server
+    text = authkeys.keys_script(ctx.config, server.state_dir_str, server.user)
+    if target is None:
+        click.echo(text, nl=False)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o755)  # noqa: S103 - sshd runs it; it holds no secret
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"cannot write {target}: {exc.strerror or exc}",
+            hint="write it where root keeps programs (sshd wants it root-owned).",
+        ) from exc
+    click.echo(f"wrote {target}: AuthorizedKeysCommand {target} %u %f")
+
+
 @cli.command("keys-command", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @pass_ctx
