@@ -17,7 +17,7 @@ afford psycopg's import (see `gatekeeper.libpq`).
 
 from __future__ import annotations
 
-from gatekeeper.errors import InputError, StoreError
+from gatekeeper.errors import InputError, PermissionDenied, StoreError
 from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
 
 TYPE_CHECKING = False
@@ -159,7 +159,7 @@ class _Postgres:
                 "process or a long transaction.",
             )
         if state == "42501":
-            return StoreError(
+            return PermissionDenied(
                 f"state database cannot be written: {where} ({text}).",
                 hint="grant the store's user rights on gatekeeper's tables (it should own them).",
             )

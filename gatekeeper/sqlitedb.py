@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from gatekeeper.errors import StoreError
+from gatekeeper.errors import PermissionDenied, StoreError
 from gatekeeper.lightstd import sqlite3_module
 
 TYPE_CHECKING = False
@@ -59,18 +59,25 @@ class SqliteDatabase:
     @staticmethod
     def check_openable(path: str) -> None:
         """Refuse clearly before connecting: SQLite would create a missing file."""
-        if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except FileNotFoundError:
             state_dir = os.path.dirname(path)
             if not os.path.exists(state_dir):
                 raise StoreError(
                     f"state directory not found: {state_dir}",
                     hint="run `gatekeeper init` (or check state_dir in the policy file).",
-                )
-            raise StoreError(f"state database not found: {path}", hint="run `gatekeeper init`.")
-        if not os.access(path, os.R_OK):
+                ) from None
             raise StoreError(
-                f"state database is not readable: {path}",
-                hint="run as the git user, or fix its owner and mode.",
+                f"state database not found: {path}", hint="run `gatekeeper init`."
+            ) from None
+        except PermissionError:
+            pass  # a directory on the way cannot be searched: said below
+        if not os.access(path, os.R_OK):
+            from gatekeeper.statedir import ownership_hint
+
+            raise PermissionDenied(
+                f"state database is not readable: {path}", hint=ownership_hint(path)
             )
 
     def exists(self) -> bool:
@@ -127,6 +134,15 @@ class SqliteDatabase:
                 hint="restore it from a backup; gatekeeper refuses all access until then.",
             )
         if "readonly" in text or "read-only" in text or "unable to open" in text:
+            denied = _not_ours(path)
+            if denied is not None:
+                from gatekeeper.statedir import ownership_hint
+
+                return PermissionDenied(
+                    f"state database cannot be used: {denied} is not writable by this account "
+                    f"({text}).",
+                    hint=ownership_hint(denied),
+                )
             return StoreError(
                 f"state database cannot be written: {path} ({text}).",
                 hint="run as the git user; the state directory and database must be writable "
@@ -139,3 +155,18 @@ class SqliteDatabase:
                 "audit log.",
             )
         return StoreError(f"state database error: {path}: {text}", hint="see the server log.")
+
+
+def _not_ours(path: str) -> str | None:
+    """The first of the database, its WAL files and its directory that this account
+    cannot write, if any: SQLite says only "readonly" or "unable to open"."""
+    directory = os.path.dirname(path) or "."
+    for name, mode in (
+        (directory, os.W_OK | os.X_OK),
+        (path, os.R_OK | os.W_OK),
+        (path + "-wal", os.R_OK | os.W_OK),
+        (path + "-shm", os.R_OK | os.W_OK),
+    ):
+        if os.path.lexists(name) and not os.access(name, mode):
+            return name
+    return None
