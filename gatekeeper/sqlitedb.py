@@ -4,6 +4,8 @@ Rules learned the hard way (DESIGN.md):
 - WAL mode and a busy timeout, so many short-lived processes share the file.
 - Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
   that upgrades to a write ignores the busy timeout and fails under concurrency.
+- `synchronous = FULL`: a commit is on disk when COMMIT returns (the audit head's
+  protocol needs it, gatekeeper.audithead).
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ class SqliteDatabase:
             mode_row = conn.execute("PRAGMA journal_mode").fetchone()
             if mode_row[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # FULL, not NORMAL: in WAL mode NORMAL syncs the WAL only at checkpoints, so
+            # a power loss may take back commits that had returned. The audit head is
+            # settled right after COMMIT (gatekeeper.audithead), and a settled head that
+            # outlives its commit reads as records cut off: the commit must be on disk
+            # first. One fsync of the WAL per write transaction.
+            conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self.error(exc) from exc
@@ -94,6 +101,11 @@ class SqliteDatabase:
 
     def begin_write(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+
+    def begin_read(self) -> None:
+        """A read transaction: every SELECT until `rollback` sees one snapshot (WAL
+        mode fixes it at the first)."""
+        self.conn.execute("BEGIN")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")

@@ -18,7 +18,9 @@ import time
 
 from gatekeeper import audit as chain
 from gatekeeper import pathstr
-from gatekeeper.errors import InputError, NotFound, StoreError
+from gatekeeper.audithead import HEAD_NAME as HEAD_NAME
+from gatekeeper.audithead import Head, HeadFile
+from gatekeeper.errors import InputError, NotFound, PermissionDenied, StoreError
 from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.record import record
 from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 SERVER_KEY_NAME = "server.key"
-HEAD_NAME = "audit.head"
 BUSY_TIMEOUT_MS = 5000
 USER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
@@ -205,6 +206,29 @@ def token_digest(token: str) -> str:
 
 
 @record
+class Recovery:
+    """A write a crash interrupted, found and settled: "committed" (the process died
+    after COMMIT, before settling the head) or "rolled-back" (before COMMIT: `new`
+    never reached the database, and the head is back on `old`)."""
+
+    outcome: str
+    old: tuple[int, str]
+    new: tuple[int, str]
+    settled: bool  # the head file was rewritten (False: not writable by this account)
+
+
+@record
+class AuditView:
+    """What `log verify` checks, read as one consistent picture (`Store.audit_view`)."""
+
+    records: list[dict[str, Any]]
+    anchor: tuple[int, str] | None
+    head: tuple[int, str] | None
+    head_error: str | None  # the head file is there but cannot be used
+    recovered: Recovery | None
+
+
+@record
 class ConnectionFacts:
     """Everything the git-access path needs about a key, read in one query."""
 
@@ -236,15 +260,23 @@ class Store:
     `state_dir` always holds this host's files beside the database: the server key
     (which front-ends sharing a database must share too) and the audit head file."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], db: Database) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        db: Database,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> None:
         # Strings spelled as pathlib spells them (`pathstr`): the forced command opens
         # a store and writes the head file without importing pathlib.
         self._state_dir = pathstr.norm(state_dir)
-        self._head_file = pathstr.join(self._state_dir, HEAD_NAME)
+        self.head = HeadFile(self._state_dir, busy_timeout_ms)
         self.db = db
-        # The head file as it was before this transaction wrote it (see `_write_head`):
-        # None when not written yet, a hard link to the old head, or False if there was none.
-        self._head_before: str | bool | None = None
+        # The write transaction under way, if any, and the audit ends it moves the head
+        # between (see gatekeeper.audithead): `_head_old` from its first record on,
+        # `_head_new` once it appended one.
+        self._in_write = False
+        self._head_old: tuple[int, str] | None = None
+        self._head_new: tuple[int, str] | None = None
         self.schema_before = -1  # the schema version `migrate` found
 
     # -- opening ---------------------------------------------------------------
@@ -264,7 +296,7 @@ class Store:
         state_dir = pathstr.norm(state_dir)
         location = _location(url, state_dir)
         db = _connect(location, busy_timeout_ms, light=light)
-        store = cls(state_dir, db)
+        store = cls(state_dir, db, busy_timeout_ms)
         try:
             version = store._schema_version()
             _check_version(version, store.where)
@@ -304,7 +336,7 @@ class Store:
             db = _connect(location, busy_timeout_ms, create=True, light=light)
         finally:
             os.umask(old_umask)
-        store = cls(state_dir, db)
+        store = cls(state_dir, db, busy_timeout_ms)
         try:
             store.migrate()
         except BaseException:
@@ -431,12 +463,11 @@ class Store:
         return _WriteTransaction(self)
 
     def _rollback(self) -> None:
+        # A head already written pending stays: it resolves by what the database has.
         try:
             self.db.rollback()
         except self.db.errors:
             pass  # a lost connection: the server rolled back already
-        finally:
-            self._settle_head(keep=False)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
@@ -463,27 +494,27 @@ class Store:
 
     # -- audit -----------------------------------------------------------------
 
-    def _append_audit(
-        self, event: str, now: float, *, write_head: bool = True, **fields: Any
-    ) -> int:
-        """Append one chained record; must run inside `_write()`. A batch writes the
-        head file once, with its last record (`write_head=False` for the others)."""
+    def _append_audit(self, event: str, now: float, **fields: Any) -> int:
+        """Append one chained record; must run inside `_write()`, which writes the head
+        file for the transaction's last record (gatekeeper.audithead)."""
+        if self._head_old is None:
+            # The transaction's first record: the head's lock, then the head resolved.
+            self.head.lock()
+            head = self._settled_head()
         last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if last is None:
             anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
             prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, chain.GENESIS)
         else:
             prev_seq, prev_hash = last["seq"], last["hash"]
-        if self._head_before is None:
-            # First head of this transaction: a head file ahead of the database means
-            # records were cut off (or the newest replaced). Chain on from the head, so
-            # the new record keeps that visible to `log verify` instead of covering it.
-            try:
-                head = self.read_head()
-            except StoreError:
-                head = None
+        if self._head_old is None:
+            # A settled head ahead of the database means records were cut off (or the
+            # newest replaced). Chain on from the head, so the new record keeps that
+            # visible to `log verify` instead of covering it. (A pending head was
+            # resolved first: its new end is no evidence of anything.)
             if head is not None and head[0] >= prev_seq and head != (prev_seq, prev_hash):
                 prev_seq, prev_hash = head
+            self._head_old = head if head is not None else (prev_seq, prev_hash)
         record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
@@ -495,50 +526,69 @@ class Store:
             " client, detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (*(record[f] for f in chain.FIELDS), prev_hash, digest),
         )
-        # Written while we hold the write lock, so heads are written in chain order.
-        if write_head:
-            self._write_head(record["seq"], digest)
+        self._head_new = (int(record["seq"]), digest)
         return int(record["seq"])
 
-    def _write_head(self, seq: int, digest: str) -> None:
-        head = self._head_file
-        tmp = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}")
-        try:
-            if self._head_before is None:
-                # Keep the old head (a hard link: no space needed to put it back) until
-                # the transaction commits, so a failed COMMIT does not leave a head that
-                # names a record the database does not have ("records were cut off").
-                before = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}.before")
-                _unlink_missing_ok(before)
-                try:
-                    os.link(head, before)
-                    self._head_before = before
-                except FileNotFoundError:
-                    self._head_before = False
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{seq} {digest}\n")
-            os.replace(tmp, head)
-        except OSError as exc:
-            _unlink_missing_ok(tmp)
-            raise StoreError(
-                f"cannot write the audit head file {head}: {exc.strerror}",
-                hint="the state directory must be writable by the git user (and not full).",
-            ) from exc
+    def _write_pending_head(self) -> None:
+        """Step 1 of gatekeeper.audithead's protocol, right before COMMIT."""
+        if self._head_new is not None and self._head_old is not None:
+            self.head.write(Head(*self._head_old, pending=self._head_new), durable=True)
 
-    def _settle_head(self, *, keep: bool) -> None:
-        """After COMMIT drop the old head; after ROLLBACK put it back."""
-        before, self._head_before = self._head_before, None
+    def _settle_head(self) -> None:
+        """Step 3, after COMMIT: best effort, as a pending head resolves to the same."""
+        if self._head_new is not None:
+            try:
+                self.head.write(Head(*self._head_new), durable=False)
+            except StoreError:
+                pass
+
+    def _end_head(self) -> None:
+        self._head_old = self._head_new = None
+        self.head.unlock()
+
+    def _settled_head(self) -> tuple[int, str] | None:
+        """The head file resolved (a pending head as its write turned out); the
+        head's lock held. The caller writes the head next, so nothing is written here."""
         try:
-            if isinstance(before, str):
-                if keep:
-                    os.unlink(before)
-                else:
-                    os.replace(before, self._head_file)
-            elif before is False and not keep:
-                _unlink_missing_ok(self._head_file)
-        except OSError:
-            pass  # best effort: `gatekeeper audit verify` reports a head that is off
+            head = self.head.read()
+        except PermissionDenied:
+            raise
+        except StoreError:
+            return None  # malformed: as if missing, and this write replaces it
+        return None if head is None else self._resolve_head(head)[0]
+
+    def _resolve_head(self, head: Head) -> tuple[tuple[int, str], str | None]:
+        """(The end the log is held to, and for a pending head what became of its
+        write: "committed", "rolled-back", or None for a head that is no crash's)."""
+        if head.pending is None:
+            return head.end, None
+        new_seq, new_hash = head.pending
+        found = self._audit_hash(new_seq)
+        if found == new_hash:
+            return head.pending, "committed"
+        # On a shared store another front-end may have taken the number since the
+        # interrupted write: only there may it hold another record.
+        shared = self.kind != "sqlite"
+        if found is not None and not shared:
+            return head.pending, None  # replaced: `log verify` names it
+        if self._still_there(head.end, shared=shared):
+            return head.end, "rolled-back"
+        return head.end, None  # the end it was written after is gone or changed
+
+    def _audit_hash(self, seq: int) -> str | None:
+        row = self._read_one("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        return None if row is None else str(row["hash"])
+
+    def _still_there(self, end: tuple[int, str], *, shared: bool) -> bool:
+        """The record (or prune anchor, or start) `end` names is in the log, unchanged;
+        on a shared store also one pruned since, by whichever host."""
+        seq, digest = end
+        anchor = self.audit_anchor()
+        if anchor is not None and seq <= anchor[0]:
+            return anchor == end or (shared and seq < anchor[0])
+        if seq == 0:
+            return digest == chain.GENESIS
+        return self._audit_hash(seq) == digest
 
     def adopt_head(self) -> tuple[int, str] | None:
         """A front-end joining a shared store starts its head file at the chain's
@@ -547,27 +597,74 @@ class Store:
         if self.kind == "sqlite":
             return None
         with self._write():
-            if self.read_head() is not None:
+            self.head.lock()
+            if self.head.read() is not None:
                 return None
             last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             end = (int(last["seq"]), str(last["hash"])) if last else self.audit_anchor()
             if end is None:
                 return None
-            self._write_head(*end)
+            self.head.write(Head(*end), durable=True)
         return end
 
     def read_head(self) -> tuple[int, str] | None:
+        """The end the head file holds the log to (a pending head resolved, not
+        rewritten), or None when there is no head file."""
+        head = self.head.read()
+        return None if head is None else self._resolve_head(head)[0]
+
+    def audit_view(self) -> AuditView:
+        """The whole log, the prune anchor and the head as one consistent picture, for
+        `log verify`; a pending head left by a crashed writer is resolved and settled.
+
+        The head's lock is held while the head is read and the database's snapshot is
+        taken (a writer holds it from before its records to its settled head), then
+        released: the rows are read from the snapshot while writers go on."""
+        locked_here = not self.head.locked
+        snapshot = not self._in_write
+        self.head.lock()
         try:
-            with open(self._head_file) as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreError(f"cannot read {self._head_file}: {exc.strerror}") from exc
-        parts = text.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise StoreError(f"the audit head file {self._head_file} is malformed")
-        return int(parts[0]), parts[1]
+            if snapshot:
+                self._begin_read()
+            anchor = self.audit_anchor()  # the first read: it fixes the snapshot
+            head: tuple[int, str] | None = None
+            head_error: str | None = None
+            recovered: Recovery | None = None
+            try:
+                raw = self.head.read()
+            except PermissionDenied:
+                raise
+            except StoreError as exc:
+                raw, head_error = None, exc.message
+            if raw is not None:
+                head, outcome = self._resolve_head(raw)
+                if outcome is not None and raw.pending is not None:
+                    settled = True
+                    try:
+                        self.head.write(Head(*head), durable=False)
+                    except StoreError:
+                        settled = False  # read-only here: the next writer settles it
+                    recovered = Recovery(outcome, raw.end, raw.pending, settled)
+            self.head.sweep()
+        except BaseException:
+            if snapshot:
+                self._rollback()
+            raise
+        finally:
+            if locked_here:
+                self.head.unlock()
+        try:
+            rows = self.audit_records()
+        finally:
+            if snapshot:
+                self._rollback()
+        return AuditView(rows, anchor, head, head_error, recovered)
+
+    def _begin_read(self) -> None:
+        try:
+            self.db.begin_read()
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
     def audit(self, event: str, *, now: float | None = None, **fields: Any) -> int:
         """Append a record on its own (decisions, failures, policy changes)."""
@@ -612,8 +709,8 @@ class Store:
         updates). Returns the last sequence number."""
         seq = 0
         with self._write():
-            for i, fields in enumerate(records, 1):
-                seq = self._append_audit(event, now, write_head=i == len(records), **fields)
+            for fields in records:
+                seq = self._append_audit(event, now, **fields)
         return seq
 
     def audit_records(
@@ -647,13 +744,13 @@ class Store:
         return (int(row["seq"]), str(row["hash"])) if row else None
 
     def verify_audit(self) -> list[chain.ChainProblem]:
-        rows = self._read("SELECT * FROM audit ORDER BY seq")
-        return chain.verify_chain(
-            [dict(r) for r in rows],
-            self.read_head(),
-            self.audit_anchor(),
-            head_is_witness=self.kind != "sqlite",
+        view = self.audit_view()
+        problems = chain.verify_chain(
+            view.records, view.head, view.anchor, head_is_witness=self.kind != "sqlite"
         )
+        if view.head_error is not None:
+            problems.insert(0, chain.ChainProblem(None, view.head_error))
+        return problems
 
     def prune_audit(self, before: str, *, actor: str | None = None) -> int:
         """Delete records older than `before` (ISO time), keeping the chain verifiable
@@ -1194,6 +1291,7 @@ class _WriteTransaction:
             db.begin_write()
         except db.errors as exc:
             raise db.error(exc) from exc
+        self.store._in_write = True
 
     def __exit__(
         self,
@@ -1202,16 +1300,24 @@ class _WriteTransaction:
         tb: TracebackType | None,
     ) -> None:
         store, db = self.store, self.store.db
-        if exc_type is not None:
-            store._rollback()
-            return
         try:
-            db.commit()
-        except db.errors as error:
-            # A full disk makes COMMIT fail after the audit head file was written.
-            store._rollback()
-            raise db.error(error) from error
-        store._settle_head(keep=True)
+            if exc_type is not None:
+                store._rollback()
+                return
+            try:
+                store._write_pending_head()
+                db.commit()
+            except db.errors as error:
+                # A full disk makes COMMIT fail after the head was written pending.
+                store._rollback()
+                raise db.error(error) from error
+            except BaseException:
+                store._rollback()
+                raise
+            store._settle_head()
+        finally:
+            store._in_write = False
+            store._end_head()
 
 
 def _split_sql(script: str) -> list[str]:
@@ -1222,13 +1328,6 @@ def _table(name: str) -> str:
     if name not in TABLES:
         raise ValueError(f"not a store table: {name!r}")
     return name
-
-
-def _unlink_missing_ok(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _location(url: str, state_dir: str) -> StoreLocation:
