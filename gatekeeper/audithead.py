@@ -31,9 +31,11 @@ is the head. Anything else is tampering, and the log is held to the old end, so
 
 The store's write lock ends at COMMIT and step 3 comes after it, so the file has a
 lock of its own: an flock on the state directory (per host, like the file), held from
-the transaction's first read of the head to step 3, and by `log verify` while it reads
-the head. That makes one fixed temporary name enough: no per-process names, nothing
-left behind but that one name after a crash, reused by the next write.
+the transaction's first read of the head to step 3. That makes one fixed temporary
+name enough: no per-process names, nothing left behind but that one name after a
+crash, reused by the next write. `log verify` reads without it while the head is
+settled and unchanged around its snapshot of the log (no local write committed in
+between), and takes it only to resolve a pending head.
 
 Standard library only, and light: the forced command writes the head on every
 connection.
@@ -113,7 +115,7 @@ class HeadFile:
         self.state_dir = state_dir
         self.path = pathstr.join(state_dir, HEAD_NAME)
         self.tmp = pathstr.join(state_dir, TMP_NAME)
-        self._timeout = timeout_ms / 1000
+        self.timeout = timeout_ms / 1000
         self._dir_fd: int | None = None
 
     @property
@@ -122,9 +124,23 @@ class HeadFile:
 
     def lock(self) -> None:
         """Take the head's lock, waiting at most the store's busy timeout (nothing may
-        hang a git client). Holders keep it for microseconds, `log verify` for a read."""
+        hang a git client). Writers hold it for a few milliseconds at a time."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.0005
+        while not self.try_lock():
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"the audit head file {self.path} is busy: another process holds its lock.",
+                    hint="try again in a moment; if it persists, look for a stuck "
+                    "gatekeeper process.",
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def try_lock(self) -> bool:
+        """Take the head's lock if it is free; True if this process holds it now."""
         if self._dir_fd is not None:
-            return
+            return True
         import fcntl
 
         try:
@@ -133,28 +149,16 @@ class HeadFile:
             raise _error(
                 f"cannot open the state directory {self.state_dir}", self.path, exc
             ) from exc
-        deadline = time.monotonic() + self._timeout
-        pause = 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise StoreError(
-                        f"the audit head file {self.path} is busy: another process holds its lock.",
-                        hint="try again in a moment; if it persists, look for a stuck "
-                        "gatekeeper process.",
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
-            except OSError as exc:
-                os.close(fd)
-                raise _error(
-                    f"cannot lock the audit head file {self.path}", self.path, exc
-                ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise _error(f"cannot lock the audit head file {self.path}", self.path, exc) from exc
         self._dir_fd = fd
+        return True
 
     def unlock(self) -> None:
         fd, self._dir_fd = self._dir_fd, None

@@ -769,17 +769,19 @@ def describe_recovery(recovered: Recovery) -> str:
     if recovered.outcome == "committed":
         text = (
             f"a writer stopped (crashed or was killed) right after committing {records}: "
-            f"{records} {'is' if new == old + 1 else 'are'} in the log, and the head file "
-            f"now names record {new}"
+            f"{records} {'is' if new == old + 1 else 'are'} in the log"
         )
+        settled = f"the head file now names record {new}"
     else:
         text = (
             f"a writer stopped (crashed or was killed) before committing {records}: "
-            f"nothing of that write reached the log, and the head file is back on "
-            f"record {old}"
+            f"that write is not in the log, which ends where it did before"
         )
-    if not recovered.settled:
-        text += " (this account cannot rewrite the head file; the next write settles it)"
+        settled = f"the head file is back on record {old}"
+    if recovered.settled:
+        text += f", and {settled}"
+    else:
+        text += "; the next write settles the head file"
     return text + ". This is an interrupted write, not tampering."
 
 

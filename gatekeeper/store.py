@@ -214,7 +214,7 @@ class Recovery:
     outcome: str
     old: tuple[int, str]
     new: tuple[int, str]
-    settled: bool  # the head file was rewritten (False: not writable by this account)
+    settled: bool  # the head file was rewritten (False: left for the next write)
 
 
 @record
@@ -277,6 +277,8 @@ class Store:
         self._in_write = False
         self._head_old: tuple[int, str] | None = None
         self._head_new: tuple[int, str] | None = None
+        self._ahead: tuple[int, str] | None = None  # a settled head to chain on from
+        self._chain_start = (0, chain.GENESIS)  # the log's end when the transaction began
         self.schema_before = -1  # the schema version `migrate` found
 
     # -- opening ---------------------------------------------------------------
@@ -497,24 +499,8 @@ class Store:
     def _append_audit(self, event: str, now: float, **fields: Any) -> int:
         """Append one chained record; must run inside `_write()`, which writes the head
         file for the transaction's last record (gatekeeper.audithead)."""
-        if self._head_old is None:
-            # The transaction's first record: the head's lock, then the head resolved.
-            self.head.lock()
-            head = self._settled_head()
-        last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        if last is None:
-            anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
-            prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, chain.GENESIS)
-        else:
-            prev_seq, prev_hash = last["seq"], last["hash"]
-        if self._head_old is None:
-            # A settled head ahead of the database means records were cut off (or the
-            # newest replaced). Chain on from the head, so the new record keeps that
-            # visible to `log verify` instead of covering it. (A pending head was
-            # resolved first: its new end is no evidence of anything.)
-            if head is not None and head[0] >= prev_seq and head != (prev_seq, prev_hash):
-                prev_seq, prev_hash = head
-            self._head_old = head if head is not None else (prev_seq, prev_hash)
+        self._begin_audit()
+        prev_seq, prev_hash = self._head_new or self._ahead or self._chain_start
         record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
@@ -528,6 +514,30 @@ class Store:
         )
         self._head_new = (int(record["seq"]), digest)
         return int(record["seq"])
+
+    def _begin_audit(self) -> None:
+        """Before a transaction's first change to the log: the head's lock, and the
+        head as the database says it turned out (a pending head resolved)."""
+        if self._head_old is not None:
+            return
+        self.head.lock()
+        head = self._settled_head()
+        # Deleting records from the front (`prune_audit`) does not move this end.
+        end = self._chain_start = self._chain_end()
+        # A settled head ahead of the database means records were cut off (or the
+        # newest replaced). Chain on from the head, so the new record keeps that
+        # visible to `log verify` instead of covering it. (A pending head was resolved
+        # first: its new end is no evidence of anything.)
+        if head is not None and head[0] >= end[0] and head != end:
+            self._ahead = head
+        self._head_old = head if head is not None else end
+
+    def _chain_end(self) -> tuple[int, str]:
+        """The newest record's (seq, hash); with none, the prune anchor's or the start's."""
+        last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if last is None:
+            last = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+        return (int(last["seq"]), str(last["hash"])) if last else (0, chain.GENESIS)
 
     def _write_pending_head(self) -> None:
         """Step 1 of gatekeeper.audithead's protocol, right before COMMIT."""
@@ -543,7 +553,7 @@ class Store:
                 pass
 
     def _end_head(self) -> None:
-        self._head_old = self._head_new = None
+        self._head_old = self._head_new = self._ahead = None
         self.head.unlock()
 
     def _settled_head(self) -> tuple[int, str] | None:
@@ -562,18 +572,20 @@ class Store:
         write: "committed", "rolled-back", or None for a head that is no crash's)."""
         if head.pending is None:
             return head.end, None
-        new_seq, new_hash = head.pending
-        found = self._audit_hash(new_seq)
-        if found == new_hash:
+        if self._audit_hash(head.pending[0]) == head.pending[1]:
             return head.pending, "committed"
-        # On a shared store another front-end may have taken the number since the
-        # interrupted write: only there may it hold another record.
         shared = self.kind != "sqlite"
-        if found is not None and not shared:
-            return head.pending, None  # replaced: `log verify` names it
-        if self._still_there(head.end, shared=shared):
+        if not self._still_there(head.end, shared=shared):
+            return head.end, None  # the end it was written after is gone or changed
+        if shared:
+            # Records after the old end are other front-ends' (one may even have taken
+            # the number this write would have had): the head witnesses this host's.
             return head.end, "rolled-back"
-        return head.end, None  # the end it was written after is gone or changed
+        # On SQLite records after the old end are a write of a writer killed earlier,
+        # inside its COMMIT: its commit record reached the WAL file but not the WAL
+        # index, so the connections then open did not see it and a later recovery of
+        # the WAL did. They chain on from the old end (`log verify` checks that).
+        return self._chain_end(), "rolled-back"
 
     def _audit_hash(self, seq: int) -> str | None:
         row = self._read_one("SELECT hash FROM audit WHERE seq = ?", (seq,))
@@ -617,33 +629,68 @@ class Store:
         """The whole log, the prune anchor and the head as one consistent picture, for
         `log verify`; a pending head left by a crashed writer is resolved and settled.
 
-        The head's lock is held while the head is read and the database's snapshot is
-        taken (a writer holds it from before its records to its settled head), then
-        released: the rows are read from the snapshot while writers go on."""
-        locked_here = not self.head.locked
+        Without the head's lock while the head is settled: read it, take the
+        database's snapshot, read it again. The same settled head both times means no
+        write of this host committed in between (each goes through a pending head),
+        so the snapshot and the head agree. A pending head (or one that moved) is
+        read again; one that stays pending is a dead writer's, resolved under the
+        lock, which writers hold only from before their records to their settled head."""
+        if not self._in_write:
+            deadline = time.monotonic() + self.head.timeout
+            while True:
+                view = self._unlocked_view()
+                if view is not None:
+                    return view
+                if self.head.try_lock():
+                    break
+                if time.monotonic() >= deadline:
+                    self.head.lock()  # raises "busy" unless it frees up right now
+                    break
+                time.sleep(0.002)
+        else:
+            self.head.lock()  # under the write lock: only a settling writer to wait for
+        return self._locked_view()
+
+    def _unlocked_view(self) -> AuditView | None:
+        before = self._raw_head()
+        self._begin_read()
+        try:
+            anchor = self.audit_anchor()  # the first read: it fixes the snapshot
+            after = self._raw_head()
+            if after != before or (after[0] is not None and after[0].pending is not None):
+                return None
+            rows = self.audit_records()
+        finally:
+            self._rollback()
+        self.head.sweep()
+        raw, error = after
+        return AuditView(rows, anchor, None if raw is None else raw.end, error, None)
+
+    def _locked_view(self) -> AuditView:
+        """`audit_view` holding the head's lock, which it releases (unless the write
+        transaction under way took it) before reading the rows from its snapshot."""
         snapshot = not self._in_write
-        self.head.lock()
+        release = self._head_old is None  # a transaction that appended keeps it
         try:
             if snapshot:
                 self._begin_read()
             anchor = self.audit_anchor()  # the first read: it fixes the snapshot
+            raw, head_error = self._raw_head()
             head: tuple[int, str] | None = None
-            head_error: str | None = None
             recovered: Recovery | None = None
-            try:
-                raw = self.head.read()
-            except PermissionDenied:
-                raise
-            except StoreError as exc:
-                raw, head_error = None, exc.message
             if raw is not None:
                 head, outcome = self._resolve_head(raw)
                 if outcome is not None and raw.pending is not None:
-                    settled = True
-                    try:
-                        self.head.write(Head(*head), durable=False)
-                    except StoreError:
-                        settled = False  # read-only here: the next writer settles it
+                    # A rolled-back write is final on SQLite only once another commit
+                    # has overwritten the WAL behind it (see `_resolve_head`): the
+                    # next writer settles it, and until then a write that comes back
+                    # still resolves as committed.
+                    settled = outcome == "committed" or self.kind != "sqlite"
+                    if settled:
+                        try:
+                            self.head.write(Head(*head), durable=False)
+                        except StoreError:
+                            settled = False  # read-only here: the next writer settles it
                     recovered = Recovery(outcome, raw.end, raw.pending, settled)
             self.head.sweep()
         except BaseException:
@@ -651,7 +698,7 @@ class Store:
                 self._rollback()
             raise
         finally:
-            if locked_here:
+            if release:
                 self.head.unlock()
         try:
             rows = self.audit_records()
@@ -659,6 +706,16 @@ class Store:
             if snapshot:
                 self._rollback()
         return AuditView(rows, anchor, head, head_error, recovered)
+
+    def _raw_head(self) -> tuple[Head | None, str | None]:
+        """The head file as it is, or why it cannot be used (a permission problem is
+        raised: it is no finding about the log)."""
+        try:
+            return self.head.read(), None
+        except PermissionDenied:
+            raise
+        except StoreError as exc:
+            return None, exc.message
 
     def _begin_read(self) -> None:
         try:
@@ -762,6 +819,7 @@ class Store:
             )
             if last is None:
                 return 0
+            self._begin_audit()  # the head resolved against the log before this changes it
             policy = self.last_policy_hash()  # carried on, in case its record goes
             count = self._exec("DELETE FROM audit WHERE seq <= ?", (last["seq"],)).rowcount
             self._exec(

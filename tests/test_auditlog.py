@@ -210,16 +210,19 @@ def test_a_write_killed_before_its_commit_is_recovered_not_reported(logged: Inst
     assert problems == []
     assert (
         "audit log: recovered an interrupted write: a writer stopped (crashed or was killed) "
-        "before committing record 9: nothing of that write reached the log, and the head "
-        "file is back on record 8. This is an interrupted write, not tampering."
+        "before committing record 9: that write is not in the log, which ends where it did "
+        "before; the next write settles the head file. This is an interrupted write, not "
+        "tampering."
     ) in output
     assert "audit log: intact" in output
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["ok"] is True and data["recovered"]["outcome"] == "rolled-back"
+    logged.gk("user", "add", "late")
     with db(logged) as conn:
-        hash8 = conn.execute("SELECT hash FROM audit WHERE seq = 8").fetchone()[0]
-    assert head_file(logged) == f"8 {hash8}\n"  # settled, in the format of every version
-    again = logged.gk("log", "verify", "--json")
-    data = json.loads(again.stdout)
-    assert data["ok"] is True and data["recovered"] is None  # said once: it is settled
+        hash9 = conn.execute("SELECT hash FROM audit WHERE seq = 9").fetchone()[0]
+    assert head_file(logged) == f"9 {hash9}\n"  # settled, in the format of every version
+    again = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert again["ok"] is True and again["recovered"] is None
 
 
 def test_the_next_write_after_a_killed_one_chains_on_without_a_gap(logged: Installation) -> None:
@@ -263,13 +266,27 @@ def test_a_pending_head_does_not_hide_records_cut_off_before_it(logged: Installa
     assert verify(logged)[1] == ["records 7-8 are missing: deleted (record 9 follows record 6)"]
 
 
-def test_a_record_replaced_where_a_pending_head_points_is_named(logged: Installation) -> None:
-    """On SQLite nobody else can have taken the number the pending head names: another
-    record there was put there."""
-    pending_head(logged, 7, (8, "12" * 32))
+def test_a_write_sqlite_recovers_after_its_writer_was_killed_is_no_tampering(
+    logged: Installation,
+) -> None:
+    """A writer killed inside COMMIT can leave its commit in the WAL file but not in the
+    WAL index: the connections open then do not see it, a later recovery of the WAL
+    does. A writer after it may have died too, leaving its own pending head for the
+    number that write took. The records after the old end chain on from it: the log
+    ends there."""
+    records = logged.audit()
+    pending_head(logged, 7, (8, "12" * 32))  # record 8 is another write's
+    status, problems, output = verify(logged)
+    assert status == 0 and problems == [], output
+    assert "recovered an interrupted write" in output
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["head"]["seq"] == 8 and data["head"]["hash"] == records[-1]["hash"]
+    # ...and an edit of the record the pending head was written after is tampering.
+    with db(logged) as conn:
+        conn.execute("UPDATE audit SET user = 'mallory' WHERE seq = 7")
     status, problems, output = verify(logged)
     assert status == 1, output
-    assert problems == ["record 8 differs from the head file: it was replaced or re-hashed"]
+    assert problems[0].startswith("record 7 was edited")
 
 
 def test_the_last_transactions_records_cut_off_are_reported(logged: Installation) -> None:
