@@ -79,7 +79,7 @@ class Context:
         self.config = config
         self._policy: Policy | None = None
         self.creates_state = False  # `init`: create a missing state directory for its owner
-        self.switch_later = False
+        self.switch_later = False  # `serve`: listen first (a port below 1024), then switch
         self._switched = False
 
     @property
@@ -643,8 +643,17 @@ def serve(
     from gatekeeper import server
 
     limits = server.Limits(max_connections=max_connections, auth_timeout=auth_timeout)
+    ctx.switch_later = True
     sys.exit(
-        server.serve(ctx.policy, ctx.config, host, port, limits, echo=lambda line: click.echo(line))
+        server.serve(
+            ctx.policy,
+            ctx.config,
+            host,
+            port,
+            limits,
+            echo=lambda line: click.echo(line),
+            after_bind=ctx.become_state_owner,
+        )
     )
 
 

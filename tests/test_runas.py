@@ -19,6 +19,8 @@ import os
 import pwd
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from conftest import DEFAULT_POLICY, make_bare_repo
 from pgserver import pid_alive
 
 from gatekeeper import totp
+from gatekeeper.server import HOST_KEY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI") == "true"
@@ -378,3 +381,48 @@ def test_root_refuses_with_the_command_that_works_when_it_cannot_switch(site: Si
     )
     assert site.state_files() == before
     assert "zed" not in site.as_user("user", "list").stdout
+
+
+def test_serve_as_root_listens_then_runs_as_the_git_account(site: Site) -> None:
+    """A port below 1024 needs root: `serve` listens first, then becomes the account
+    before it opens the store or creates its host key."""
+    site.gk("init")
+    port = _free_low_port()
+    launcher = str(ROOT / "gatekeeper" / "launcher" / "gatekeeper")
+    server = subprocess.Popen(
+        [site.python, launcher, "--config", str(site.config), "serve", "--port", str(port)],
+        env=site.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert server.stdout is not None
+        lines = [server.stdout.readline() for _ in range(2)]  # the host key, then this
+        if f"listening on 127.0.0.1:{port}" not in lines[-1]:
+            server.kill()
+            pytest.fail("".join(lines) + server.stdout.read())
+        assert "created host key" in lines[0]
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
+        assert uids and {int(u) for u in uids.groups()} == {site.uid}, status
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            assert conn.recv(64).startswith(b"SSH-2.0-")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    host_key = site.state / HOST_KEY_NAME
+    assert host_key.stat().st_uid == site.uid  # created after the switch
+    site.assert_state_is_the_accounts()
+
+
+def _free_low_port() -> int:
+    for port in range(900, 1000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
