@@ -101,7 +101,10 @@ def splice(existing: str, block: str) -> str:
 def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
     """Atomically put `block` into `path`; refuse if the file changed since it was read.
 
-    Returns False when nothing needed to change.
+    The file keeps its owner, group and mode; a new one is 0600 and, written by root,
+    belongs to whoever owns its directory (sshd reads it as that account, and with
+    StrictModes accepts only that account's or root's). Returns False when nothing
+    needed to change.
     """
     import hashlib
 
@@ -109,6 +112,8 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
         existing = path.read_text()
     except FileNotFoundError:
         existing = ""
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     digest = hashlib.sha256(existing.encode()).hexdigest()
     if expected_digest is not None and digest != expected_digest:
         raise GatekeeperError(
@@ -118,26 +123,62 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
     new = splice(existing, block)
     if new == existing:
         return False
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
-        fh.flush()
-        os.fsync(fh.fileno())
-    # Check again right before the rename: an edit that raced us wins, ours is dropped.
     try:
-        current = path.read_text()
-    except FileNotFoundError:
-        current = ""
-    if current != existing:
-        os.unlink(tmp)
-        raise GatekeeperError(
-            f"{path} changed while it was being updated; nothing written.",
-            hint="run the command again.",
-        )
-    os.replace(tmp, path)
+        _make_parent(path.parent)
+        try:
+            st = os.stat(path)
+            owner, group, mode = st.st_uid, st.st_gid, st.st_mode & 0o7777
+        except FileNotFoundError:
+            parent = os.stat(path.parent)
+            owner, group, mode = parent.st_uid, parent.st_gid, 0o600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(new)
+            fh.flush()
+            if os.geteuid() == 0:
+                os.fchown(fh.fileno(), owner, group)
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        # Check again right before the rename: an edit that raced us wins, ours is dropped.
+        try:
+            current = path.read_text()
+        except FileNotFoundError:
+            current = ""
+        if current != existing:
+            os.unlink(tmp)
+            raise GatekeeperError(
+                f"{path} changed while it was being updated; nothing written.",
+                hint="run the command again.",
+            )
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise _cannot_write(path, exc) from exc
     return True
+
+
+def _make_parent(directory: Path) -> None:
+    """Create `directory` (0700) if missing, as its parent's owner's (`~git/.ssh`)."""
+    if directory.is_dir():
+        return
+    _make_parent(directory.parent)
+    directory.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        parent = os.stat(directory.parent)
+        os.chown(directory, parent.st_uid, parent.st_gid)
+
+
+def _cannot_write(path: Path, exc: OSError) -> GatekeeperError:
+    return GatekeeperError(
+        f"cannot write {path}: {exc.strerror or exc}",
+        hint="run as the account the file belongs to (as root, gatekeeper runs as the state "
+        "directory's owner); or print the lines with `gatekeeper authorized-keys` and "
+        "put them there yourself.",
+    )
 
 
 KEYS_COMMAND_TIMEOUT = 5

@@ -426,3 +426,29 @@ def _free_low_port() -> int:
                 continue
             return port
     pytest.skip("no free port below 1024")
+
+
+# -- files written outside the state directory -------------------------------------------------
+
+
+def test_authorized_keys_written_by_root_keep_their_owner_and_mode(site: Site) -> None:
+    """Without the switch (a state directory that is root's, say), root writing the git
+    account's authorized_keys keeps the file the account's: sshd reads it as that
+    account, and with StrictModes accepts only its or root's."""
+    from gatekeeper import authkeys
+    from gatekeeper.errors import GatekeeperError
+
+    line = authkeys.render_block(["ssh-ed25519 AAAA one"])
+    fresh = site.home / ".ssh" / "authorized_keys"
+    assert authkeys.write_file(fresh, line)
+    for path, mode in ((fresh.parent, 0o700), (fresh, 0o600)):
+        assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (site.uid, mode), path
+    fresh.chmod(0o644)  # the admin's choice stays
+    assert authkeys.write_file(fresh, authkeys.render_block(["ssh-ed25519 BBBB two"]))
+    assert (fresh.stat().st_uid, stat.S_IMODE(fresh.stat().st_mode)) == (site.uid, 0o644)
+    assert "BBBB" in fresh.read_text() and "AAAA" not in fresh.read_text()
+    assert not [p for p in fresh.parent.iterdir() if p.name != "authorized_keys"]
+    blocked = site.base / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(GatekeeperError, match="cannot write"):
+        authkeys.write_file(blocked / "authorized_keys", line)
