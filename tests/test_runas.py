@@ -5,9 +5,10 @@ every git access of every user was refused from then on (issue 20).
 Each test makes a throwaway system user to play the git account (useradd, removed
 afterwards) and a directory it can reach under /var/tmp. gatekeeper runs from this
 checkout, with an interpreter that account may run (the test's own may live where it
-cannot, under /root). The commands run as root, as an admin runs them; afterwards every
-file in the state directory is the account's with its usual mode, the forced command
-run as the account still lets a member fetch, and `log verify` says intact.
+cannot, in root's home directory). The commands run as root, as an admin runs them;
+afterwards every file in the state directory is the account's with its usual mode, the
+forced command run as the account still lets a member fetch, and `log verify` says
+intact.
 
 They need root (useradd, runuser): they skip as a normal user, and fail instead when
 CI=true."""
@@ -127,7 +128,7 @@ class Site:
             "PATH": PATH,
             "PYTHONPATH": self.pythonpath,
             "GATEKEEPER_CONFIG": str(self.config),
-            "HOME": "/root",
+            "HOME": pwd.getpwuid(0).pw_dir,
             "USER": "root",
             "LOGNAME": "root",
         }
