@@ -195,7 +195,7 @@ class HeadFile:
                 os.close(fd)
             os.replace(self.tmp, self.path)
             if durable:
-                os.fsync(self._dir_fd)  # then the rename itself
+                _sync_directory(self._dir_fd)  # then the rename itself
         except OSError as exc:
             try:
                 _unlink_missing_ok(self.tmp)
@@ -220,6 +220,18 @@ class HeadFile:
                 os.unlink(pathstr.join(self.state_dir, name))
             except OSError:
                 pass
+
+
+def _sync_directory(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        import errno
+
+        # Some file systems cannot sync a directory (and order renames themselves, or
+        # promise nothing): refusing every git access for it would be worse.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def _alive(pid: int) -> bool:
