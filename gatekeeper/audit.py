@@ -3,7 +3,8 @@
 Each record carries the hash of the previous one, so editing, deleting or
 reordering a record breaks the chain at a place `verify_chain` names. A chain alone
 cannot see a cut-off tail, so the head (sequence and hash of the newest record) is
-also kept outside the database, in `audit.head` beside it. Standard library only.
+also kept outside the database, in `audit.head` beside it (gatekeeper.audithead).
+Standard library only.
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def verify_chain(
     problems: list[ChainProblem] = []
     witnessed: str | None = None
     expected_seq, prev = (anchor[0] + 1, anchor[1]) if anchor else (1, GENESIS)
-    last: tuple[int, str] | None = anchor
+    # Where the chain ends so far: a head of (0, GENESIS) is an empty log's (a first
+    # write that a crash interrupted, resolved).
+    last: tuple[int, str] = anchor if anchor else (0, GENESIS)
     for rec in records:
         seq = int(rec["seq"])
         if seq != expected_seq:
@@ -183,7 +186,7 @@ def verify_chain(
         expected_seq = seq + 1
         last = (seq, prev)
     if head is not None:
-        if last is None or last[0] < head[0]:
+        if last[0] < head[0]:
             problems.append(
                 ChainProblem(
                     head[0],

@@ -141,8 +141,11 @@ def splice(existing: str, block: str) -> str:
 def write_file(path: Path, block: str, expected_digest: str | None = None) -> bool:
     """Atomically put `block` into `path`; refuse if the file changed since it was read.
 
-    Returns False when nothing needed to change. Any failure leaves the file as it was
-    and raises a `GatekeeperError` naming the file and what to do.
+    The file keeps its owner, group and mode; a new one is 0600 and, written by root,
+    belongs to whoever owns its directory (sshd reads it as that account, and with
+    StrictModes accepts only that account's or root's). Returns False when nothing
+    needed to change. Any failure leaves the file as it was and raises a
+    `GatekeeperError` naming the file and what to do.
     """
     import hashlib
 
@@ -157,7 +160,7 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
     if new == existing:
         return False
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_parent(path.parent)
     except OSError as exc:
         raise GatekeeperError(
             f"cannot create the directory for {path}: {_reason(exc)}; nothing written.",
@@ -165,7 +168,7 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
         ) from None
     tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
     try:
-        _write_new(tmp, new)
+        _write_new(tmp, new, _ownership(path))
         # Check again right before the rename: an edit that raced us wins, ours is dropped.
         if _read_existing(path) != existing:
             raise GatekeeperError(
@@ -210,11 +213,26 @@ def _read_existing(path: Path) -> str:
         raise GatekeeperError(f"cannot read {path}: {_reason(exc)}.", hint=_hint_for(exc)) from None
 
 
-def _write_new(tmp: Path, text: str) -> None:
+def _ownership(path: Path) -> tuple[int, int, int]:
+    """(owner, group, mode) the new file takes: the old file's, or for a new one its
+    directory's owner and group with 0600."""
+    try:
+        st = os.stat(path)
+        return st.st_uid, st.st_gid, st.st_mode & 0o7777
+    except FileNotFoundError:
+        parent = os.stat(path.parent)
+        return parent.st_uid, parent.st_gid, 0o600
+
+
+def _write_new(tmp: Path, text: str, ownership: tuple[int, int, int]) -> None:
+    owner, group, mode = ownership
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
+        if os.geteuid() == 0:
+            os.fchown(fh.fileno(), owner, group)
+        os.fchmod(fh.fileno(), mode)
         os.fsync(fh.fileno())
 
 
@@ -271,6 +289,17 @@ def keys_script(config: str | Path, state_dir: str, user: str) -> str:
     for name, value in values.items():
         text = text.replace(name, value)
     return text
+
+
+def _make_parent(directory: Path) -> None:
+    """Create `directory` (0700) if missing, as its parent's owner's (`~git/.ssh`)."""
+    if directory.is_dir():
+        return
+    _make_parent(directory.parent)
+    directory.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        parent = os.stat(directory.parent)
+        os.chown(directory, parent.st_uid, parent.st_gid)
 
 
 KEYS_COMMAND_TIMEOUT = 5

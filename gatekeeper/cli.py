@@ -32,12 +32,18 @@ from gatekeeper.store import SCHEMA_VERSION, Store
 
 
 def actor() -> str:
-    """Who ran the command, for the audit log (the human behind sudo, if any)."""
+    """Who ran the command, for the audit log (the human behind sudo, if any; root,
+    not the state's owner the command switched to)."""
+    if _invoker:
+        return _invoker[0]
     try:
         name = getpass.getuser()
     except (KeyError, OSError):
         name = str(os.getuid())
     return os.environ.get("SUDO_USER") or name
+
+
+_invoker: list[str] = []  # actor() as it was before the switch to the state's owner
 
 
 def when(ts: float | None) -> str:
@@ -65,15 +71,47 @@ def emit(rows: list[dict[str, Any]], columns: Sequence[str], as_json: bool) -> N
 
 
 class Context:
+    """What every command gets: the policy and the store. Run as root, the first look
+    at the policy also makes the command run as the state directory's owner (see
+    gatekeeper.statedir), before anything in the state is touched."""
+
     def __init__(self, config: Path) -> None:
         self.config = config
         self._policy: Policy | None = None
+        self.creates_state = False  # `init`: create a missing state directory for its owner
+        self.switch_later = False  # `serve`: listen first (a port below 1024), then switch
+        self._switched = False
 
     @property
     def policy(self) -> Policy:
         if self._policy is None:
-            self._policy = load_policy(self.config)
+            if os.geteuid() == 0 and not self._switched:
+                # Only to learn whose the state is: its compiled cache is written by
+                # whoever the command then runs as (the git account's is the one the
+                # forced command reads).
+                self._policy = load_policy(self.config, use_cache=False)
+                if not self.switch_later:
+                    self.become_state_owner()
+            else:
+                self._policy = load_policy(self.config)
         return self._policy
+
+    def become_state_owner(self) -> None:
+        """As root: run the rest of the command as the state's owner (quietly; said
+        only when files had to be given back to it). Otherwise nothing."""
+        if self._switched or os.geteuid() != 0:
+            return
+        from gatekeeper import statedir
+
+        server = self.policy.server
+        who = actor()
+        self._switched = True
+        if statedir.as_state_owner(server.state_dir_str, server.user, create=self.creates_state):
+            _invoker[:] = [who]
+        try:
+            self._policy = load_policy(self.config)
+        except PolicyError:
+            pass  # unreadable to the account now: the forced command will say so
 
     @contextmanager
     def store(self) -> Iterator[Store]:
@@ -123,6 +161,7 @@ def init(ctx: Context) -> None:
     """Create the state directory, the database and the server key (0600)."""
     from gatekeeper import totp
 
+    ctx.creates_state = True
     server = ctx.policy.server
     store = Store.create(server.state_dir, server.store)
     existed = store.schema_before > 0
@@ -762,8 +801,17 @@ def serve(
     limits = server.Limits(
         max_connections=max_connections, max_startups=startups, auth_timeout=auth_timeout
     )
+    ctx.switch_later = True
     sys.exit(
-        server.serve(ctx.policy, ctx.config, host, port, limits, echo=lambda line: click.echo(line))
+        server.serve(
+            ctx.policy,
+            ctx.config,
+            host,
+            port,
+            limits,
+            echo=lambda line: click.echo(line),
+            after_bind=ctx.become_state_owner,
+        )
     )
 
 

@@ -13,13 +13,13 @@ import os
 import select
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from gatekeeper import report, rollout, rollout_html
 from gatekeeper.cli import Context, actor, print_table, when
-from gatekeeper.errors import InputError
+from gatekeeper.errors import InputError, PermissionDenied
 from gatekeeper.sshcmd import normalize_repo_name
 from gatekeeper.store import Store
 
@@ -460,9 +460,14 @@ def _print_records(records: list[dict[str, Any]], as_json: bool) -> None:
 @click.pass_obj
 def log_verify(ctx: Context, as_json: bool) -> None:
     """Check the hash chain and the head file; name every edited, deleted, reordered
-    or cut-off record. Exit 1 on any problem."""
-    with ctx.store() as store:
-        result = report.check_log(store)
+    or cut-off record. Exit 1 on any problem; 5 when a file of the state cannot be
+    read (a permission problem, not tampering). A write that a crash interrupted is
+    recovered and said so; it is no problem."""
+    try:
+        with ctx.store() as store:
+            result = report.check_log(store)
+    except PermissionDenied as exc:
+        _permission_problem(exc, as_json)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -471,6 +476,11 @@ def log_verify(ctx: Context, as_json: bool) -> None:
             span += f", after the prune anchor at record {result.anchor[0]}"
         head = f"record {result.head[0]}" if result.head else "nothing (missing)"
         click.echo(f"audit log: {result.records} record(s) ({span}); the head file names {head}")
+        if result.recovered is not None:
+            click.echo(
+                "audit log: recovered an interrupted write: "
+                + report.describe_recovery(result.recovered)
+            )
         for line in report.describe_findings(result.findings):
             click.echo(f"  {line}")
         if result.ok:
@@ -482,6 +492,28 @@ def log_verify(ctx: Context, as_json: bool) -> None:
                 err=True,
             )
     sys.exit(0 if result.ok else 1)
+
+
+def _permission_problem(exc: PermissionDenied, as_json: bool) -> NoReturn:
+    """Not tampering, and not "intact" either: the log could not be read. Its own
+    words and exit code, so that a cron job does not page anyone about tampering."""
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"ok": None, "error": "permission", "message": exc.message, "hint": exc.hint},
+                indent=2,
+            )
+        )
+    else:
+        click.echo(f"audit log: cannot be checked: {exc.message}", err=True)
+        click.echo(
+            "audit log: this is a permission problem (owner or mode of a file in the "
+            "state directory), not tampering",
+            err=True,
+        )
+        if exc.hint:
+            click.echo(f"gatekeeper: hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
 
 
 @log_cmd.command("prune")

@@ -69,6 +69,14 @@ class StoreError(GatekeeperError):
 TRY_AGAIN = "try again in a moment; if it persists, tell an administrator."
 
 
+class PermissionDenied(StoreError):
+    """A file of the state exists but this account may not read or write it: a matter of
+    owner and mode (say, one left behind by a command run as root), never of tampering
+    or corruption, so it has an exit code of its own."""
+
+    exit_code = 5
+
+
 class NotFound(GatekeeperError):
     """A user, key or record that the command names does not exist."""
 

@@ -17,7 +17,7 @@ afford psycopg's import (see `gatekeeper.libpq`).
 
 from __future__ import annotations
 
-from gatekeeper.errors import InputError, StoreError
+from gatekeeper.errors import InputError, PermissionDenied, StoreError
 from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
 
 TYPE_CHECKING = False
@@ -61,9 +61,13 @@ def connect_params(location: StoreLocation, busy_timeout_ms: int) -> dict[str, s
         params["application_name"] = "gatekeeper"
     if "options=" not in url:
         timeout = int(busy_timeout_ms)
+        # synchronous_commit=on whatever the server's default: the audit head is
+        # settled once COMMIT returns (gatekeeper.audithead), so a commit must be
+        # durable by then.
         params["options"] = (
             f"-c lock_timeout={timeout} -c statement_timeout={timeout * 3}"
             f" -c idle_in_transaction_session_timeout={timeout * 6}"
+            " -c synchronous_commit=on"
         )
     if location.password_file:
         try:
@@ -100,6 +104,10 @@ class _Postgres:
         except BaseException:
             self.rollback()
             raise
+
+    def begin_read(self) -> None:
+        """A read transaction: every SELECT until `rollback` sees one snapshot."""
+        self.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def commit(self) -> None:
         self.execute("COMMIT")
@@ -160,7 +168,7 @@ class _Postgres:
                 busy=True,
             )
         if state == "42501":
-            return StoreError(
+            return PermissionDenied(
                 f"state database cannot be written: {where} ({text}).",
                 hint="grant the store's user rights on gatekeeper's tables (it should own them).",
             )

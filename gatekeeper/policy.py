@@ -1079,14 +1079,19 @@ def compile_policy_text(text: str, source: str) -> Policy:
 
 
 def load_policy(
-    path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
 ) -> Policy:
     """The policy at `path` (default: `default_config_path()`).
 
     This runs on every connection: it hashes the file and, when a compiled copy for
     that hash exists in the cache directory, returns it without importing yaml.
     Otherwise it compiles the file and caches the result (best effort). Paths are
-    strings here, spelled as pathlib spells them (`pathstr`): no pathlib import."""
+    strings here, spelled as pathlib spells them (`pathstr`): no pathlib import.
+    `use_cache=False`: neither read nor write the cache (root, before it becomes the
+    state's owner, leaves no file of its own behind)."""
     if path is None:
         path = os.environ.get("GATEKEEPER_CONFIG") or DEFAULT_CONFIG
     path = pathstr.norm(path)
@@ -1111,7 +1116,7 @@ def load_policy(
         ) from None
     digest = _file_digest(data)
     source = pathstr.absolute(path)
-    cache = _cache_file(cache_dir, digest)
+    cache = _cache_file(cache_dir, digest) if use_cache else None
     if cache is not None:
         cached = _read_cache(cache, source, digest)
         if cached is not None:

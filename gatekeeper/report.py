@@ -27,11 +27,11 @@ from typing import Any
 from gatekeeper import audit as chain
 from gatekeeper import decision
 from gatekeeper.decision import Decision, UserFacts, decide
-from gatekeeper.errors import InputError, StoreError
+from gatekeeper.errors import InputError
 from gatekeeper.policy import Policy, RepoRule, Team
 from gatekeeper.record import evolve
 from gatekeeper.sshcmd import list_repositories, normalize_repo_name
-from gatekeeper.store import HEAD_NAME, Store, utc_iso
+from gatekeeper.store import HEAD_NAME, Recovery, Store, utc_iso
 
 # -- time ---------------------------------------------------------------------------
 
@@ -732,6 +732,8 @@ class LogCheck:
     head: tuple[int, str] | None
     anchor: tuple[int, str] | None
     findings: tuple[Finding, ...]
+    recovered: Recovery | None = None
+    """A write a crash interrupted, found (and settled) on the way: not a problem."""
 
     @property
     def ok(self) -> bool:
@@ -746,19 +748,55 @@ class LogCheck:
             "head": {"seq": self.head[0], "hash": self.head[1]} if self.head else None,
             "anchor": {"seq": self.anchor[0], "hash": self.anchor[1]} if self.anchor else None,
             "problems": [f.to_json() for f in self.findings],
+            "recovered": _recovery_json(self.recovered),
         }
 
 
+def _recovery_json(recovered: Recovery | None) -> dict[str, Any] | None:
+    if recovered is None:
+        return None
+    return {
+        "outcome": recovered.outcome,
+        "old": {"seq": recovered.old[0], "hash": recovered.old[1]},
+        "new": {"seq": recovered.new[0], "hash": recovered.new[1]},
+        "head_file_settled": recovered.settled,
+        "message": describe_recovery(recovered),
+    }
+
+
+def describe_recovery(recovered: Recovery) -> str:
+    """In plain words: a crash, what it left, and what was done about it."""
+    old, new = recovered.old[0], recovered.new[0]
+    records = f"record {new}" if new == old + 1 else f"records {old + 1}-{new}"
+    if recovered.outcome == "committed":
+        text = (
+            f"a writer stopped (crashed or was killed) right after committing {records}: "
+            f"{records} {'is' if new == old + 1 else 'are'} in the log"
+        )
+        settled = f"the head file now names record {new}"
+    else:
+        text = (
+            f"a writer stopped (crashed or was killed) before committing {records}: "
+            f"that write is not in the log, which ends where it did before"
+        )
+        settled = f"the head file is back on record {old}"
+    if recovered.settled:
+        text += f", and {settled}"
+    else:
+        text += "; the next write settles the head file"
+    return text + ". This is an interrupted write, not tampering."
+
+
 def check_log(store: Store) -> LogCheck:
-    """Verify the chain, the prune anchor and the head file; name every bad record."""
-    rows = store.audit_records()
-    anchor = store.audit_anchor()
+    """Verify the chain, the prune anchor and the head file; name every bad record.
+
+    A permission problem (the head file or the database cannot be read) is not a
+    finding: `PermissionDenied` goes to the caller, who says so."""
+    view = store.audit_view()
+    rows, anchor, head = view.records, view.anchor, view.head
     findings: list[Finding] = []
-    head: tuple[int, str] | None = None
-    try:
-        head = store.read_head()
-    except StoreError as exc:
-        findings.append(Finding(None, "head-unreadable", exc.message))
+    if view.head_error is not None:
+        findings.append(Finding(None, "head-unreadable", view.head_error))
     witness = store.kind != "sqlite"
     problems = chain.verify_chain(rows, head, anchor, head_is_witness=witness)
     if head is None and not findings and (rows or anchor):
@@ -783,6 +821,7 @@ def check_log(store: Store) -> LogCheck:
         head=head,
         anchor=anchor,
         findings=tuple(findings),
+        recovered=view.recovered,
     )
 
 

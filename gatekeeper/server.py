@@ -1117,6 +1117,25 @@ class _Throttled:
             log.warning("%s", line)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise GatekeeperError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint="choose another --port, or stop what is using it (a port below 1024 needs "
+            "root, which `gatekeeper serve` drops right after listening).",
+        ) from exc
+    sock.listen(128)
+    return sock
+
+
 class GatekeeperServer:
     """Listening socket, connection threads, and a clean stop."""
 
@@ -1127,6 +1146,7 @@ class GatekeeperServer:
         host: str,
         port: int,
         limits: Limits | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.config_path = config_path
         self.host_key = host_key
@@ -1135,7 +1155,7 @@ class GatekeeperServer:
         self.limits = limits or Limits()
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
-        self._listener: socket.socket | None = None
+        self._listener: socket.socket | None = listener  # `listen`ed already, or by bind()
         self._lock = threading.Lock()
         self._count = 0
         # Who holds what, under `_lock`: those still logging in (by address too) and
@@ -1149,24 +1169,10 @@ class GatekeeperServer:
         self._fault_lock = threading.Lock()
 
     def bind(self) -> tuple[str, int]:
-        """Open the listening socket; return the address actually bound."""
-        infos = socket.getaddrinfo(
-            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
-            raise GatekeeperError(
-                f"cannot listen on {self.host}:{self.port}: {exc.strerror}",
-                hint="choose another --port, or stop what is using it.",
-            ) from exc
-        sock.listen(128)
-        self._listener = sock
-        bound = sock.getsockname()
+        """Open the listening socket (unless given one); return the address bound."""
+        if self._listener is None:
+            self._listener = listen(self.host, self.port)
+        bound = self._listener.getsockname()
         return str(bound[0]), int(bound[1])
 
     def active(self) -> int:
@@ -1361,8 +1367,12 @@ def serve(
     port: int | None = None,
     limits: Limits | None = None,
     echo: Callable[[str], None] = print,
+    after_bind: Callable[[], None] | None = None,
 ) -> int:
-    """`gatekeeper serve`: listen until SIGTERM/SIGINT; return the exit code (0)."""
+    """`gatekeeper serve`: listen until SIGTERM/SIGINT; return the exit code (0).
+    `after_bind` runs once the socket listens and before anything in the state is
+    read or written: the CLI, run as root, becomes the state's owner there (so root
+    may give it a port below 1024, and no file in the state becomes root's)."""
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s gatekeeper: %(message)s"))
@@ -1378,17 +1388,20 @@ def serve(
     logs.use_state_dir(str(state_dir))
     if not any(h.get_name() == logs.HANDLER_NAME for h in log.handlers):
         log.addHandler(logs.handler("gatekeeper-serve"))
-    # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
-    with Store.open(state_dir, policy.server.store) as store:
-        keys = store.list_keys()
-    host_key = load_host_key(state_dir)
-    server = GatekeeperServer(
-        config_path.absolute(),
-        host_key,
-        host if host is not None else policy.server.listen_host,
-        port if port is not None else policy.server.listen_port,
-        limits,
-    )
+    host = host if host is not None else policy.server.listen_host
+    port = port if port is not None else policy.server.listen_port
+    listener = listen(host, port)
+    try:
+        if after_bind is not None:
+            after_bind()
+        # Refuse to start without a store (`gatekeeper init`) or while it is unreachable.
+        with Store.open(state_dir, policy.server.store) as store:
+            keys = store.list_keys()
+        host_key = load_host_key(state_dir)
+    except BaseException:
+        listener.close()
+        raise
+    server = GatekeeperServer(config_path.absolute(), host_key, host, port, limits, listener)
     server.known.replace(policy.server.user, keys)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -4,13 +4,15 @@ Rules learned the hard way (DESIGN.md):
 - WAL mode and a busy timeout, so many short-lived processes share the file.
 - Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
   that upgrades to a write ignores the busy timeout and fails under concurrency.
+- `synchronous = FULL`: a commit is on disk when COMMIT returns (the audit head's
+  protocol needs it, gatekeeper.audithead).
 """
 
 from __future__ import annotations
 
 import os
 
-from gatekeeper.errors import StoreError
+from gatekeeper.errors import PermissionDenied, StoreError
 from gatekeeper.lightstd import sqlite3_module
 
 TYPE_CHECKING = False
@@ -49,7 +51,12 @@ class SqliteDatabase:
                 mode_row = conn.execute("PRAGMA journal_mode").fetchone()
                 if mode_row[0] != "wal":
                     conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                # FULL, not NORMAL: in WAL mode NORMAL syncs the WAL only at checkpoints,
+                # so a power loss may take back commits that had returned. The audit head
+                # is settled right after COMMIT (gatekeeper.audithead), and a settled head
+                # that outlives its commit reads as records cut off: the commit must be on
+                # disk first. One fsync of the WAL per write transaction.
+                conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self.error(exc) from exc
@@ -87,18 +94,25 @@ class SqliteDatabase:
     @staticmethod
     def check_openable(path: str) -> None:
         """Refuse clearly before connecting: SQLite would create a missing file."""
-        if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except FileNotFoundError:
             state_dir = os.path.dirname(path)
             if not os.path.exists(state_dir):
                 raise StoreError(
                     f"state directory not found: {state_dir}",
                     hint="run `gatekeeper init` (or check state_dir in the policy file).",
-                )
-            raise StoreError(f"state database not found: {path}", hint="run `gatekeeper init`.")
-        if not os.access(path, os.R_OK):
+                ) from None
             raise StoreError(
-                f"state database is not readable: {path}",
-                hint="run as the git user, or fix its owner and mode.",
+                f"state database not found: {path}", hint="run `gatekeeper init`."
+            ) from None
+        except PermissionError:
+            pass  # a directory on the way cannot be searched: said below
+        if not os.access(path, os.R_OK):
+            from gatekeeper.statedir import ownership_hint
+
+            raise PermissionDenied(
+                f"state database is not readable: {path}", hint=ownership_hint(path)
             )
 
     def exists(self) -> bool:
@@ -115,6 +129,11 @@ class SqliteDatabase:
 
     def begin_write(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+
+    def begin_read(self) -> None:
+        """A read transaction: every SELECT until `rollback` sees one snapshot (WAL
+        mode fixes it at the first)."""
+        self.conn.execute("BEGIN")
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
@@ -156,6 +175,15 @@ class SqliteDatabase:
                 hint="restore it from a backup; gatekeeper refuses all access until then.",
             )
         if "readonly" in text or "read-only" in text or "unable to open" in text:
+            denied = _not_ours(path)
+            if denied is not None:
+                from gatekeeper.statedir import ownership_hint
+
+                return PermissionDenied(
+                    f"state database cannot be used: {denied} is not writable by this account "
+                    f"({text}).",
+                    hint=ownership_hint(denied),
+                )
             return StoreError(
                 f"state database cannot be written: {path} ({text}).",
                 hint="run as the git user; the state directory and database must be writable "
@@ -168,3 +196,18 @@ class SqliteDatabase:
                 "audit log.",
             )
         return StoreError(f"state database error: {path}: {text}", hint="see the server log.")
+
+
+def _not_ours(path: str) -> str | None:
+    """The first of the database, its WAL files and its directory that this account
+    cannot write, if any: SQLite says only "readonly" or "unable to open"."""
+    directory = os.path.dirname(path) or "."
+    for name, mode in (
+        (directory, os.W_OK | os.X_OK),
+        (path, os.R_OK | os.W_OK),
+        (path + "-wal", os.R_OK | os.W_OK),
+        (path + "-shm", os.R_OK | os.W_OK),
+    ):
+        if os.path.lexists(name) and not os.access(name, mode):
+            return name
+    return None

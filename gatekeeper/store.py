@@ -18,7 +18,9 @@ import time
 
 from gatekeeper import audit as chain
 from gatekeeper import pathstr
-from gatekeeper.errors import InputError, NotFound, StoreError
+from gatekeeper.audithead import HEAD_NAME as HEAD_NAME
+from gatekeeper.audithead import Head, HeadFile
+from gatekeeper.errors import InputError, NotFound, PermissionDenied, StoreError
 from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.record import record
 from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 3
 SERVER_KEY_NAME = "server.key"
-HEAD_NAME = "audit.head"
 BUSY_TIMEOUT_MS = 5000
 USER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
@@ -243,6 +244,29 @@ def token_digest(token: str) -> str:
 
 
 @record
+class Recovery:
+    """A write a crash interrupted, found and settled: "committed" (the process died
+    after COMMIT, before settling the head) or "rolled-back" (before COMMIT: `new`
+    never reached the database, and the head is back on `old`)."""
+
+    outcome: str
+    old: tuple[int, str]
+    new: tuple[int, str]
+    settled: bool  # the head file was rewritten (False: left for the next write)
+
+
+@record
+class AuditView:
+    """What `log verify` checks, read as one consistent picture (`Store.audit_view`)."""
+
+    records: list[dict[str, Any]]
+    anchor: tuple[int, str] | None
+    head: tuple[int, str] | None
+    head_error: str | None  # the head file is there but cannot be used
+    recovered: Recovery | None
+
+
+@record
 class ConnectionFacts:
     """Everything the git-access path needs about a key, read in one query."""
 
@@ -274,15 +298,25 @@ class Store:
     `state_dir` always holds this host's files beside the database: the server key
     (which front-ends sharing a database must share too) and the audit head file."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], db: Database) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        db: Database,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> None:
         # Strings spelled as pathlib spells them (`pathstr`): the forced command opens
         # a store and writes the head file without importing pathlib.
         self._state_dir = pathstr.norm(state_dir)
-        self._head_file = pathstr.join(self._state_dir, HEAD_NAME)
+        self.head = HeadFile(self._state_dir, busy_timeout_ms)
         self.db = db
-        # The head file as it was before this transaction wrote it (see `_write_head`):
-        # None when not written yet, a hard link to the old head, or False if there was none.
-        self._head_before: str | bool | None = None
+        # The write transaction under way, if any, and the audit ends it moves the head
+        # between (see gatekeeper.audithead): `_head_old` from its first record on,
+        # `_head_new` once it appended one.
+        self._in_write = False
+        self._head_old: tuple[int, str] | None = None
+        self._head_new: tuple[int, str] | None = None
+        self._ahead: tuple[int, str] | None = None  # a settled head to chain on from
+        self._chain_start = (0, chain.GENESIS)  # the log's end when the transaction began
         self.schema_before = -1  # the schema version `migrate` found
 
     # -- opening ---------------------------------------------------------------
@@ -305,7 +339,7 @@ class Store:
         state_dir = pathstr.norm(state_dir)
         location = _location(url, state_dir)
         db = _connect(location, busy_timeout_ms, light=light, readonly=readonly)
-        store = cls(state_dir, db)
+        store = cls(state_dir, db, busy_timeout_ms)
         try:
             version = store._schema_version()
             _check_version(version, store.where)
@@ -345,7 +379,7 @@ class Store:
             db = _connect(location, busy_timeout_ms, create=True, light=light)
         finally:
             os.umask(old_umask)
-        store = cls(state_dir, db)
+        store = cls(state_dir, db, busy_timeout_ms)
         try:
             store.migrate()
         except BaseException:
@@ -472,12 +506,11 @@ class Store:
         return _WriteTransaction(self)
 
     def _rollback(self) -> None:
+        # A head already written pending stays: it resolves by what the database has.
         try:
             self.db.rollback()
         except self.db.errors:
             pass  # a lost connection: the server rolled back already
-        finally:
-            self._settle_head(keep=False)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
@@ -504,27 +537,11 @@ class Store:
 
     # -- audit -----------------------------------------------------------------
 
-    def _append_audit(
-        self, event: str, now: float, *, write_head: bool = True, **fields: Any
-    ) -> int:
-        """Append one chained record; must run inside `_write()`. A batch writes the
-        head file once, with its last record (`write_head=False` for the others)."""
-        last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        if last is None:
-            anchor = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
-            prev_seq, prev_hash = (anchor["seq"], anchor["hash"]) if anchor else (0, chain.GENESIS)
-        else:
-            prev_seq, prev_hash = last["seq"], last["hash"]
-        if self._head_before is None:
-            # First head of this transaction: a head file ahead of the database means
-            # records were cut off (or the newest replaced). Chain on from the head, so
-            # the new record keeps that visible to `log verify` instead of covering it.
-            try:
-                head = self.read_head()
-            except StoreError:
-                head = None
-            if head is not None and head[0] >= prev_seq and head != (prev_seq, prev_hash):
-                prev_seq, prev_hash = head
+    def _append_audit(self, event: str, now: float, **fields: Any) -> int:
+        """Append one chained record; must run inside `_write()`, which writes the head
+        file for the transaction's last record (gatekeeper.audithead)."""
+        self._begin_audit()
+        prev_seq, prev_hash = self._head_new or self._ahead or self._chain_start
         record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
         record["seq"] = prev_seq + 1
         record["at"] = utc_iso(now)
@@ -536,50 +553,95 @@ class Store:
             " client, detail, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (*(record[f] for f in chain.FIELDS), prev_hash, digest),
         )
-        # Written while we hold the write lock, so heads are written in chain order.
-        if write_head:
-            self._write_head(record["seq"], digest)
+        self._head_new = (int(record["seq"]), digest)
         return int(record["seq"])
 
-    def _write_head(self, seq: int, digest: str) -> None:
-        head = self._head_file
-        tmp = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}")
-        try:
-            if self._head_before is None:
-                # Keep the old head (a hard link: no space needed to put it back) until
-                # the transaction commits, so a failed COMMIT does not leave a head that
-                # names a record the database does not have ("records were cut off").
-                before = pathstr.join(self._state_dir, f".{HEAD_NAME}.{os.getpid()}.before")
-                _unlink_missing_ok(before)
-                try:
-                    os.link(head, before)
-                    self._head_before = before
-                except FileNotFoundError:
-                    self._head_before = False
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{seq} {digest}\n")
-            os.replace(tmp, head)
-        except OSError as exc:
-            _unlink_missing_ok(tmp)
-            raise StoreError(
-                f"cannot write the audit head file {head}: {exc.strerror}",
-                hint="the state directory must be writable by the git user (and not full).",
-            ) from exc
+    def _begin_audit(self) -> None:
+        """Before a transaction's first change to the log: the head's lock, and the
+        head as the database says it turned out (a pending head resolved)."""
+        if self._head_old is not None:
+            return
+        self.head.lock()
+        head = self._settled_head()
+        # Deleting records from the front (`prune_audit`) does not move this end.
+        end = self._chain_start = self._chain_end()
+        # A settled head ahead of the database means records were cut off (or the
+        # newest replaced). Chain on from the head, so the new record keeps that
+        # visible to `log verify` instead of covering it. (A pending head was resolved
+        # first: its new end is no evidence of anything.)
+        if head is not None and head[0] >= end[0] and head != end:
+            self._ahead = head
+        self._head_old = head if head is not None else end
 
-    def _settle_head(self, *, keep: bool) -> None:
-        """After COMMIT drop the old head; after ROLLBACK put it back."""
-        before, self._head_before = self._head_before, None
+    def _chain_end(self) -> tuple[int, str]:
+        """The newest record's (seq, hash); with none, the prune anchor's or the start's."""
+        last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if last is None:
+            last = self._read_one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+        return (int(last["seq"]), str(last["hash"])) if last else (0, chain.GENESIS)
+
+    def _write_pending_head(self) -> None:
+        """Step 1 of gatekeeper.audithead's protocol, right before COMMIT."""
+        if self._head_new is not None and self._head_old is not None:
+            self.head.write(Head(*self._head_old, pending=self._head_new), durable=True)
+
+    def _settle_head(self) -> None:
+        """Step 3, after COMMIT: best effort, as a pending head resolves to the same."""
+        if self._head_new is not None:
+            try:
+                self.head.write(Head(*self._head_new), durable=False)
+            except StoreError:
+                pass
+
+    def _end_head(self) -> None:
+        self._head_old = self._head_new = self._ahead = None
+        self.head.unlock()
+
+    def _settled_head(self) -> tuple[int, str] | None:
+        """The head file resolved (a pending head as its write turned out); the
+        head's lock held. The caller writes the head next, so nothing is written here."""
         try:
-            if isinstance(before, str):
-                if keep:
-                    os.unlink(before)
-                else:
-                    os.replace(before, self._head_file)
-            elif before is False and not keep:
-                _unlink_missing_ok(self._head_file)
-        except OSError:
-            pass  # best effort: `gatekeeper audit verify` reports a head that is off
+            head = self.head.read()
+        except PermissionDenied:
+            raise
+        except StoreError:
+            return None  # malformed: as if missing, and this write replaces it
+        return None if head is None else self._resolve_head(head)[0]
+
+    def _resolve_head(self, head: Head) -> tuple[tuple[int, str], str | None]:
+        """(The end the log is held to, and for a pending head what became of its
+        write: "committed", "rolled-back", or None for a head that is no crash's)."""
+        if head.pending is None:
+            return head.end, None
+        if self._audit_hash(head.pending[0]) == head.pending[1]:
+            return head.pending, "committed"
+        shared = self.kind != "sqlite"
+        if not self._still_there(head.end, shared=shared):
+            return head.end, None  # the end it was written after is gone or changed
+        if shared:
+            # Records after the old end are other front-ends' (one may even have taken
+            # the number this write would have had): the head witnesses this host's.
+            return head.end, "rolled-back"
+        # On SQLite records after the old end are a write of a writer killed earlier,
+        # inside its COMMIT: its commit record reached the WAL file but not the WAL
+        # index, so the connections then open did not see it and a later recovery of
+        # the WAL did. They chain on from the old end (`log verify` checks that).
+        return self._chain_end(), "rolled-back"
+
+    def _audit_hash(self, seq: int) -> str | None:
+        row = self._read_one("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        return None if row is None else str(row["hash"])
+
+    def _still_there(self, end: tuple[int, str], *, shared: bool) -> bool:
+        """The record (or prune anchor, or start) `end` names is in the log, unchanged;
+        on a shared store also one pruned since, by whichever host."""
+        seq, digest = end
+        anchor = self.audit_anchor()
+        if anchor is not None and seq <= anchor[0]:
+            return anchor == end or (shared and seq < anchor[0])
+        if seq == 0:
+            return digest == chain.GENESIS
+        return self._audit_hash(seq) == digest
 
     def adopt_head(self) -> tuple[int, str] | None:
         """A front-end joining a shared store starts its head file at the chain's
@@ -588,27 +650,119 @@ class Store:
         if self.kind == "sqlite":
             return None
         with self._write():
-            if self.read_head() is not None:
+            self.head.lock()
+            if self.head.read() is not None:
                 return None
             last = self._read_one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             end = (int(last["seq"]), str(last["hash"])) if last else self.audit_anchor()
             if end is None:
                 return None
-            self._write_head(*end)
+            self.head.write(Head(*end), durable=True)
         return end
 
     def read_head(self) -> tuple[int, str] | None:
+        """The end the head file holds the log to (a pending head resolved, not
+        rewritten), or None when there is no head file."""
+        head = self.head.read()
+        return None if head is None else self._resolve_head(head)[0]
+
+    def audit_view(self) -> AuditView:
+        """The whole log, the prune anchor and the head as one consistent picture, for
+        `log verify`; a pending head left by a crashed writer is resolved and settled.
+
+        Without the head's lock while the head is settled: read it, take the
+        database's snapshot, read it again. The same settled head both times means no
+        write of this host committed in between (each goes through a pending head),
+        so the snapshot and the head agree. A pending head (or one that moved) is
+        read again; one that stays pending is a dead writer's, resolved under the
+        lock, which writers hold only from before their records to their settled head."""
+        if not self._in_write:
+            deadline = time.monotonic() + self.head.timeout
+            while True:
+                view = self._unlocked_view()
+                if view is not None:
+                    return view
+                if self.head.try_lock():
+                    break
+                if time.monotonic() >= deadline:
+                    self.head.lock()  # raises "busy" unless it frees up right now
+                    break
+                time.sleep(0.002)
+        else:
+            self.head.lock()  # under the write lock: only a settling writer to wait for
+        return self._locked_view()
+
+    def _unlocked_view(self) -> AuditView | None:
+        before = self._raw_head()
+        self._begin_read()
         try:
-            with open(self._head_file) as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreError(f"cannot read {self._head_file}: {exc.strerror}") from exc
-        parts = text.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise StoreError(f"the audit head file {self._head_file} is malformed")
-        return int(parts[0]), parts[1]
+            anchor = self.audit_anchor()  # the first read: it fixes the snapshot
+            after = self._raw_head()
+            if after != before or (after[0] is not None and after[0].pending is not None):
+                return None
+            rows = self.audit_records()
+        finally:
+            self._rollback()
+        self.head.sweep()
+        raw, error = after
+        return AuditView(rows, anchor, None if raw is None else raw.end, error, None)
+
+    def _locked_view(self) -> AuditView:
+        """`audit_view` holding the head's lock, which it releases (unless the write
+        transaction under way took it) before reading the rows from its snapshot."""
+        snapshot = not self._in_write
+        release = self._head_old is None  # a transaction that appended keeps it
+        try:
+            if snapshot:
+                self._begin_read()
+            anchor = self.audit_anchor()  # the first read: it fixes the snapshot
+            raw, head_error = self._raw_head()
+            head: tuple[int, str] | None = None
+            recovered: Recovery | None = None
+            if raw is not None:
+                head, outcome = self._resolve_head(raw)
+                if outcome is not None and raw.pending is not None:
+                    # A rolled-back write is final on SQLite only once another commit
+                    # has overwritten the WAL behind it (see `_resolve_head`): the
+                    # next writer settles it, and until then a write that comes back
+                    # still resolves as committed.
+                    settled = outcome == "committed" or self.kind != "sqlite"
+                    if settled:
+                        try:
+                            self.head.write(Head(*head), durable=False)
+                        except StoreError:
+                            settled = False  # read-only here: the next writer settles it
+                    recovered = Recovery(outcome, raw.end, raw.pending, settled)
+            self.head.sweep()
+        except BaseException:
+            if snapshot:
+                self._rollback()
+            raise
+        finally:
+            if release:
+                self.head.unlock()
+        try:
+            rows = self.audit_records()
+        finally:
+            if snapshot:
+                self._rollback()
+        return AuditView(rows, anchor, head, head_error, recovered)
+
+    def _raw_head(self) -> tuple[Head | None, str | None]:
+        """The head file as it is, or why it cannot be used (a permission problem is
+        raised: it is no finding about the log)."""
+        try:
+            return self.head.read(), None
+        except PermissionDenied:
+            raise
+        except StoreError as exc:
+            return None, exc.message
+
+    def _begin_read(self) -> None:
+        try:
+            self.db.begin_read()
+        except self.db.errors as exc:
+            raise self.db.error(exc) from exc
 
     def audit(self, event: str, *, now: float | None = None, **fields: Any) -> int:
         """Append a record on its own (decisions, failures, policy changes)."""
@@ -654,8 +808,8 @@ class Store:
         updates). Returns the last sequence number."""
         seq = 0
         with self._write():
-            for i, fields in enumerate(records, 1):
-                seq = self._append_audit(event, now, write_head=i == len(records), **fields)
+            for fields in records:
+                seq = self._append_audit(event, now, **fields)
         return seq
 
     def audit_records(
@@ -698,13 +852,13 @@ class Store:
         return (int(row["seq"]), str(row["hash"])) if row else None
 
     def verify_audit(self) -> list[chain.ChainProblem]:
-        rows = self._read("SELECT * FROM audit ORDER BY seq")
-        return chain.verify_chain(
-            [dict(r) for r in rows],
-            self.read_head(),
-            self.audit_anchor(),
-            head_is_witness=self.kind != "sqlite",
+        view = self.audit_view()
+        problems = chain.verify_chain(
+            view.records, view.head, view.anchor, head_is_witness=self.kind != "sqlite"
         )
+        if view.head_error is not None:
+            problems.insert(0, chain.ChainProblem(None, view.head_error))
+        return problems
 
     def prune_audit(self, before: str, *, actor: str | None = None) -> int:
         """Delete records older than `before` (ISO time), keeping the chain verifiable
@@ -716,6 +870,7 @@ class Store:
             )
             if last is None:
                 return 0
+            self._begin_audit()  # the head resolved against the log before this changes it
             policy = self.last_policy_hash()  # carried on, in case its record goes
             count = self._exec("DELETE FROM audit WHERE seq <= ?", (last["seq"],)).rowcount
             self._exec(
@@ -1473,6 +1628,7 @@ class _WriteTransaction:
             db.begin_write()
         except db.errors as exc:
             raise db.error(exc) from exc
+        self.store._in_write = True
 
     def __exit__(
         self,
@@ -1481,16 +1637,24 @@ class _WriteTransaction:
         tb: TracebackType | None,
     ) -> None:
         store, db = self.store, self.store.db
-        if exc_type is not None:
-            store._rollback()
-            return
         try:
-            db.commit()
-        except db.errors as error:
-            # A full disk makes COMMIT fail after the audit head file was written.
-            store._rollback()
-            raise db.error(error) from error
-        store._settle_head(keep=True)
+            if exc_type is not None:
+                store._rollback()
+                return
+            try:
+                store._write_pending_head()
+                db.commit()
+            except db.errors as error:
+                # A full disk makes COMMIT fail after the head was written pending.
+                store._rollback()
+                raise db.error(error) from error
+            except BaseException:
+                store._rollback()
+                raise
+            store._settle_head()
+        finally:
+            store._in_write = False
+            store._end_head()
 
 
 def _key_record(row: Any) -> KeyRecord:
@@ -1508,13 +1672,6 @@ def _table(name: str) -> str:
     if name not in TABLES:
         raise ValueError(f"not a store table: {name!r}")
     return name
-
-
-def _unlink_missing_ok(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _location(url: str, state_dir: str) -> StoreLocation:

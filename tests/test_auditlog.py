@@ -188,6 +188,152 @@ def test_verify_json_names_each_problem_by_kind(logged: Installation) -> None:
     assert [(p["seq"], p["kind"]) for p in data["problems"]] == [(2, "edited"), (6, "deleted")]
 
 
+# -- a crash is not tampering ----------------------------------------------------------------
+
+
+def head_file(gk: Installation) -> str:
+    return (gk.state / HEAD_NAME).read_text()
+
+
+def pending_head(gk: Installation, old: int, new: tuple[int, str]) -> None:
+    """The head file as a writer leaves it when it dies between writing its head pending
+    and settling it (gatekeeper/audithead.py): the committed end `old`, the new end."""
+    with db(gk) as conn:
+        digest = conn.execute("SELECT hash FROM audit WHERE seq = ?", (old,)).fetchone()[0]
+    (gk.state / HEAD_NAME).write_text(f"{old} {digest}\npending {new[0]} {new[1]}\n")
+
+
+def test_a_write_killed_before_its_commit_is_recovered_not_reported(logged: Installation) -> None:
+    pending_head(logged, 8, (9, "ab" * 32))  # record 9 never reached the database
+    status, problems, output = verify(logged)
+    assert status == 0, output
+    assert problems == []
+    assert (
+        "audit log: recovered an interrupted write: a writer stopped (crashed or was killed) "
+        "before committing record 9: that write is not in the log, which ends where it did "
+        "before; the next write settles the head file. This is an interrupted write, not "
+        "tampering."
+    ) in output
+    assert "audit log: intact" in output
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["ok"] is True and data["recovered"]["outcome"] == "rolled-back"
+    logged.gk("user", "add", "late")
+    with db(logged) as conn:
+        hash9 = conn.execute("SELECT hash FROM audit WHERE seq = 9").fetchone()[0]
+    assert head_file(logged) == f"9 {hash9}\n"  # settled, in the format of every version
+    again = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert again["ok"] is True and again["recovered"] is None
+
+
+def test_the_next_write_after_a_killed_one_chains_on_without_a_gap(logged: Installation) -> None:
+    pending_head(logged, 8, (9, "cd" * 32))
+    logged.gk("user", "add", "late")  # resolves the head under the write lock, then writes
+    records = logged.audit()
+    assert [r["seq"] for r in records] == list(range(1, 10))
+    assert records[-1]["prev_hash"] == records[-2]["hash"]
+    status, problems, output = verify(logged)
+    assert status == 0 and problems == [], output
+    assert "recovered" not in output
+    assert not [p.name for p in logged.state.iterdir() if p.name.startswith(".")]
+
+
+def test_a_write_killed_after_its_commit_is_recovered_not_reported(logged: Installation) -> None:
+    records = logged.audit()
+    pending_head(logged, 7, (8, records[-1]["hash"]))  # committed, the settle lost
+    status, problems, output = verify(logged)
+    assert status == 0 and problems == [], output
+    assert "right after committing record 8: record 8 is in the log" in output
+    assert head_file(logged) == f"8 {records[-1]['hash']}\n"
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["ok"] is True
+
+
+def test_a_pending_head_does_not_hide_records_cut_off_before_it(logged: Installation) -> None:
+    """The record a pending head was written after must still be there: a crash after
+    a cut is still a cut."""
+    pending_head(logged, 8, (9, "ef" * 32))
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq >= 7")
+    status, problems, output = verify(logged)
+    assert status == 1, output
+    assert "recovered" not in output
+    assert problems == [
+        "records 7-8 are missing: cut off the end of the log "
+        "(the head file names record 8; the log ends at 6)"
+    ]
+    # ...and the next write keeps the cut visible, as after a settled head.
+    logged.gk("user", "add", "late")
+    assert verify(logged)[1] == ["records 7-8 are missing: deleted (record 9 follows record 6)"]
+
+
+def test_a_write_sqlite_recovers_after_its_writer_was_killed_is_no_tampering(
+    logged: Installation,
+) -> None:
+    """A writer killed inside COMMIT can leave its commit in the WAL file but not in the
+    WAL index: the connections open then do not see it, a later recovery of the WAL
+    does. A writer after it may have died too, leaving its own pending head for the
+    number that write took. The records after the old end chain on from it: the log
+    ends there."""
+    records = logged.audit()
+    pending_head(logged, 7, (8, "12" * 32))  # record 8 is another write's
+    status, problems, output = verify(logged)
+    assert status == 0 and problems == [], output
+    assert "recovered an interrupted write" in output
+    data = json.loads(logged.gk("log", "verify", "--json").stdout)
+    assert data["head"]["seq"] == 8 and data["head"]["hash"] == records[-1]["hash"]
+    # ...and an edit of the record the pending head was written after is tampering.
+    with db(logged) as conn:
+        conn.execute("UPDATE audit SET user = 'mallory' WHERE seq = 7")
+    status, problems, output = verify(logged)
+    assert status == 1, output
+    assert problems[0].startswith("record 7 was edited")
+
+
+def test_the_last_transactions_records_cut_off_are_reported(logged: Installation) -> None:
+    """A push's ref updates are one transaction with one settled head: deleting all of
+    them is a cut tail, not an interrupted write."""
+    from gatekeeper.store import Store
+
+    with Store.open(logged.state) as store:
+        store.audit_many(
+            "ref-update", [{"user": "u1", "detail": {"ref": n}} for n in (1, 2, 3)], now=0
+        )
+    assert head_file(logged).startswith("11 ")
+    with db(logged) as conn:
+        conn.execute("DELETE FROM audit WHERE seq >= 9")
+    status, problems, _ = verify(logged)
+    assert status == 1
+    assert problems == [
+        "records 9-11 are missing: cut off the end of the log "
+        "(the head file names record 11; the log ends at 8)"
+    ]
+
+
+def test_the_head_file_reads_every_versions_settled_format() -> None:
+    from gatekeeper.audithead import Head, parse, render
+    from gatekeeper.errors import StoreError
+
+    digest, other = "a1" * 32, "b2" * 32
+    for text in (f"12 {digest}\n", f"12 {digest}", f" 12  {digest} \n\n"):
+        assert parse(text, "audit.head") == Head(12, digest)
+    pending = Head(12, digest, (13, other))
+    assert render(pending) == f"12 {digest}\npending 13 {other}\n"
+    assert parse(render(pending), "audit.head") == pending
+    for bad in ("", "12\n", f"x {digest}\n", f"12 {digest[:-1]}\n", f"12 {digest}\n13 {other}\n"):
+        with pytest.raises(StoreError, match="malformed"):
+            parse(bad, "audit.head")
+
+
+def test_verify_sweeps_what_older_versions_left_behind_when_killed(logged: Installation) -> None:
+    dead = 2**22 + 12345  # above any pid this machine hands out by default
+    for name in (f".{HEAD_NAME}.{dead}", f".{HEAD_NAME}.{dead}.before"):
+        (logged.state / name).write_text("7 x\n")
+    (logged.state / f".{HEAD_NAME}.{os.getpid()}").write_text("in use\n")
+    assert verify(logged)[0] == 0
+    left = sorted(p.name for p in logged.state.iterdir() if p.name.startswith("."))
+    assert left == [f".{HEAD_NAME}.{os.getpid()}"]  # a live process's is left alone
+
+
 # -- pruning -------------------------------------------------------------------------------
 
 

@@ -307,3 +307,58 @@ def test_sessions_opened_at_once_leave_one_per_key(tmp_path: Path, url: str) -> 
     rows = store.db.execute("SELECT count(*) AS n FROM sessions").fetchall()
     assert rows[0]["n"] == 1
     assert len(store.audit_records(event="2fa-verified")) == 6
+
+
+# -- the audit head after a crash --------------------------------------------------------------
+
+
+def _leave_pending(store: Store, old: tuple[int, str], new: tuple[int, str]) -> None:
+    """What a writer killed between its head's two states leaves (audithead.py)."""
+    from gatekeeper.audithead import Head
+
+    store.head.lock()
+    try:
+        store.head.write(Head(*old, pending=new), durable=False)
+    finally:
+        store.head.unlock()
+
+
+def test_a_pending_head_resolves_by_what_the_database_has(tmp_path: Path, url: str) -> None:
+    store = open_store(tmp_path, url)
+    # The very first write of a store, killed: the log's start is what it held to.
+    _leave_pending(store, (0, "0" * 64), (1, "ab" * 32))
+    view = store.audit_view()
+    assert view.recovered is not None and view.recovered.outcome == "rolled-back"
+    assert view.head == (0, "0" * 64) and view.records == [] and store.verify_audit() == []
+    for i in range(3):
+        store.audit("access", user="alice", detail={"i": i})
+    rows = store.audit_records()
+    ends = [(0, "0" * 64)] + [(r["seq"], r["hash"]) for r in rows]
+    # Killed after COMMIT: the new end is there.
+    _leave_pending(store, ends[2], ends[3])
+    view = store.audit_view()
+    assert view.recovered is not None and view.recovered.outcome == "committed"
+    assert view.head == ends[3] and store.head.read() is not None
+    assert store.verify_audit() == []
+    # Killed before COMMIT: the new end never arrived. (Settled at once on a shared
+    # store; on SQLite by the next write, see Store._locked_view.)
+    _leave_pending(store, ends[3], (4, "ab" * 32))
+    view = store.audit_view()
+    assert view.recovered is not None and view.recovered.outcome == "rolled-back"
+    assert view.recovered.settled is (not url.startswith("sqlite"))
+    assert view.head == ends[3] and store.verify_audit() == []
+    # Another record where the pending head points: on a shared store another front-end
+    # took the number after the killed write; on SQLite a write killed inside its
+    # COMMIT, which the WAL's recovery brought back later (see Store._resolve_head).
+    _leave_pending(store, ends[2], (3, "cd" * 32))
+    view = store.audit_view()
+    assert view.recovered is not None and view.recovered.outcome == "rolled-back"
+    assert view.head == (ends[3] if url.startswith("sqlite") else ends[2])
+    assert store.verify_audit() == []
+    # The next write chains on from the database's end either way, with no gap.
+    _leave_pending(store, ends[3], (4, "ef" * 32))
+    store.audit("access", user="alice", detail={"after": True})
+    assert [r["seq"] for r in store.audit_records()] == [1, 2, 3, 4]
+    assert store.verify_audit() == []
+    head = store.head.read()
+    assert head is not None and head.pending is None
