@@ -143,6 +143,7 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.gatekeeper.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _keep_owner(fd, path)
     with os.fdopen(fd, "w") as fh:
         fh.write(new)
         fh.flush()
@@ -160,6 +161,19 @@ def write_file(path: Path, block: str, expected_digest: str | None = None) -> bo
         )
     os.replace(tmp, path)
     return True
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """Root rewriting the git account's file leaves it the git account's (a new file
+    takes its directory's owner): install.sh and the next key change run as that
+    account and must still read and replace it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = os.stat(path.parent)
+    os.fchown(fd, st.st_uid, st.st_gid)
 
 
 KEYS_COMMAND_TIMEOUT = 5

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from gatekeeper import authkeys, decision, twofactor
+from gatekeeper import authkeys, decision, installation, twofactor
 from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError
 from gatekeeper.policy import (
     Policy,
@@ -237,12 +237,19 @@ def user_list(ctx: Context, as_json: bool) -> None:
 
 @user.command("remove")
 @click.argument("name")
+@click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    type=click.Path(path_type=Path),
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
+)
 @pass_ctx
-def user_remove(ctx: Context, name: str) -> None:
+def user_remove(ctx: Context, name: str, authorized_keys: Path | None) -> None:
     """Remove a user with their keys, enrollment and sessions."""
     with ctx.store() as store:
         store.remove_user(name, actor=actor())
-    click.echo(f"removed user {name}")
+        click.echo(f"removed user {name}")
+        tell_sshd(ctx, store, authorized_keys)
     if name in {m for t in ctx.policy.teams.values() for m in t.members}:
         click.echo(f"note: {name} is still listed in the policy's teams", err=True)
 
@@ -262,7 +269,7 @@ def key() -> None:
     "--authorized-keys",
     "authorized_keys",
     type=click.Path(path_type=Path),
-    help="Also refresh this authorized_keys file.",
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
 )
 @pass_ctx
 def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | None) -> None:
@@ -281,9 +288,8 @@ def key_add(ctx: Context, user_name: str, source: Any, authorized_keys: Path | N
             parsed.comment,
             actor=actor(),
         )
-        if authorized_keys:
-            refresh_authorized_keys(ctx, store, authorized_keys)
-    click.echo(parsed.fingerprint)
+        click.echo(parsed.fingerprint)
+        tell_sshd(ctx, store, authorized_keys)
 
 
 @key.command("list")
@@ -315,16 +321,15 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
     "--authorized-keys",
     "authorized_keys",
     type=click.Path(path_type=Path),
-    help="Also refresh this authorized_keys file.",
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
 )
 @pass_ctx
 def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> None:
     """Remove the key with FINGERPRINT (SHA256:...)."""
     with ctx.store() as store:
         removed = store.remove_key(fingerprint, actor=actor())
-        if authorized_keys:
-            refresh_authorized_keys(ctx, store, authorized_keys)
-    click.echo(f"removed {fingerprint} ({removed.user})")
+        click.echo(f"removed {fingerprint} ({removed.user})")
+        tell_sshd(ctx, store, authorized_keys)
 
 
 def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
@@ -335,7 +340,24 @@ def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
 
 
 def refresh_authorized_keys(ctx: Context, store: Store, path: Path) -> bool:
-    return authkeys.write_file(path, authkeys.render_block(authorized_keys_lines(ctx, store)))
+    try:
+        return authkeys.write_file(path, authkeys.render_block(authorized_keys_lines(ctx, store)))
+    except OSError as exc:
+        raise GatekeeperError(
+            f"cannot write {path}: {exc.strerror or exc}; sshd does not see the keys as they "
+            "are now.",
+            hint=f"as the git account, run: gatekeeper authorized-keys --write {path}",
+        ) from None
+
+
+def tell_sshd(ctx: Context, store: Store, explicit: Path | None) -> None:
+    """After a key change: rewrite the authorized_keys file(s) sshd reads, as
+    install.sh recorded them (gatekeeper/installation.py), or say what to run."""
+    follow_up = installation.after_key_change(ctx.config, explicit)
+    for path in follow_up.rewrite:
+        refresh_authorized_keys(ctx, store, path)
+    if follow_up.note:
+        click.echo(follow_up.note, err=True)
 
 
 @cli.command("authorized-keys")
