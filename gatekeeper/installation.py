@@ -115,3 +115,28 @@ def after_key_change(
         elif explicit is None or not _same_file(explicit, recorded):
             wanted.append(Path(recorded))
     return KeyChangeFollowUp(rewrite=tuple(wanted), note=note)
+
+
+def policy_caches(cache_dir: str, config: str) -> list[str]:
+    """The compiled policies in `cache_dir` made from the policy file `config`: what
+    `install.sh --uninstall` removes of a cache directory that other installations'
+    policies (or another checkout's) may share."""
+    from gatekeeper.policy import compiled_source
+
+    found = []
+    try:
+        names = sorted(os.listdir(cache_dir))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not name.startswith("policy-"):
+            continue
+        path = os.path.join(cache_dir, name)
+        try:
+            with open(path, "rb") as fh:
+                source = compiled_source(fh.read(64 << 20))
+        except OSError:
+            continue
+        if source is not None and _same_file(source, config):
+            found.append(path)
+    return found

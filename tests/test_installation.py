@@ -209,3 +209,30 @@ def test_root_rewriting_the_file_leaves_it_the_git_accounts(
     code, _, err = run_cli(gk, "user", "remove", "alice")
     assert code == 0, err
     assert (target.stat().st_uid, target.stat().st_gid) == (4244, 4245)
+
+
+def test_the_compiled_policies_of_one_policy_file_are_told_apart(
+    gk: Installation, tmp_path: Path
+) -> None:
+    """What `install.sh --uninstall` removes from a cache directory other installations share."""
+    import json
+
+    from gatekeeper.policy import load_policy
+
+    cache = tmp_path / "cache"
+    other = tmp_path / "other" / "config.yaml"
+    other.parent.mkdir()
+    other.write_text(gk.config.read_text() + "# another installation\n")
+    load_policy(gk.config, cache_dir=cache)
+    gk.config.write_text(gk.config.read_text() + "# edited\n")
+    load_policy(gk.config, cache_dir=cache)
+    load_policy(other, cache_dir=cache)
+    # An earlier release's JSON cache, a damaged file and a stranger.
+    (cache / "policy-0123.json").write_text(json.dumps({"source": str(gk.config)}))
+    (cache / "policy-4567.v4").write_bytes(b"GKpolicy\0\0\0\0garbage")
+    (cache / "notes.txt").write_text(str(gk.config))
+    ours = installation.policy_caches(str(cache), str(gk.config))
+    assert len(ours) == 3 and str(cache / "policy-0123.json") in ours
+    (theirs,) = installation.policy_caches(str(cache), str(other))
+    assert theirs not in ours
+    assert installation.policy_caches(str(tmp_path / "missing"), str(gk.config)) == []
