@@ -613,6 +613,14 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
 
     enroll_users_and_use_git(box)
 
+    # 10,000 keys: sshd parses authorized_keys up to the key twice per connection, so a run
+    # warns and recommends keys-command mode.
+    fill_store_with_keys(box, 10_000 - 2)
+    big = box.install()
+    (warning,) = [line for line in big.stderr.splitlines() if "holds 10000 keys" in line]
+    assert "twice per connection" in warning and "--mode keys-command" in warning
+    assert len(authorized_keys_block(box)) == 10_000
+
     # Uninstall: the drop-in, the virtualenv, authorized_keys go; the state and the edited
     # policy stay (they are the admin's data) until --purge. Its dry run says exactly that,
     # and changes nothing.
@@ -958,6 +966,47 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
             without_repository_data(snapshot(box.root, dir_mtimes=False)),
         )
         == ""
+    )
+
+
+def fill_store_with_keys(box: Box, n: int) -> None:
+    """`n` made-up keys of one user, straight into the store, as the git account."""
+    script = """
+import base64, hashlib, sqlite3, sys, time
+db, n = sys.argv[1], int(sys.argv[2])
+conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+now = int(time.time())
+conn.execute("BEGIN IMMEDIATE")
+user = conn.execute("INSERT INTO users (name, created_at) VALUES ('many', ?)", (now,)).lastrowid
+rows = []
+for i in range(n):
+    raw = hashlib.sha256(b"install-test-key-%d" % i).digest()
+    blob = b"\\0\\0\\0\\x0bssh-ed25519\\0\\0\\0\\x20" + raw
+    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    rows.append((user, fp, "ssh-ed25519", base64.b64encode(blob).decode(), 256, "", now))
+conn.executemany(
+    "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at)"
+    " VALUES (?,?,?,?,?,?,?)",
+    rows,
+)
+conn.execute("COMMIT")
+"""
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            box.user,
+            "--",
+            str(box.prefix / "bin" / "python"),
+            "-c",
+            script,
+            str(box.state / "gatekeeper.db"),
+            str(n),
+        ],
+        check=True,
+        capture_output=True,
+        cwd="/",
+        timeout=120,
     )
 
 
