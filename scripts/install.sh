@@ -451,7 +451,8 @@ systemd_runs() {   # systemctl alone is no proof: containers and chroots have it
 ensure_privsep_dir() {
     local out dir
     out=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1) && return 0
-    dir=$(sed -n 's/^Missing privilege separation directory: \(\/[^[:space:]]*\)$/\1/p' <<<"${out}" | head -n1)
+    # (sshd ends its fatal message with \r\n)
+    dir=$(tr -d '\r' <<<"${out}" | sed -n 's/^Missing privilege separation directory: \(\/[^[:space:]]*\)$/\1/p' | head -n1)
     [[ -n ${dir} && ! -e ${dir} && -z ${PLANNED[${dir}]:-} ]] || return 0
     change "create sshd's privilege separation directory ${dir} (root 0755), which sshd -t needs"
     if dry; then
@@ -637,6 +638,19 @@ remove_policy_cache() {   # DIR CONFIG; fails when DIR stays
     fi
 }
 
+# userdel refuses (exit 8) while the user has processes: the sshd session of a connection that
+# ended a moment ago, or one still in progress. Prints userdel's reason when it gives up.
+delete_user() {   # NAME
+    local out status attempt
+    for attempt in 1 2 3 4 5 6 7 8 9 10; do
+        status=0
+        out=$(userdel "$1" 2>&1) || status=$?
+        ((status == 8 && attempt < 10)) || break
+        sleep 0.5
+    done
+    ((status == 0)) || { printf '%s\n' "${out:-userdel exit ${status}}"; return 1; }
+}
+
 # Would DIR be empty once the uninstall has removed what it removes? Exact when not a dry
 # run (only the manifest may be left in it); in a dry run, judged from the manifest.
 would_be_empty() {
@@ -754,7 +768,11 @@ uninstall() {
             getent passwd "${path}" >/dev/null || continue
             if ((PURGE == 1)); then
                 change "delete user ${path}"
-                dry || userdel "${path}"
+                if ! dry && ! out=$(delete_user "${path}"); then
+                    warn "user ${path} not deleted: ${out} (run --uninstall --purge again once it is idle)"
+                    kept=1
+                    remaining=("${entries[i]}" "${remaining[@]}")
+                fi
             else
                 ok "kept user ${path} (--purge deletes it)"
                 kept=1
@@ -931,8 +949,16 @@ else
     if ! dry; then
         # Password "*": no password login, but not "locked" ("!"), which sshd without PAM
         # refuses even for keys. The shell runs the forced command, so it must be a real one.
-        useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
-            --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}"
+        # useradd gives up (exit 10) while another account change holds /etc's lock files.
+        for attempt in 1 2 3 4 5 6; do
+            status=0
+            useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
+                --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}" ||
+                status=$?
+            ((status == 10 && attempt < 6)) || break
+            sleep 1
+        done
+        ((status == 0)) || die "useradd could not create user ${GIT_USER} (exit ${status}, see above)"
         manifest_add user "${GIT_USER}"
     fi
 fi
