@@ -48,7 +48,8 @@ pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 
 __all__ = ["source_copy"]  # the module's fixture: a snapshot of the checkout to install
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install.sh"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "install.sh"
 GK = "/opt/gatekeeper/bin/gatekeeper"
 CONFIG = "/etc/gatekeeper/config.yaml"
 AUTHORIZED_KEYS = "/home/git/.ssh/authorized_keys"
@@ -272,6 +273,20 @@ def git_account() -> str:
     return subprocess.run(["getent", "passwd", "git"], capture_output=True, text=True).stdout
 
 
+def readme_admin_commands() -> list[str]:
+    """The commands README's "Install on a git box" gives the admin to run as the git
+    account, in its order."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("\n## Install on a git box\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```\n(.*?)^```$", section, re.M | re.S)
+    return [
+        line
+        for block in blocks
+        for line in block.splitlines()
+        if line.startswith(("runuser ", "sudo "))
+    ]
+
+
 def changes(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line[11:] for line in result.stdout.splitlines() if line.startswith("  change   ")]
 
@@ -291,7 +306,7 @@ def test_install_on_a_box_without_systemd_use_switch_uninstall_reinstall(
     box: Box, source_copy: Path
 ) -> None:
     keys = box.tmp / "keys"
-    alice_key, alice_pub = sshd.generate_user_key(keys, "alice")
+    alice_key, _ = sshd.generate_user_key(keys, "alice")  # alice.pub, for the README
     bob_key, bob_pub = sshd.generate_user_key(keys, "bob")
     carol_key, carol_pub = sshd.generate_user_key(keys, "carol")
 
@@ -309,29 +324,21 @@ def test_install_on_a_box_without_systemd_use_switch_uninstall_reinstall(
     box.run(*shlex.split(start))
     box.wait_for_sshd()
 
-    # 2. The admin, as the README says: users, keys (no --authorized-keys: the CLI rewrites
-    #    the file install.sh recorded), a repository with its hook, the teams.
-    for name, pub in (("alice", alice_pub), ("bob", bob_pub)):
-        box.gk("user", "add", name)
-        added = box.gk("key", "add", name, "-", input=pub.read_text())
-        assert added.stderr == ""
+    # 2. The admin, as the README says, pasted (with alice.pub at hand, NAME a repository's
+    #    name): a user, a key (no --authorized-keys: the CLI rewrites the file install.sh
+    #    recorded), a repository with its hook. Then bob, and the teams.
+    commands = readme_admin_commands()
+    assert [c.split(" -- ", 1)[0] for c in commands] == ["runuser -u git"] * len(commands)
+    assert any("git init --bare" in c for c in commands), commands
+    for command in commands:
+        pasted = box.run("sh", "-c", f"cd {keys} && {command.replace('NAME', 'project')}")
+        assert "sshd may not see" not in pasted.stderr, pasted.stderr
+    assert box.path("/srv/git/project.git/hooks/pre-receive").is_file()
+    box.gk("user", "add", "bob")
+    box.gk("key", "add", "bob", "-", input=bob_pub.read_text())
     enrolled = box.gk("2fa", "enroll", "alice", "--no-qr")
     assert "issuer=Box%20Git" in enrolled.stdout
     box.gk("2fa", "confirm", "alice", totp.current_code(secret_from(enrolled.stdout), time.time()))
-    box.run(
-        "runuser",
-        "-u",
-        "git",
-        "--",
-        "git",
-        "init",
-        "-q",
-        "--bare",
-        "-b",
-        "main",
-        "/srv/git/project.git",
-    )
-    box.gk("hooks", "install", "project")
     config = box.path(CONFIG)
     text = config.read_text()
     config.write_text(text[: text.index("\nteams:") + 1] + TEST_POLICY)
