@@ -639,13 +639,14 @@ remove_policy_cache() {   # DIR CONFIG; fails when DIR stays
 }
 
 # userdel refuses (exit 8) while the user has processes: the sshd session of a connection that
-# ended a moment ago, or one still in progress. Prints userdel's reason when it gives up.
+# ended a moment ago, or one still in progress; and, like useradd, while another account change
+# holds one of /etc's lock files. Prints userdel's reason when it gives up.
 delete_user() {   # NAME
     local out status attempt
     for attempt in 1 2 3 4 5 6 7 8 9 10; do
         status=0
         out=$(userdel "$1" 2>&1) || status=$?
-        ((status == 8 && attempt < 10)) || break
+        [[ (${status} == 8 || ${out} == *"try again later"*) && ${attempt} -lt 10 ]] || break
         sleep 0.5
     done
     ((status == 0)) || { printf '%s\n' "${out:-userdel exit ${status}}"; return 1; }
@@ -949,16 +950,18 @@ else
     if ! dry; then
         # Password "*": no password login, but not "locked" ("!"), which sshd without PAM
         # refuses even for keys. The shell runs the forced command, so it must be a real one.
-        # useradd gives up (exit 10) while another account change holds /etc's lock files.
+        # useradd gives up ("try again later") while another account change holds one of
+        # /etc's lock files.
         for attempt in 1 2 3 4 5 6; do
             status=0
-            useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
-                --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}" ||
+            out=$(useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
+                --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}" 2>&1) ||
                 status=$?
-            ((status == 10 && attempt < 6)) || break
+            [[ ${status} != 0 && ${out} == *"try again later"* && ${attempt} -lt 6 ]] || break
             sleep 1
         done
-        ((status == 0)) || die "useradd could not create user ${GIT_USER} (exit ${status}, see above)"
+        ((status == 0)) || die "useradd could not create user ${GIT_USER}: ${out:-exit ${status}}"
+        [[ -z ${out} ]] || printf '%s\n' "${out}" >&2
         manifest_add user "${GIT_USER}"
     fi
 fi
