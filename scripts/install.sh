@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install gatekeeper on a git box behind OpenSSH, idempotently.
 #
-#   sudo scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
-#                           [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
-#                           [--issuer NAME] [--ssh-port N] [--extra-sshd-option 'Keyword value']...
-#                           [--store URL [--password-file FILE]] [--server-key FILE]
-#                           [--root DIR] [--dry-run] [--uninstall [--purge]]
+#   scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
+#                      [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
+#                      [--issuer NAME] [--ssh-port N] [--extra-sshd-option 'Keyword value']...
+#                      [--store URL [--password-file FILE]] [--server-key FILE]
+#                      [--root DIR] [--dry-run] [--uninstall [--purge]]
 #
 # What it does (each step only when something is missing or out of date):
 #   - creates the git system user (login shell /bin/sh, no password, not locked);
@@ -13,7 +13,8 @@
 #     with its postgres extra (psycopg) when the store is PostgreSQL;
 #   - with --password-file, the store's password file (the git user's, 0600);
 #   - the policy file from config/example.yaml (server.user, repositories, state_dir, host,
-#     port and --store filled in) if there is none: an existing one is never touched;
+#     port, --store and two_factor.issuer filled in) if there is none: an existing one is
+#     never touched;
 #   - the state directory (owned by the git user, 0700), with --server-key the first
 #     front-end's server key in it, and `gatekeeper init` as the git user;
 #   - the git hooks in every repository under the root, if this gatekeeper has `hooks`;
@@ -30,8 +31,9 @@
 #
 # A second front-end on a shared PostgreSQL store: --store with the same URL as the first,
 # --password-file with the database password, --server-key with a copy of the first
-# front-end's STATE_DIR/server.key (it encrypts the TOTP secrets). The database itself is
-# never dropped, not even by --uninstall --purge.
+# front-end's STATE_DIR/server.key (it encrypts the TOTP secrets), and --mode keys-command on
+# every front-end (it finds a key added on another one in the database). The database itself
+# is never dropped, not even by --uninstall --purge.
 #
 # --root DIR is a staging root: every path above lives under DIR, no system user is created
 # (the user must exist), sshd is not reloaded, and DIR/etc/ssh/sshd_config is written (if
@@ -240,7 +242,7 @@ if [[ -n ${SERVER_KEY} ]]; then
     [[ $(stat -c '%s' "${SERVER_KEY}") == 32 ]] ||
         die "--server-key ${SERVER_KEY@Q}: not a server key (gatekeeper init writes 32 bytes)"
 fi
-[[ ${EUID} -eq 0 ]] || die "run it as root (sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
+[[ ${EUID} -eq 0 ]] || die "run it as root (e.g. sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
 
 if [[ -z ${SSHD} ]]; then
     for candidate in /usr/sbin/sshd /usr/local/sbin/sshd "$(command -v sshd || true)"; do

@@ -839,7 +839,7 @@ def test_help_lists_the_options() -> None:
     assert result.returncode == 0
     for option in ("--mode", "--user", "--prefix", "--config", "--repos", "--root", "--dry-run"):
         assert option in result.stdout
-    for option in ("--store URL", "--password-file FILE", "--server-key FILE"):
+    for option in ("--store URL", "--password-file FILE", "--server-key FILE", "--issuer NAME"):
         assert option in result.stdout
     assert "--uninstall" in result.stdout and "--purge" in result.stdout
 
