@@ -93,9 +93,9 @@ def after_key_change(
         if explicit is None:
             note = (
                 "note: sshd may not see this change yet (no install.sh record says how it "
-                "reads keys): in authorized_keys mode run `gatekeeper authorized-keys --write "
-                "FILE` with the file sshd reads, or pass --authorized-keys FILE; "
-                "keys-command mode needs nothing."
+                "reads keys): with an authorized_keys file, run `gatekeeper authorized-keys "
+                "--write FILE` or pass --authorized-keys FILE; keys-command mode and "
+                "`gatekeeper serve` need nothing."
             )
     elif installed.mode == AUTHORIZED_KEYS:
         recorded = installed.authorized_keys
