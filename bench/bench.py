@@ -11,6 +11,8 @@ Sections (all by default, in this order):
                and the one-time compile
   e2e          git ls-remote and clone through a real sshd on loopback, gatekeeper vs
                plain git-shell on the same sshd
+  authkeys     git ls-remote through that sshd in authorized_keys mode with 100, 10,000
+               and 100,000 keys in the file, vs AuthorizedKeysCommand mode
   concurrency  50 parallel clones and 20 parallel pushes through that sshd
   audit        verifying and querying 100,000 audit records
   postgres     the decision with the state in PostgreSQL vs SQLite (driver import, connect)
@@ -51,12 +53,13 @@ from harness import BenchError, Cmd
 
 ROOT = h.ROOT
 DEFAULT_JSON = h.BENCH_DIR / "results" / "latest.json"
-SECTIONS = ("decision", "keys", "policy", "e2e", "concurrency", "audit", "postgres")
+SECTIONS = ("decision", "keys", "policy", "e2e", "authkeys", "concurrency", "audit", "postgres")
 TITLES = {
     "decision": "1. Forced-command decision (gatekeeper-shell start -> exec git)",
     "keys": "2. AuthorizedKeysCommand key lookup",
     "policy": "3. Policy size (1,000 teams)",
     "e2e": "4. End to end through a real sshd on loopback",
+    "authkeys": "4b. authorized_keys mode with many keys, vs AuthorizedKeysCommand",
     "concurrency": "5. Concurrency through the real sshd",
     "audit": "6. Audit log: 100,000 records",
     "postgres": "7. Shared PostgreSQL store (forced-command decision)",
@@ -1093,6 +1096,73 @@ def bench_e2e(ctx: Context) -> dict[str, Any]:
     return out
 
 
+# -- 4b. authorized_keys mode with many keys ----------------------------------------------------
+
+AK_SIZES = (100, 10_000, 100_000)
+
+
+def bench_authkeys(ctx: Context) -> dict[str, Any]:
+    """sshd reads authorized_keys on every connection, twice (once for the key a client
+    offers, once for its signature), parsing each line up to the key; keys-command mode
+    looks the key up by its fingerprint. Files of N lines as `gatekeeper authorized-keys`
+    writes them (made-up keys), with alice's line in the middle or last (the newest key)."""
+    from gatekeeper import authkeys
+
+    ss = ctx.ssh()
+    site = ss.site
+    block = site.gk("authorized-keys")
+    (alice_line,) = [line for line in block.splitlines() if "gatekeeper-shell" in line]
+    shell = str(ctx.bin / "gatekeeper-shell")
+    files: dict[str, Path] = {}
+    for n in AK_SIZES:
+        fake = []
+        for i in range(n - 1):
+            b64, fp = synthetic_key(i)
+            fake.append(authkeys.key_line(10_000 + i, "ssh-ed25519", b64, site.config, shell, fp))
+        for where, at in (("middle", (n - 1) // 2), ("last", n - 1)):
+            lines = [*fake[:at], alice_line, *fake[at:]]
+            path = ctx.work / f"authorized_keys-{n}-{where}"
+            path.write_text(authkeys.render_block(lines))
+            files[f"{n:,} keys, the key {where}"] = path
+    log(f"sshd per file: {', '.join(files)}")
+    servers = []
+    tasks: dict[str, Callable[[], Path | None]] = {}
+
+    def ls_remote(client: Any) -> Callable[[], None]:
+        url = client.url("bench/small")
+
+        def task() -> None:
+            ss.git(client, "ls-remote", url)
+
+        return task
+
+    try:
+        for name, path in files.items():
+            server = ss.sshd.SshServer(
+                authorized_keys_file=path, extra_config=ss.extra_config, tmp_dir=ctx.work
+            )
+            server.start()
+            servers.append(server)
+            client = server.client(site.key_path)
+            ls_remote(client)()  # it works before it is timed
+            tasks[f"authorized_keys, {name}"] = ls_remote(client)
+        _, kc_client, _ = ss.keys_command_server()
+        tasks["keys-command mode"] = ls_remote(kc_client)
+        runs = ctx.runs(6, 15)
+        log(f"git ls-remote: {len(tasks)} x {runs} runs, interleaved")
+        res = timed_tasks(tasks, runs)
+    finally:
+        for server in servers:
+            server.stop()
+    t = ctx.table
+    t.header()
+    base = res[f"authorized_keys, {AK_SIZES[0]:,} keys, the key last"]
+    for name, stats in res.items():
+        added = stats["median_ms"] - base["median_ms"]
+        t.row(f"git ls-remote, {name}", stats, f"{added:+.0f} ms vs {AK_SIZES[0]} keys")
+    return {"runs": runs, "results": res}
+
+
 # -- 5. concurrency --------------------------------------------------------------------------
 
 CLONES = 50  # --quick: 20
@@ -1504,6 +1574,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "keys": bench_keys,
     "policy": bench_policy,
     "e2e": bench_e2e,
+    "authkeys": bench_authkeys,
     "concurrency": bench_concurrency,
     "audit": bench_audit,
     # Its own module (it starts a throwaway PostgreSQL); imported only when it runs.

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from gatekeeper import authkeys, decision, twofactor
+from gatekeeper import authkeys, decision, installation, twofactor
 from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError
 from gatekeeper.policy import (
     Policy,
@@ -276,12 +276,19 @@ def user_list(ctx: Context, as_json: bool) -> None:
 
 @user.command("remove")
 @click.argument("name")
+@click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    type=click.Path(path_type=Path, readable=False),
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
+)
 @pass_ctx
-def user_remove(ctx: Context, name: str) -> None:
+def user_remove(ctx: Context, name: str, authorized_keys: Path | None) -> None:
     """Remove a user with their keys, enrollment and sessions."""
     with ctx.store() as store:
         store.remove_user(name, actor=actor())
-    click.echo(f"removed user {name}")
+        click.echo(f"removed user {name}")
+        tell_sshd(ctx, store, authorized_keys, f"removed user {name}")
     if name in {m for t in ctx.policy.teams.values() for m in t.members}:
         click.echo(f"note: {name} is still listed in the policy's teams", err=True)
 
@@ -301,7 +308,7 @@ def key() -> None:
     "--authorized-keys",
     "authorized_keys",
     type=click.Path(path_type=Path, readable=False),
-    help="Also refresh this authorized_keys file.",
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
 )
 @click.option(
     "--verify-required",
@@ -345,11 +352,8 @@ def key_add(
             actor=actor(),
             verify_required=verify_required,
         )
-        if authorized_keys:
-            refresh_authorized_keys(
-                ctx, store, authorized_keys, done=f"added {parsed.fingerprint} for {user_name}"
-            )
-    click.echo(parsed.fingerprint)
+        click.echo(parsed.fingerprint)
+        tell_sshd(ctx, store, authorized_keys, f"added {parsed.fingerprint} for {user_name}")
 
 
 @key.command("list")
@@ -383,18 +387,15 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
     "--authorized-keys",
     "authorized_keys",
     type=click.Path(path_type=Path, readable=False),
-    help="Also refresh this authorized_keys file.",
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
 )
 @pass_ctx
 def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> None:
     """Remove the key with FINGERPRINT (SHA256:...)."""
     with ctx.store() as store:
         removed = store.remove_key(fingerprint, actor=actor())
-        if authorized_keys:
-            refresh_authorized_keys(
-                ctx, store, authorized_keys, done=f"removed {fingerprint} ({removed.user})"
-            )
-    click.echo(f"removed {fingerprint} ({removed.user})")
+        click.echo(f"removed {fingerprint} ({removed.user})")
+        tell_sshd(ctx, store, authorized_keys, f"removed {fingerprint} ({removed.user})")
 
 
 def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
@@ -422,6 +423,17 @@ def refresh_authorized_keys(
             hint=f"{(exc.hint or 'fix that').rstrip('.')}; then run "
             f"`gatekeeper authorized-keys --write {path}`.",
         ) from None
+
+
+def tell_sshd(ctx: Context, store: Store, explicit: Path | None, done: str) -> None:
+    """After a key change (`done`, already in the store): rewrite the authorized_keys
+    file(s) sshd reads, as install.sh recorded them (gatekeeper/installation.py), or
+    say what to run."""
+    follow_up = installation.after_key_change(ctx.config, explicit)
+    for path in follow_up.rewrite:
+        refresh_authorized_keys(ctx, store, path, done=done)
+    if follow_up.note:
+        click.echo(follow_up.note, err=True)
 
 
 @cli.command("authorized-keys")

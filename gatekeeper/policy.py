@@ -1330,6 +1330,36 @@ def dump_compiled(policy: Policy) -> bytes:
     return COMPILED_MAGIC + crc32(body).to_bytes(4, "little") + body
 
 
+def compiled_source(data: bytes) -> str | None:
+    """The policy file a cache file was compiled from: `load_policy`'s marshal'd cache
+    (any COMPILED_FORMAT: the source follows the format number) or the JSON cache of
+    earlier releases. None for anything else. For tidying a cache directory, never
+    for loading a policy."""
+    import marshal
+    from binascii import crc32
+
+    start = len(COMPILED_MAGIC) + 4
+    if data[: len(COMPILED_MAGIC)] == COMPILED_MAGIC:
+        body = memoryview(data)[start:]
+        if crc32(body) != int.from_bytes(data[len(COMPILED_MAGIC) : start], "little"):
+            return None
+        try:
+            top = marshal.loads(body)  # noqa: S302 - CRC-checked, only a string is taken
+        except (EOFError, TypeError, ValueError):
+            return None
+        if type(top) is tuple and len(top) > 1 and type(top[1]) is str:
+            return top[1]
+        return None
+    import json
+
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    source = value.get("source") if type(value) is dict else None
+    return source if type(source) is str else None
+
+
 def load_compiled(data: bytes) -> Policy:
     """The policy `dump_compiled` wrote. Raises ValueError for anything else: the
     CRC-32 catches a damaged or truncated file, and every value is type-checked as it

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install gatekeeper on a git box behind OpenSSH, idempotently.
 #
-#   sudo scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
-#                           [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
-#                           [--ssh-port N] [--extra-sshd-option 'Keyword value']...
-#                           [--store URL [--password-file FILE]] [--server-key FILE]
-#                           [--root DIR] [--dry-run] [--uninstall [--purge]]
+#   scripts/install.sh [--mode authorized-keys|keys-command] [--user git] [--prefix DIR]
+#                      [--config FILE] [--repos DIR] [--state-dir DIR] [--host NAME]
+#                      [--issuer NAME] [--ssh-port N] [--extra-sshd-option 'Keyword value']...
+#                      [--store URL [--password-file FILE]] [--server-key FILE]
+#                      [--root DIR] [--dry-run] [--uninstall [--purge]]
 #
 # What it does (each step only when something is missing or out of date):
 #   - creates the git system user (login shell /bin/sh, no password, not locked);
@@ -13,21 +13,27 @@
 #     with its postgres extra (psycopg) when the store is PostgreSQL;
 #   - with --password-file, the store's password file (the git user's, 0600);
 #   - the policy file from config/example.yaml (server.user, repositories, state_dir, host,
-#     port and --store filled in) if there is none: an existing one is never touched;
+#     port, --store and two_factor.issuer filled in) if there is none: an existing one is
+#     never touched;
 #   - the state directory (owned by the git user, 0700), with --server-key the first
 #     front-end's server key in it, and `gatekeeper init` as the git user;
 #   - the git hooks in every repository under the root, if this gatekeeper has `hooks`;
 #   - in authorized-keys mode, the git user's ~/.ssh/authorized_keys with gatekeeper's block;
 #   - an sshd_config.d drop-in (Match User <git>) for the chosen mode, validated with
-#     `sshd -t` and rolled back if sshd rejects it, then sshd is reloaded.
+#     `sshd -t` and rolled back if sshd rejects it, then sshd is reloaded (it is never
+#     started: when it is not running, install.sh says how to start it on this box);
+#   - PREFIX/install.conf: the mode, and in authorized-keys mode the file sshd reads. A later
+#     run without --mode keeps that mode; the gatekeeper CLI reads it to rewrite the file
+#     after every key change.
 # Everything it created is listed in a manifest (PREFIX/install-manifest); --uninstall removes
 # exactly that (the state directory and a policy edited since only with --purge). Running it
 # again changes nothing and says so.
 #
 # A second front-end on a shared PostgreSQL store: --store with the same URL as the first,
 # --password-file with the database password, --server-key with a copy of the first
-# front-end's STATE_DIR/server.key (it encrypts the TOTP secrets). The database itself is
-# never dropped, not even by --uninstall --purge.
+# front-end's STATE_DIR/server.key (it encrypts the TOTP secrets), and --mode keys-command on
+# every front-end (it finds a key added on another one in the database). The database itself
+# is never dropped, not even by --uninstall --purge.
 #
 # --root DIR is a staging root: every path above lives under DIR, no system user is created
 # (the user must exist), sshd is not reloaded, and DIR/etc/ssh/sshd_config is written (if
@@ -38,6 +44,11 @@ umask 022
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 PROG=install.sh
 DROPIN_NAME=10-gatekeeper.conf
+MAX_STARTUPS=100:30:200
+# Where authorized-keys mode gets slower than keys-command mode: sshd parses the file up to the
+# key, twice per connection (README, "Which mode"; bench/bench.py --only authkeys measures it).
+AK_SLOW_KEYS=10000
+AK_SLOW_NOTE="on a 2-core test machine the newest of 10,000 keys added about 0.1 s to every git command, of 100,000 about 1 s"
 MANIFEST_NAME=install-manifest
 # shellcheck disable=SC2016 # the backquotes are literal: the marker line gatekeeper writes
 AK_BEGIN='# BEGIN gatekeeper: managed by `gatekeeper authorized-keys`; edits here are lost'
@@ -45,13 +56,16 @@ AK_END='# END gatekeeper'
 
 # -- options ----------------------------------------------------------------------------------
 
-MODE=authorized-keys
+MODE=   # as asked; else as install.conf recorded; else authorized-keys
 GIT_USER=git
 PREFIX=/opt/gatekeeper
 CONFIG=/etc/gatekeeper/config.yaml
 REPOS=/srv/git
 STATE=/var/lib/gatekeeper
 HOST=
+HOST_GIVEN=0
+ISSUER=
+ISSUER_GIVEN=0
 SSH_PORT=
 ROOT=
 PYTHON=
@@ -70,13 +84,18 @@ usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
     cat <<'EOF'
 Options:
-  --mode MODE              authorized-keys (default) or keys-command (AuthorizedKeysCommand)
+  --mode MODE              authorized-keys or keys-command (AuthorizedKeysCommand); default: the
+                           mode the last run recorded in PREFIX/install.conf, else
+                           authorized-keys. A different mode switches the installation over
   --user NAME              the git account (default git)
   --prefix DIR             the virtualenv (default /opt/gatekeeper)
   --config FILE            the policy file (default /etc/gatekeeper/config.yaml)
   --repos DIR              repositories root for a new policy file (default /srv/git)
   --state-dir DIR          state directory for a new policy file (default /var/lib/gatekeeper)
-  --host NAME              host name users connect to, for a new policy file (default: hostname -f)
+  --host NAME              host name users connect to, for a new policy file (default: hostname -f;
+                           a warning when users could not reach it by that name)
+  --issuer NAME            the name authenticator apps show, for a new policy file (default: the
+                           host name)
   --ssh-port N             port users connect to, for a new policy file (default 22; 2222 with
                            --root, where the staged sshd listens on 127.0.0.1:N)
   --extra-sshd-option LINE an extra line for the Match block, e.g. 'MaxSessions 4' (repeatable)
@@ -125,7 +144,8 @@ while [[ $# -gt 0 ]]; do
     --config) need_value "$@"; CONFIG=$2; shift ;;
     --repos) need_value "$@"; REPOS=$2; shift ;;
     --state-dir) need_value "$@"; STATE=$2; shift ;;
-    --host) need_value "$@"; HOST=$2; shift ;;
+    --host) need_value "$@"; HOST=$2; HOST_GIVEN=1; shift ;;
+    --issuer) need_value "$@"; ISSUER=$2; ISSUER_GIVEN=1; shift ;;
     --ssh-port) need_value "$@"; SSH_PORT=$2; shift ;;
     --root) need_value "$@"; ROOT=$2; shift ;;
     --python) need_value "$@"; PYTHON=$2; shift ;;
@@ -157,7 +177,7 @@ check_path() {
 }
 
 case ${MODE} in
-authorized-keys | keys-command) ;;
+"" | authorized-keys | keys-command) ;;
 *) die "--mode must be authorized-keys or keys-command, not ${MODE@Q}" ;;
 esac
 [[ ${GIT_USER} =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
@@ -185,6 +205,12 @@ if [[ -z ${HOST} ]]; then
     [[ -z ${ROOT} ]] || HOST=127.0.0.1
 fi
 [[ ${HOST} =~ ^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$ ]] || die "--host ${HOST@Q}: a host name or address"
+# The issuer goes into the policy (YAML, single-quoted) and the otpauth:// URI, where ':'
+# separates it from the account name.
+ISSUER_CHARS='^[A-Za-z0-9][A-Za-z0-9 ._&()+-]{0,63}$'
+[[ -z ${ISSUER} || ${ISSUER} =~ ${ISSUER_CHARS} ]] ||
+    die "--issuer ${ISSUER@Q}: up to 64 letters, digits, spaces and ._&()+-"
+[[ -n ${ISSUER} ]] || ISSUER=${HOST}
 for line in "${EXTRA_OPTIONS[@]}"; do
     [[ ${line} =~ ^[A-Za-z][A-Za-z0-9]*[[:blank:]]+[^[:cntrl:]]+$ ]] ||
         die "--extra-sshd-option ${line@Q}: one 'Keyword value' line"
@@ -216,7 +242,7 @@ if [[ -n ${SERVER_KEY} ]]; then
     [[ $(stat -c '%s' "${SERVER_KEY}") == 32 ]] ||
         die "--server-key ${SERVER_KEY@Q}: not a server key (gatekeeper init writes 32 bytes)"
 fi
-[[ ${EUID} -eq 0 ]] || die "run it as root (sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
+[[ ${EUID} -eq 0 ]] || die "run it as root (e.g. sudo ${BASH_SOURCE[0]} ...); try --root DIR --dry-run first"
 
 if [[ -z ${SSHD} ]]; then
     for candidate in /usr/sbin/sshd /usr/local/sbin/sshd "$(command -v sshd || true)"; do
@@ -238,6 +264,7 @@ MAIN_CFG=${SSH_DIR}/sshd_config
 DROPIN_DIR=${SSH_DIR}/sshd_config.d
 DROPIN=${DROPIN_DIR}/${DROPIN_NAME}
 MANIFEST=${P_PREFIX}/${MANIFEST_NAME}
+INSTALL_CONF=${P_PREFIX}/install.conf
 GK=${P_PREFIX}/bin/gatekeeper
 SAFE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -280,6 +307,14 @@ manifest_add() {
         grep -qxF -- "${pending}" "${MANIFEST}" || printf '%s\n' "${pending}" >>"${MANIFEST}"
     done
     PENDING_MANIFEST=()
+}
+
+manifest_del() {   # KIND PATH: drop that entry
+    dry && return 0
+    local tmp=${MANIFEST}.new
+    awk -v k="$1" -v p="$2" '!($1 == k && $2 == p)' "${MANIFEST}" >"${tmp}"
+    chmod 0644 "${tmp}"
+    mv -f "${tmp}" "${MANIFEST}"
 }
 
 manifest_has() {
@@ -370,6 +405,24 @@ unsafe_command_reason() {
     done
 }
 
+# Why users could not reach HOST by that name, or nothing. A dotted name that does not resolve
+# here is not judged: a git box often cannot resolve the name its users reach it by.
+unreachable_host_reason() {
+    local host=$1 addrs
+    if [[ ${host} =~ ^[0-9.]+$ ]]; then
+        addrs=${host}
+    else
+        addrs=$(timeout 5 getent ahosts "${host}" 2>/dev/null | awk '{ print $1 }' | LC_ALL=C sort -u) || true
+    fi
+    if [[ ${host} == localhost || ${host} == localhost.* ]]; then
+        echo "localhost is every machine's own name for itself"
+    elif [[ -n ${addrs} ]] && ! grep -qvE '^(127\.|::1$)' <<<"${addrs}"; then
+        echo "to other machines ${host} is not this one: it resolves only to a loopback address ($(paste -sd' ' <<<"${addrs}"))"
+    elif [[ ${host} != *.* ]]; then
+        echo "${host} has no domain, and other machines rarely resolve a bare host name"
+    fi
+}
+
 # -- the git user -----------------------------------------------------------------------------
 
 user_home() {
@@ -388,21 +441,143 @@ remove_path() {   # PATH DESCRIPTION
     dry || rm -rf -- "$1"
 }
 
-reload_sshd() {
+# -- sshd: its privilege separation directory, its pid, reloading it ----------------------------
+
+systemd_runs() {   # systemctl alone is no proof: containers and chroots have it, unbooted
+    [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1
+}
+
+# sshd -t checks nothing until sshd's privilege separation directory exists. On a box without
+# systemd it is made by sshd's init script, so it is missing on a fresh /run until sshd was
+# first started there. sshd names it; it is sshd's (root, 0755), not listed in the manifest.
+ensure_privsep_dir() {
+    local out dir
+    out=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1) && return 0
+    # (sshd ends its fatal message with \r\n)
+    dir=$(tr -d '\r' <<<"${out}" | sed -n 's/^Missing privilege separation directory: \(\/[^[:space:]]*\)$/\1/p' | head -n1)
+    [[ -n ${dir} && ! -e ${dir} && -z ${PLANNED[${dir}]:-} ]] || return 0
+    change "create sshd's privilege separation directory ${dir} (root 0755), which sshd -t needs"
+    if dry; then
+        PLANNED[${dir}]=1
+    else
+        mkdir -m 0755 "${dir}"
+    fi
+}
+
+# The command that starts sshd on this box, for the admin to run.
+sshd_start_command() {
+    if systemd_runs; then
+        if systemctl cat ssh.service >/dev/null 2>&1; then
+            echo "systemctl start ssh"
+        else
+            echo "systemctl start sshd"
+        fi
+    elif command -v service >/dev/null 2>&1 && [[ -x /etc/init.d/ssh ]]; then
+        echo "service ssh start"
+    elif command -v service >/dev/null 2>&1 && [[ -x /etc/init.d/sshd ]]; then
+        echo "service sshd start"
+    else
+        echo "${SSHD}$([[ ${MAIN_CFG} == /etc/ssh/sshd_config ]] || echo " -f ${MAIN_CFG}")"
+    fi
+}
+
+# Is PID an sshd that reads this box's sshd_config? Not one in another mount namespace (a
+# container reads another /etc/ssh), not a test or staging sshd started with another -f.
+is_our_sshd() {
+    local pid=$1 comm cmdline cfg=/etc/ssh/sshd_config
+    [[ ${pid} =~ ^[1-9][0-9]*$ && -r /proc/${pid}/comm ]] || return 1
+    read -r comm <"/proc/${pid}/comm" 2>/dev/null || return 1
+    [[ ${comm} == sshd ]] || return 1
+    [[ $(readlink "/proc/${pid}/ns/mnt" 2>/dev/null) == "$(readlink /proc/$$/ns/mnt)" ]] || return 1
+    cmdline=$(tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null) || return 1
+    if [[ ${cmdline} =~ [[:space:]]-f[[:space:]]*([^[:space:]]+) ]]; then
+        cfg=${BASH_REMATCH[1]}
+    fi
+    [[ $(readlink -m -- "${cfg}") == "$(readlink -m -- "${MAIN_CFG}")" ]]
+}
+
+# sshd listeners reading this box's configuration: sshd processes whose parent is not sshd
+# (per-connection sshd processes are the listener's children).
+our_sshd_listeners() {
+    local dir pid ppid comm rest
+    for dir in /proc/[0-9]*; do
+        pid=${dir#/proc/}
+        read -r comm <"${dir}/comm" 2>/dev/null || continue
+        [[ ${comm} == sshd ]] || continue
+        read -r _ _ _ ppid rest <"${dir}/stat" 2>/dev/null || continue
+        read -r comm <"/proc/${ppid}/comm" 2>/dev/null || comm=
+        [[ ${comm} != sshd ]] || continue
+        is_our_sshd "${pid}" && printf '%s\n' "${pid}"
+    done
+    return 0
+}
+
+# The pid of the running sshd: from the pid file its configuration names. sshd removes that
+# file on SIGHUP and writes it again once it listens, so a listener without a pid file gets
+# a moment to write it, and is taken as it is if it is the only one. Nothing when sshd does
+# not run.
+sshd_pid() {
+    local file pid i
+    local -a listeners=()
+    file=$("${SSHD}" -T -f "${MAIN_CFG}" 2>/dev/null | awk '$1 == "pidfile" { print $2; exit }')
+    file=${file:-/run/sshd.pid}
+    for ((i = 0; i < 30; i++)); do
+        pid=
+        [[ -r ${file} ]] && { read -r pid <"${file}" 2>/dev/null || true; }
+        if is_our_sshd "${pid}"; then
+            printf '%s\n' "${pid}"
+            return 0
+        fi
+        ((i > 0)) || mapfile -t listeners < <(our_sshd_listeners)
+        ((${#listeners[@]} > 0)) || return 1
+        sleep 0.1
+    done
+    if ((${#listeners[@]} == 1)) && is_our_sshd "${listeners[0]}"; then
+        printf '%s\n' "${listeners[0]}"
+        return 0
+    fi
+    return 1
+}
+
+reload_sshd() {   # [uninstall]
     if [[ -n ${ROOT} ]]; then
         say "  note     staging root: sshd not reloaded (start it with: ${SSHD} -D -e -f ${MAIN_CFG})"
         return 0
     fi
     dry && { say "  would    reload sshd"; return 0; }
-    if command -v systemctl >/dev/null 2>&1 && systemctl reload ssh 2>/dev/null; then
-        say "  change   reloaded sshd (systemctl reload ssh)"
-    elif command -v systemctl >/dev/null 2>&1 && systemctl reload sshd 2>/dev/null; then
-        say "  change   reloaded sshd (systemctl reload sshd)"
-    elif [[ -f /run/sshd.pid ]] && kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null; then
-        say "  change   reloaded sshd (SIGHUP to $(cat /run/sshd.pid))"
-    else
-        warn "sshd does not seem to run: start it to apply the configuration"
+    local unit pid i
+    if systemd_runs; then
+        for unit in ssh sshd; do
+            if systemctl reload "${unit}" 2>/dev/null; then
+                say "  change   reloaded sshd (systemctl reload ${unit})"
+                return 0
+            fi
+        done
     fi
+    if ! pid=$(sshd_pid); then
+        # Never started from here: a stopped sshd may be stopped on purpose, or supervised by
+        # something (a container's entrypoint, runit) that a daemon started by a script would
+        # escape. The configuration is checked; starting it is the admin's call.
+        if [[ ${1:-} == uninstall ]]; then
+            say "  note     sshd is not running: nothing to reload"
+        else
+            warn "sshd is not running, so the ${GIT_USER} account cannot be reached yet: start it with: $(sshd_start_command)"
+        fi
+        return 0
+    fi
+    if ! kill -HUP "${pid}" 2>/dev/null; then
+        warn "could not send SIGHUP to sshd (pid ${pid}): reload it yourself to apply the configuration"
+        return 0
+    fi
+    # sshd re-executes itself on SIGHUP (same pid); back when its pid file is.
+    for ((i = 0; i < 50; i++)); do
+        sleep 0.1
+        if [[ $(sshd_pid) == "${pid}" ]]; then
+            say "  change   reloaded sshd (SIGHUP to ${pid})"
+            return 0
+        fi
+    done
+    warn "sent SIGHUP to sshd (pid ${pid}), and it has not come back: check it, and start it with: $(sshd_start_command)"
 }
 
 remove_ak_block() {   # FILE CREATED(yes|no)
@@ -420,6 +595,65 @@ remove_ak_block() {   # FILE CREATED(yes|no)
     fi
 }
 
+# The compiled policies in the git account's cache DIR made from the policy CONFIG (each file
+# names the policy it was compiled from); another installation's stay. Read as the git account
+# by the installed gatekeeper: the files are that account's, and only gatekeeper knows their
+# format. Fails when this gatekeeper cannot tell (then nothing is removed).
+policy_caches_of() {   # DIR CONFIG
+    [[ -x ${P_PREFIX}/bin/python ]] || return 1
+    as_git "${P_PREFIX}/bin/python" -I -c \
+        'import sys; from gatekeeper.installation import policy_caches; print(*policy_caches(*sys.argv[1:]), sep="\n")' \
+        "$1" "$2" 2>/dev/null
+}
+
+policy_cache_all_ours() {   # DIR CONFIG: does DIR hold only CONFIG's compiled policies?
+    local ours all
+    ours=$(policy_caches_of "$1" "$2") || return 1
+    all=$(find "$1" -mindepth 1 -maxdepth 1 | LC_ALL=C sort)
+    [[ $(LC_ALL=C sort <<<"${ours}") == "${all}" ]]
+}
+
+remove_policy_cache() {   # DIR CONFIG; fails when DIR stays
+    local dir=$1 config=$2 file ours
+    [[ -d ${dir} ]] || return 0
+    if [[ -n $(ls -A "${dir}") ]]; then
+        if ! ours=$(policy_caches_of "${dir}" "${config}"); then
+            ok "kept ${dir}: this gatekeeper cannot tell which compiled policies in it are ${config}'s"
+            return 1
+        fi
+        while IFS= read -r file; do
+            if [[ -n ${file} ]]; then
+                remove_path "${file}" "compiled policy"
+            fi
+        done <<<"${ours}"
+        dry && return 0
+        if [[ -n $(ls -A "${dir}") ]]; then
+            ok "kept ${dir}: it holds compiled policies of another policy file"
+            return 1
+        fi
+    fi
+    dry && return 0
+    rmdir "${dir}"
+    # gatekeeper made ~/.cache for it; that goes too if the install made the home.
+    if manifest_has dir "$(dirname "$(dirname "${dir}")")" && [[ -z $(ls -A "$(dirname "${dir}")") ]]; then
+        rmdir "$(dirname "${dir}")"
+    fi
+}
+
+# userdel refuses (exit 8) while the user has processes: the sshd session of a connection that
+# ended a moment ago, or one still in progress; and, like useradd, while another account change
+# holds one of /etc's lock files. Prints userdel's reason when it gives up.
+delete_user() {   # NAME
+    local out status attempt
+    for attempt in 1 2 3 4 5 6 7 8 9 10; do
+        status=0
+        out=$(userdel "$1" 2>&1) || status=$?
+        [[ (${status} == 8 || ${out} == *"try again later"*) && ${attempt} -lt 10 ]] || break
+        sleep 0.5
+    done
+    ((status == 0)) || { printf '%s\n' "${out:-userdel exit ${status}}"; return 1; }
+}
+
 # Would DIR be empty once the uninstall has removed what it removes? Exact when not a dry
 # run (only the manifest may be left in it); in a dry run, judged from the manifest.
 would_be_empty() {
@@ -433,10 +667,12 @@ would_be_empty() {
                 removable=1
             elif [[ ${kind} == cache && ${child} == "$(dirname "${path}")" ]]; then
                 # ~/.cache, if it holds only gatekeeper's cache and the install made the home
-                [[ $(ls -A "${child}") == gatekeeper ]] && manifest_has dir "${dir}" && removable=1
+                [[ $(ls -A "${child}") == gatekeeper ]] && manifest_has dir "${dir}" &&
+                    policy_cache_all_ours "${path}" "${data:-${P_CONFIG}}" && removable=1
             elif [[ ${path} == "${child}" ]]; then
                 case ${kind} in
-                dropin | cache) removable=1 ;;
+                dropin | conf) removable=1 ;;
+                cache) policy_cache_all_ours "${path}" "${data:-${P_CONFIG}}" && removable=1 ;;
                 file) [[ $(sha256_of "${child}") == "${data}" || ${PURGE} == 1 ]] && removable=1 ;;
                 state) ((PURGE == 0)) || removable=1 ;;
                 authkeys) [[ ${data} == yes ]] && removable=1 ;;
@@ -464,16 +700,18 @@ uninstall() {
         [[ ${kind} == dropin && -f ${path} ]] || continue
         remove_path "${path}" "sshd drop-in"
         if dry; then
-            reload_sshd
+            reload_sshd uninstall
             continue
         fi
+        ensure_privsep_dir
         if out=$("${SSHD}" -t -f "${MAIN_CFG}" 2>&1); then
-            reload_sshd
+            reload_sshd uninstall
         else
             warn "sshd -t fails without the drop-in too (not put back, sshd not reloaded): ${out}"
         fi
     done
     # 2. What points into the virtualenv (authorized_keys lines, hooks), and the policy cache.
+    local -a kept_cache=()
     for entry in "${entries[@]}"; do
         read -r kind path data <<<"${entry}"
         case ${kind} in
@@ -488,22 +726,15 @@ uninstall() {
                 warn "git hooks under ${path} not removed: this gatekeeper has no 'hooks uninstall'"
             fi
             ;;
-        cache)
-            [[ -e ${path} ]] || continue
-            remove_path "${path}" "policy cache"
-            # gatekeeper made ~/.cache for it; remove that too if the install made the home.
-            if ! dry && manifest_has dir "$(dirname "$(dirname "${path}")")" &&
-                [[ -z $(ls -A "$(dirname "${path}")") ]]; then
-                rmdir "$(dirname "${path}")"
-            fi
-            ;;
+        cache) remove_policy_cache "${path}" "${data:-${P_CONFIG}}" || kept_cache+=("${entry}") ;;
         esac
     done
     # 3. In reverse order of creation: files, the virtualenv, the state directory and the
     #    user (--purge), directories once empty. The prefix and the directories above it
     #    come last: the prefix holds the manifest, kept if anything else is kept.
     local kept=0
-    local -a remaining=() prefix_dirs=()
+    local -a remaining=("${kept_cache[@]}") prefix_dirs=()
+    ((${#kept_cache[@]} == 0)) || kept=1
     for ((i = ${#entries[@]} - 1; i >= 0; i--)); do
         read -r kind path data <<<"${entries[i]}"
         case ${kind} in
@@ -516,6 +747,10 @@ uninstall() {
                 kept=1
                 remaining=("${entries[i]}" "${remaining[@]}")
             fi
+            ;;
+        conf)
+            [[ -e ${path} ]] || continue
+            remove_path "${path}" "installation record"
             ;;
         venv)
             [[ -d ${path} ]] || continue
@@ -536,7 +771,11 @@ uninstall() {
             getent passwd "${path}" >/dev/null || continue
             if ((PURGE == 1)); then
                 change "delete user ${path}"
-                dry || userdel "${path}"
+                if ! dry && ! out=$(delete_user "${path}"); then
+                    warn "user ${path} not deleted: ${out} (run --uninstall --purge again once it is idle)"
+                    kept=1
+                    remaining=("${entries[i]}" "${remaining[@]}")
+                fi
             else
                 ok "kept user ${path} (--purge deletes it)"
                 kept=1
@@ -606,7 +845,33 @@ fi
 
 # -- install ----------------------------------------------------------------------------------
 
-say "gatekeeper install$(dry && echo ' (dry run)'): mode ${MODE}, user ${GIT_USER}${ROOT:+, staging root ${ROOT}}"
+# The mode: as asked; else as the last run recorded it in install.conf; else, for an install
+# from before install.conf, as its drop-in says; else authorized-keys.
+recorded() {   # KEY: its value in install.conf
+    [[ -f ${INSTALL_CONF} ]] || return 0
+    sed -n "s/^$1=//p" "${INSTALL_CONF}" | head -n1
+}
+RECORDED_MODE=$(recorded mode)
+case ${RECORDED_MODE} in
+authorized-keys | keys-command) ;;
+*)
+    RECORDED_MODE=
+    if [[ -f ${DROPIN} ]] && manifest_has dropin "${DROPIN}"; then
+        if grep -q '^[[:space:]]*AuthorizedKeysCommand[[:space:]]' "${DROPIN}"; then
+            RECORDED_MODE="keys-command"
+        else
+            RECORDED_MODE="authorized-keys"
+        fi
+    fi
+    ;;
+esac
+MODE_NOTE=
+if [[ -z ${MODE} ]]; then
+    MODE=${RECORDED_MODE:-authorized-keys}
+    [[ -z ${RECORDED_MODE} ]] || MODE_NOTE=" (kept from the last run; --mode switches)"
+fi
+
+say "gatekeeper install$(dry && echo ' (dry run)'): mode ${MODE}${MODE_NOTE}, user ${GIT_USER}${ROOT:+, staging root ${ROOT}}"
 
 # Preflight: everything needed, before changing anything.
 if [[ -z ${PYTHON} ]]; then
@@ -687,8 +952,18 @@ else
     if ! dry; then
         # Password "*": no password login, but not "locked" ("!"), which sshd without PAM
         # refuses even for keys. The shell runs the forced command, so it must be a real one.
-        useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
-            --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}"
+        # useradd gives up ("try again later") while another account change holds one of
+        # /etc's lock files.
+        for attempt in 1 2 3 4 5 6; do
+            status=0
+            out=$(useradd --system --user-group --home-dir "/home/${GIT_USER}" --no-create-home \
+                --shell /bin/sh --password '*' --comment 'gatekeeper git account' "${GIT_USER}" 2>&1) ||
+                status=$?
+            [[ ${status} != 0 && ${out} == *"try again later"* && ${attempt} -lt 6 ]] || break
+            sleep 1
+        done
+        ((status == 0)) || die "useradd could not create user ${GIT_USER}: ${out:-exit ${status}}"
+        [[ -z ${out} ]] || printf '%s\n' "${out}" >&2
         manifest_add user "${GIT_USER}"
     fi
 fi
@@ -710,6 +985,7 @@ fi
 check_path "home of ${GIT_USER}" "${GIT_HOME}"
 OWNER=${GIT_USER}:${GIT_GROUP}
 ensure_dir "${GIT_HOME}" "${OWNER}" 750
+AK_FILE=${GIT_HOME}/.ssh/authorized_keys
 
 # 2. The virtualenv with gatekeeper in the prefix.
 SOURCE_FILES=(pyproject.toml README.md gatekeeper)
@@ -809,7 +1085,14 @@ if [[ -f ${P_CONFIG} ]]; then
     ok "policy file ${P_CONFIG} exists (left as it is)"
 else
     ensure_dir "$(dirname "${P_CONFIG}")" root:root 755
-    change "create policy file ${P_CONFIG} from config/example.yaml (user ${GIT_USER}, repositories ${P_REPOS}, state_dir ${P_STATE}, host ${HOST}, port ${SSH_PORT}${STORE_NEW:+, store ${STORE_NEW}})"
+    change "create policy file ${P_CONFIG} from config/example.yaml (user ${GIT_USER}, repositories ${P_REPOS}, state_dir ${P_STATE}, host ${HOST}, port ${SSH_PORT}, issuer '${ISSUER}'${STORE_NEW:+, store ${STORE_NEW}})"
+    # The policy's host is what refusals tell users to run (ssh git@HOST 2fa enroll). A staging
+    # root's default, 127.0.0.1, is meant for this machine.
+    if ((HOST_GIVEN == 1)) || [[ -z ${ROOT} ]]; then
+        reason=$(unreachable_host_reason "${HOST}")
+        [[ -z ${reason} ]] ||
+            warn "host ${HOST}: users will be told to run \"ssh ${GIT_USER}@${HOST} 2fa enroll\", but ${reason}; pass --host with the name users clone from (e.g. --host git.example.com), or edit server.host in ${P_CONFIG}"
+    fi
     if ! dry; then
         CONFIG_CREATED=1
         store_expr=
@@ -818,7 +1101,9 @@ else
             # shellcheck disable=SC2001 # ${var//} treats & differently across bash versions
             store_expr="s|^\(  store:\)[[:space:]]*\$|\1 '$(sed 's/[&|]/\\&/g' <<<"${STORE_NEW}")'|"
         fi
-        # Only the server section's values; the comments after them stay.
+        # shellcheck disable=SC2001 # as above
+        issuer_sed=$(sed 's/[&|]/\\&/g' <<<"${ISSUER}")
+        # Only the server and two_factor sections' values; the comments after them stay.
         sed -e "/^server:/,/^[^[:space:]#]/{
 s|^\(  host:[[:space:]]*\)[^[:space:]#]*|\1${HOST}|
 s|^\(  port:[[:space:]]*\)[^[:space:]#]*|\1${SSH_PORT}|
@@ -826,6 +1111,9 @@ s|^\(  user:[[:space:]]*\)[^[:space:]#]*|\1${GIT_USER}|
 s|^\(  repositories:[[:space:]]*\)[^[:space:]#]*|\1${P_REPOS}|
 s|^\(  state_dir:[[:space:]]*\)[^[:space:]#]*|\1${P_STATE}|
 ${store_expr}
+}
+/^two_factor:/,/^[^[:space:]#]/{
+s|^\(  issuer:[[:space:]]*\)[^#]*[^#[:space:]]|\1'${issuer_sed}'|
 }" "${SOURCE}/config/example.yaml" | {
             printf '# Written by gatekeeper scripts/install.sh from config/example.yaml; yours to edit:\n'
             printf '# install.sh never overwrites it. Check it with: %s --config %s policy check\n' "${GK}" "${P_CONFIG}"
@@ -852,7 +1140,8 @@ from gatekeeper.policy import load_policy
 from gatekeeper.storeurl import parse_store_url
 
 try:
-    server = load_policy(sys.argv[1]).server
+    policy = load_policy(sys.argv[1])
+    server = policy.server
     location = parse_store_url(server.store, str(server.state_dir))
     same = "-"
     if sys.argv[2]:
@@ -862,15 +1151,23 @@ except GatekeeperError as exc:
     sys.exit(f"{exc.message}")
 print(server.user, server.repositories, server.state_dir)
 print(location.kind, same, server.store or "(empty: the SQLite file in state_dir)")
+print(policy.two_factor.issuer)
 PY
     ) || die "cannot read ${P_CONFIG}: ${settings:-see above}"
     wanted="${GIT_USER} ${P_REPOS} ${P_STATE}"
     store_line=$(sed -n 2p <<<"${settings}")
+    cfg_issuer=$(sed -n 3p <<<"${settings}")
     settings=$(sed -n 1p <<<"${settings}")
     read -r cfg_user P_REPOS P_STATE <<<"${settings}"
     read -r POLICY_STORE_KIND store_same cfg_store <<<"${store_line}"
     if ((CONFIG_CREATED == 1)) && [[ ${settings} != "${wanted}" || ${store_same} == differs ]]; then
         die "the new ${P_CONFIG} says (user repositories state_dir) ${settings}, store ${cfg_store}, not ${wanted}, store ${STORE_NEW:-(empty)}: has config/example.yaml's server section changed?"
+    fi
+    if ((CONFIG_CREATED == 1)) && [[ ${cfg_issuer} != "${ISSUER}" ]]; then
+        die "the new ${P_CONFIG} says two_factor.issuer: ${cfg_issuer}, not ${ISSUER}: has config/example.yaml's two_factor section changed?"
+    fi
+    if ((CONFIG_CREATED == 0 && ISSUER_GIVEN == 1)) && [[ ${cfg_issuer} != "${ISSUER}" ]]; then
+        say "  note     ${P_CONFIG} has two_factor.issuer '${cfg_issuer}', not --issuer '${ISSUER}': the policy file is left as it is (edit it to change the issuer)"
     fi
     if [[ ${store_same} == differs ]]; then
         say "  note     ${P_CONFIG} has server.store ${cfg_store}, not --store ${STORE_NEW}: the policy file is left as it is (edit it to change the store)"
@@ -879,6 +1176,12 @@ PY
         die "${P_CONFIG} says server.user: ${cfg_user}, but --user is ${GIT_USER}: make them agree"
     check_path "server.repositories in ${P_CONFIG}" "${P_REPOS}"
     check_path "server.state_dir in ${P_CONFIG}" "${P_STATE}"
+fi
+
+# Several front-ends on one store: in authorized-keys mode each host's file knows only the keys
+# changed on that host; keys-command mode finds the others in the shared database.
+if [[ ${POLICY_STORE_KIND} == postgresql && ${MODE} == authorized-keys ]]; then
+    warn "authorized-keys mode on a shared PostgreSQL store: a key added on another front-end is refused here (\"Permission denied\") until a key change on this host, or gatekeeper authorized-keys --write ${AK_FILE}, rewrites this host's file; --mode keys-command finds such a key in the shared database at once (the key index falls back to it)"
 fi
 
 # 3b. A PostgreSQL store (--store, or an existing policy's) needs psycopg in the virtualenv:
@@ -983,7 +1286,16 @@ else
     change "run gatekeeper init as ${GIT_USER} (store, server key)"
     dry || as_git "${GK}" --config "${P_CONFIG}" init | sed 's/^/           /'
 fi
-manifest_add cache "${GIT_HOME}/.cache/gatekeeper"
+# The forced command caches the compiled policy in the git account's ~/.cache/gatekeeper, which
+# other installations' policies may share: the manifest names this installation's policy.
+if [[ $(manifest_data cache "${GIT_HOME}/.cache/gatekeeper") != "${P_CONFIG}" ]]; then
+    if [[ -n $(manifest_data cache "${GIT_HOME}/.cache/gatekeeper") ]] ||
+        manifest_has cache "${GIT_HOME}/.cache/gatekeeper"; then
+        manifest_set cache "${GIT_HOME}/.cache/gatekeeper" "${P_CONFIG}"
+    else
+        manifest_add cache "${GIT_HOME}/.cache/gatekeeper" "${P_CONFIG}"
+    fi
+fi
 
 # 5. The repositories root and the hooks in every repository under it.
 if [[ -d ${P_REPOS} ]]; then
@@ -1025,27 +1337,43 @@ else
     say "           re-run install.sh with a gatekeeper that has it to install them"
 fi
 
-# 6. authorized-keys mode: the git user's authorized_keys with gatekeeper's block.
-AK_FILE=${GIT_HOME}/.ssh/authorized_keys
+# 6. The mode. A switch says so once; its steps follow (the block, the drop-in, install.conf).
 KEYS_COMMAND="${GK} --config ${P_CONFIG} keys-command %u %t %k"
+if [[ -n ${RECORDED_MODE} && ${RECORDED_MODE} != "${MODE}" ]]; then
+    if [[ ${MODE} == keys-command ]]; then
+        change "switch from authorized-keys to keys-command mode: sshd will run keys-command for each key, and gatekeeper's block leaves the authorized_keys file"
+    else
+        change "switch from keys-command to authorized-keys mode: gatekeeper's block goes into ${AK_FILE}, and sshd will read it"
+    fi
+fi
+# authorized-keys mode: the git user's authorized_keys with gatekeeper's block, written from the
+# store on every run (so a key added while another mode was in force is in it too).
+ak_key_count() {
+    awk -v b="${AK_BEGIN}" -v e="${AK_END}" '$0 == e { inside = 0 } inside { n++ } $0 == b { inside = 1 } END { print n + 0 }' "${AK_FILE}"
+}
 if [[ ${MODE} == authorized-keys ]]; then
     ensure_dir "${GIT_HOME}/.ssh" "${OWNER}" 700
-    if [[ -f ${AK_FILE} ]] && grep -qxF -- "${AK_BEGIN}" "${AK_FILE}" &&
-        ((VENV_UPDATED == 0 && CONFIG_CREATED == 0)); then
-        ok "${AK_FILE} has gatekeeper's block"
-    elif dry; then
-        change "write gatekeeper's block into ${AK_FILE} (gatekeeper authorized-keys --write)"
+    if dry; then
+        if [[ -f ${AK_FILE} ]] && grep -qxF -- "${AK_BEGIN}" "${AK_FILE}"; then
+            ok "${AK_FILE} has gatekeeper's block ($(ak_key_count) keys; a real run rewrites it from the store)"
+        else
+            change "write gatekeeper's block into ${AK_FILE} (gatekeeper authorized-keys --write)"
+        fi
     else
         existed=no
         [[ -f ${AK_FILE} ]] && existed=yes
         out=$(as_git "${GK}" --config "${P_CONFIG}" authorized-keys --write "${AK_FILE}")
         if [[ ${out} == updated:* ]]; then
-            change "wrote gatekeeper's block into ${AK_FILE}"
+            change "wrote gatekeeper's block into ${AK_FILE} ($(ak_key_count) keys)"
         else
-            ok "${AK_FILE} is up to date"
+            ok "${AK_FILE} has gatekeeper's block, up to date ($(ak_key_count) keys)"
         fi
         manifest_has authkeys "${AK_FILE}" yes || manifest_has authkeys "${AK_FILE}" no ||
             manifest_add authkeys "${AK_FILE}" "$([[ ${existed} == yes ]] && echo no || echo yes)"
+        keys=$(ak_key_count)
+        if ((keys >= AK_SLOW_KEYS)); then
+            warn "${AK_FILE} holds ${keys} keys: sshd reads and parses the file up to the key, twice per connection (${AK_SLOW_NOTE}); --mode keys-command looks each key up by its fingerprint in the same time at any number of keys"
+        fi
     fi
 else
     check_keys_command_path
@@ -1111,6 +1439,13 @@ dropin_text() {
     cat <<EOF
 # gatekeeper: written by scripts/install.sh (--mode ${MODE}); removed by install.sh --uninstall.
 # Never add ForceCommand for ${GIT_USER}: it overrides gatekeeper's per-key command=.
+#
+# For every login, not only ${GIT_USER}'s: a CI farm's 50 clones at once are 50 connections
+# still logging in together, and with sshd's default (10:30:100) it drops 30% of those beyond
+# 10, rising to all at 100 ("Connection reset by peer"). The first value sshd reads wins: a
+# MaxStartups of your own in a drop-in that sorts before this one stays in force.
+MaxStartups ${MAX_STARTUPS}
+
 Match User ${GIT_USER}
 EOF
     if [[ ${MODE} == authorized-keys ]]; then
@@ -1161,6 +1496,7 @@ validate_sshd() {
 }
 
 WANT_DROPIN=$(dropin_text)
+ensure_privsep_dir
 if [[ -f ${DROPIN} && $(cat "${DROPIN}") == "${WANT_DROPIN}" ]]; then
     ok "sshd drop-in ${DROPIN} (${MODE})"
 elif dry; then
@@ -1192,14 +1528,55 @@ else
     manifest_add dropin "${DROPIN}"
     reload_sshd
 fi
+if ! dry; then
+    max_startups=$("${SSHD}" -T -f "${MAIN_CFG}" 2>/dev/null | awk '$1 == "maxstartups" { print $2; exit }')
+    [[ ${max_startups} == "${MAX_STARTUPS}" ]] ||
+        say "  note     sshd uses MaxStartups ${max_startups:-?}, set before the drop-in's ${MAX_STARTUPS} (fine if it lets 50 connections log in at once)"
+fi
+
+# 9. keys-command mode reads no authorized_keys file: gatekeeper's block in one (before a switch,
+#    or left by an older install.sh) goes, now that sshd no longer reads it.
+if [[ ${MODE} == keys-command && -f ${MANIFEST} ]]; then
+    while read -r kind path data; do
+        [[ ${kind} == authkeys ]] || continue
+        remove_ak_block "${path}" "${data}"
+        manifest_del authkeys "${path}"
+    done < <(grep '^authkeys ' "${MANIFEST}" || true)
+fi
+
+# 10. What the next run and the gatekeeper CLI read: the mode, and the file sshd reads.
+conf_text() {
+    cat <<EOF
+# gatekeeper install.sh: how sshd gets this installation's keys. A run of install.sh without
+# --mode keeps this mode; in authorized-keys mode the gatekeeper CLI rewrites authorized_keys
+# after every key change. Written by install.sh; edits here are lost.
+mode=${MODE}
+user=${GIT_USER}
+config=${P_CONFIG}
+EOF
+    [[ ${MODE} != authorized-keys ]] || printf 'authorized_keys=%s\n' "${AK_FILE}"
+}
+WANT_CONF=$(conf_text)
+if [[ -f ${INSTALL_CONF} && $(cat "${INSTALL_CONF}") == "${WANT_CONF}" ]]; then
+    ok "${INSTALL_CONF} records mode ${MODE}"
+else
+    change "$([[ -f ${INSTALL_CONF} ]] && echo update || echo write) ${INSTALL_CONF}: mode ${MODE}$([[ ${MODE} != authorized-keys ]] || echo ", ${AK_FILE}")"
+    if ! dry; then
+        printf '%s\n' "${WANT_CONF}" | write_file "${INSTALL_CONF}" root:root 644
+        manifest_add conf "${INSTALL_CONF}"
+    fi
+fi
 
 finish "install"
 if ((CHANGES > 0)) && ! dry; then
     cat <<EOF
-Next, as the git user (never as root: the store must stay ${GIT_USER}'s):
+Next, as the git user (never as root: the store must stay ${GIT_USER}'s; sudo -u ${GIT_USER} works too):
   runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} user add alice
-  runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} key add alice - $([[ ${MODE} == authorized-keys ]] && echo "--authorized-keys ${AK_FILE} ")< alice.pub
-and edit the teams and repositories in ${P_CONFIG}.
+  runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} key add alice - < alice.pub$([[ ${MODE} != authorized-keys ]] || echo "   # rewrites ${AK_FILE}")
+a repository, NAME.git under ${P_REPOS}, with gatekeeper's hook:
+  runuser -u ${GIT_USER} -- git init --bare -b main ${P_REPOS}/NAME.git
+  runuser -u ${GIT_USER} -- ${GK} --config ${P_CONFIG} hooks install NAME
+and the teams and repositories in ${P_CONFIG} (check it: ${GK} --config ${P_CONFIG} policy check).
 EOF
     if [[ -n ${ROOT} ]]; then
         say "Start the staging sshd: ${SSHD} -D -e -f ${MAIN_CFG}   (127.0.0.1, see ListenAddress)"

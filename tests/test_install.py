@@ -316,6 +316,10 @@ def snapshot(top: Path, *, dir_mtimes: bool = True) -> dict[str, tuple[object, .
                 result[rel] = ("link", os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 mtime = st.st_mtime_ns if dir_mtimes else None
+                # Reading the SQLite store creates and removes its -wal file beside it, and
+                # install.sh reads the keys on every run (authorized_keys mode).
+                if os.path.exists(os.path.join(path, "gatekeeper.db")):
+                    mtime = None
                 result[rel] = ("dir", st.st_mode, st.st_uid, st.st_gid, mtime)
             else:
                 digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -395,8 +399,7 @@ class StagedSshd:
 
     def client(self, key: Path) -> sshd.SshClient:
         self.clients += 1
-        home = self.box.tmp / f"client-{self.clients}"
-        home.mkdir(mode=0o700)
+        home = Path(tempfile.mkdtemp(prefix=f"client-{self.clients}-", dir=self.box.tmp))
         return sshd.SshClient(self, key, self.user, home=home)  # type: ignore[arg-type]
 
 
@@ -439,10 +442,12 @@ def enroll_users_and_use_git(box: Box) -> None:
     alice, alice_pub = sshd.generate_user_key(keys, "alice")
     bob, bob_pub = sshd.generate_user_key(keys, "bob")
     mallory, _ = sshd.generate_user_key(keys, "mallory")
-    ak = ["--authorized-keys", str(box.authorized_keys)] if box.authorized_keys.exists() else []
+    # No --authorized-keys: in authorized_keys mode the CLI rewrites the file install.sh
+    # recorded, so the keys work at once in either mode.
     for name, pub in (("alice", alice_pub), ("bob", bob_pub)):
         box.gk("user", "add", name)
-        box.gk("key", "add", name, "-", *ak, input=pub.read_text())
+        added = box.gk("key", "add", name, "-", input=pub.read_text())
+        assert added.stderr == "", added.stderr
     enrolled = box.gk("2fa", "enroll", "alice", "--no-qr")
     box.gk("2fa", "confirm", "alice", totp.current_code(secret_from(enrolled.stdout), time.time()))
 
@@ -531,10 +536,11 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert "nothing was changed" in dry.stdout
     assert differences(before, snapshot(box.root)) == ""
 
-    first = box.install()
+    first = box.install("--issuer", "Box Git")
     assert "change(s) made" in first.stdout
     # The drop-in: the git user's block, no ForceCommand; sshd applies it to that user only.
     assert dropin_directives(box) == [
+        "MaxStartups 100:30:200",
         f"Match User {box.user}",
         f"AuthorizedKeysFile {box.authorized_keys}",
         "AcceptEnv GIT_PROTOCOL",
@@ -560,6 +566,7 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert f"  repositories: {box.repos}" in config
     assert f"  state_dir: {box.state}" in config
     assert f"  port: {box.port}" in config
+    assert "  issuer: 'Box Git'" in config  # what authenticator apps show, not the example's
     assert stat.S_IMODE(box.config.stat().st_mode) == 0o640
     # A real (non-editable) install in the prefix, root-owned.
     (site,) = box.prefix.glob("lib/python3*/site-packages")
@@ -587,8 +594,10 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert "nothing to change" in box.install("--dry-run").stdout
     assert differences(installed, snapshot(box.root)) == ""
 
-    # The admin edits the policy: install.sh never overwrites it.
+    # The admin edits the policy: install.sh never overwrites it. (The admin's next command
+    # records the policy change in the audit log, as any gatekeeper command would.)
     write_test_policy(box)
+    box.gk("user", "list")
     edited = snapshot(box.root)
     assert "nothing to change" in box.install().stdout
     assert box.config.read_text().endswith(TEST_POLICY)
@@ -603,6 +612,14 @@ def test_authorized_keys_mode_install_twice_rollback_use_and_uninstall(box: Box)
     assert differences(no_dir_mtimes(edited), snapshot(box.root, dir_mtimes=False)) == ""
 
     enroll_users_and_use_git(box)
+
+    # 10,000 keys: sshd parses authorized_keys up to the key twice per connection, so a run
+    # warns and recommends keys-command mode.
+    fill_store_with_keys(box, 10_000 - 2)
+    big = box.install()
+    (warning,) = [line for line in big.stderr.splitlines() if "holds 10000 keys" in line]
+    assert "twice per connection" in warning and "--mode keys-command" in warning
+    assert len(authorized_keys_block(box)) == 10_000
 
     # Uninstall: the drop-in, the virtualenv, authorized_keys go; the state and the edited
     # policy stay (they are the admin's data) until --purge. Its dry run says exactly that,
@@ -681,6 +698,7 @@ def test_dry_run_on_a_fresh_root_prints_every_change_and_makes_none(
         "would    run gatekeeper init as root",
         f"would    write {empty_root}/etc/ssh/sshd_config",
         f"would    write sshd drop-in {empty_root}/etc/ssh/sshd_config.d/10-gatekeeper.conf",
+        "| MaxStartups 100:30:200",
         "| Match User root",
         "|     AcceptEnv GIT_PROTOCOL",
         "|     PasswordAuthentication no",
@@ -725,6 +743,61 @@ def test_bad_options_are_refused_before_anything_changes(
     assert list(empty_root.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("vm", "it resolves only to a loopback address"),
+        ("127.0.0.1", "it resolves only to a loopback address (127.0.0.1)"),
+        ("localhost.localdomain", "localhost is every machine's own name for itself"),
+        ("gatekeeper-no-such-host-here", "has no domain, and other machines rarely resolve"),
+        ("git.example.com", None),
+        ("192.0.2.10", None),
+    ],
+)
+def test_a_host_users_cannot_reach_is_warned_about(
+    empty_root: Path, host: str, reason: str | None
+) -> None:
+    if (
+        host == "vm"
+        and "vm"
+        not in subprocess.run(
+            ["getent", "ahosts", "vm"], capture_output=True, text=True, check=False
+        ).stdout.split()
+    ):
+        reason = "has no domain"
+    result = run_script(
+        "--root",
+        str(empty_root),
+        "--user",
+        "root",
+        "--host",
+        host,
+        "--issuer",
+        "ACME Git",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"host {host}, port 2222, issuer 'ACME Git')" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "WARNING  host " in line]
+    if reason is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert f'users will be told to run "ssh root@{host} 2fa enroll"' in warning
+        assert reason in warning and "pass --host with the name users clone from" in warning
+    assert list(empty_root.iterdir()) == []
+
+
+def test_the_issuer_defaults_to_the_host_and_is_checked(empty_root: Path) -> None:
+    result = run_script(
+        "--root", str(empty_root), "--user", "root", "--host", "git.example.org", "--dry-run"
+    )
+    assert "issuer 'git.example.org')" in result.stdout, result.stdout
+    refused = run_script("--root", str(empty_root), "--user", "root", "--issuer", "Evil: Inc'")
+    assert refused.returncode != 0 and "--issuer" in refused.stderr
+    assert list(empty_root.iterdir()) == []
+
+
 def test_a_password_in_the_store_url_is_refused_up_front_and_not_shown(empty_root: Path) -> None:
     for extra in ([], ["--dry-run"]):
         result = run_script(
@@ -766,7 +839,7 @@ def test_help_lists_the_options() -> None:
     assert result.returncode == 0
     for option in ("--mode", "--user", "--prefix", "--config", "--repos", "--root", "--dry-run"):
         assert option in result.stdout
-    for option in ("--store URL", "--password-file FILE", "--server-key FILE"):
+    for option in ("--store URL", "--password-file FILE", "--server-key FILE", "--issuer NAME"):
         assert option in result.stdout
     assert "--uninstall" in result.stdout and "--purge" in result.stdout
 
@@ -810,6 +883,7 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
     assert "ok       virtualenv" in fixed.stdout  # installed by the failed run, kept
     command = f"{box.prefix}/bin/gatekeeper --config {box.config} keys-command %u %t %k"
     assert dropin_directives(box) == [
+        "MaxStartups 100:30:200",
         f"Match User {box.user}",
         "AuthorizedKeysFile none",
         f"AuthorizedKeysCommand {command}",
@@ -830,6 +904,61 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
     write_test_policy(box)
     enroll_users_and_use_git(box)
 
+    # A plain run, as after a `git pull`, keeps the mode it recorded: no authorized_keys
+    # block appears, the drop-in still runs keys-command.
+    conf = box.prefix / "install.conf"
+    assert "mode=keys-command" in conf.read_text().splitlines()
+    kept = box.install()
+    assert "mode keys-command (kept from the last run; --mode switches)" in kept.stdout
+    assert "nothing to change" in kept.stdout and "change   " not in kept.stdout
+    assert not box.authorized_keys.exists()
+    assert f"AuthorizedKeysCommand {command}" in dropin_directives(box)
+
+    # carol's key, added in keys-command mode, is in the block when the mode switches.
+    _, carol_pub = sshd.generate_user_key(box.tmp / "keys", "carol")
+    box.gk("user", "add", "carol")
+    box.gk("key", "add", "carol", "-", input=carol_pub.read_text())
+    switched = box.install("--mode", "authorized-keys")
+    assert mode_switch_lines(switched) == [
+        "switch from keys-command to authorized-keys mode: gatekeeper's block goes into "
+        f"{box.authorized_keys}, and sshd will read it"
+    ]
+    assert f"AuthorizedKeysFile {box.authorized_keys}" in dropin_directives(box)
+    assert len(authorized_keys_block(box)) == 3
+    assert f"authorized_keys={box.authorized_keys}" in conf.read_text().splitlines()
+    assert_users_reach_the_server(box, ["alice", "carol"])
+
+    back = box.install("--mode", "keys-command")
+    assert mode_switch_lines(back) == [
+        "switch from authorized-keys to keys-command mode: sshd will run keys-command for "
+        "each key, and gatekeeper's block leaves the authorized_keys file"
+    ]
+    assert f"remove authorized_keys {box.authorized_keys}" in back.stdout
+    assert not box.authorized_keys.exists()  # install.sh made it, for the block alone
+    assert "mode=keys-command" in conf.read_text().splitlines()
+    assert_users_reach_the_server(box, ["alice", "carol"])
+
+    # Uninstall removes this installation's compiled policies from the git account's cache,
+    # not another installation's.
+    cache = box.home / ".cache" / "gatekeeper"
+    ours = sorted(cache.glob("policy-*"))
+    assert ours, "the forced command caches the compiled policy"
+    other = foreign_compiled_policy(box, cache)
+    box.install("--uninstall", "--purge")
+    assert other.exists() and not any(path.exists() for path in ours)
+    # Nothing else is left but that file, the directories that hold it, and the manifest that
+    # lists them for a later --uninstall --purge.
+    left = differences(
+        without_repository_data(no_dir_mtimes(before)),
+        without_repository_data(snapshot(box.root, dir_mtimes=False)),
+    )
+    home = box.home.relative_to(box.root)
+    kept = ("home", home, home / ".cache", home / ".cache" / "gatekeeper")
+    manifest = ("opt", "opt/gatekeeper", "opt/gatekeeper/install-manifest")
+    assert sorted(left.splitlines()) == sorted(
+        f"+ {path}" for path in (*kept, other.relative_to(box.root), *manifest)
+    )
+    other.unlink()
     box.install("--uninstall", "--purge")
     assert (
         differences(
@@ -838,6 +967,83 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
         )
         == ""
     )
+
+
+def fill_store_with_keys(box: Box, n: int) -> None:
+    """`n` made-up keys of one user, straight into the store, as the git account."""
+    script = """
+import base64, hashlib, sqlite3, sys, time
+db, n = sys.argv[1], int(sys.argv[2])
+conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+now = int(time.time())
+conn.execute("BEGIN IMMEDIATE")
+user = conn.execute("INSERT INTO users (name, created_at) VALUES ('many', ?)", (now,)).lastrowid
+rows = []
+for i in range(n):
+    raw = hashlib.sha256(b"install-test-key-%d" % i).digest()
+    blob = b"\\0\\0\\0\\x0bssh-ed25519\\0\\0\\0\\x20" + raw
+    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    rows.append((user, fp, "ssh-ed25519", base64.b64encode(blob).decode(), 256, "", now))
+conn.executemany(
+    "INSERT INTO keys (user_id, fingerprint, key_type, blob, bits, comment, added_at)"
+    " VALUES (?,?,?,?,?,?,?)",
+    rows,
+)
+conn.execute("COMMIT")
+"""
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            box.user,
+            "--",
+            str(box.prefix / "bin" / "python"),
+            "-c",
+            script,
+            str(box.state / "gatekeeper.db"),
+            str(n),
+        ],
+        check=True,
+        capture_output=True,
+        cwd="/",
+        timeout=120,
+    )
+
+
+def mode_switch_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    word = "  change   "
+    return [
+        line[len(word) :] for line in result.stdout.splitlines() if line.startswith(word + "switch")
+    ]
+
+
+def authorized_keys_block(box: Box) -> list[str]:
+    text = box.authorized_keys.read_text()
+    return [line for line in text.splitlines() if "gatekeeper-shell" in line]
+
+
+def assert_users_reach_the_server(box: Box, names: list[str]) -> None:
+    """Each user's key reaches gatekeeper through the staged sshd (`ssh git@HOST info`)."""
+    with StagedSshd(box) as server:
+        for name in names:
+            result = server.client(box.tmp / "keys" / name).run("info")
+            assert result.returncode == 0, f"{name}: {result.stderr}\nsshd log:\n{server.log()}"
+            assert name in result.stdout, result.stdout
+
+
+def foreign_compiled_policy(box: Box, cache: Path) -> Path:
+    """Another installation's compiled policy in the git account's cache directory."""
+    from gatekeeper.policy import load_policy
+
+    other_config = box.tmp / "other-installation" / "config.yaml"
+    other_config.parent.mkdir(parents=True)
+    other_config.write_text(box.config.read_text() + "# another installation's policy\n")
+    before = set(cache.iterdir())
+    load_policy(other_config, cache_dir=cache)
+    (made,) = set(cache.iterdir()) - before
+    uid = pwd.getpwnam(box.user).pw_uid
+    os.chown(made, uid, pwd.getpwnam(box.user).pw_gid)
+    return made
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,6 +1069,10 @@ def test_second_front_end_on_a_shared_postgresql_store(
         installed = first.install(*pg)
         assert "install gatekeeper[postgres]" in installed.stdout
         assert "created store: postgresql://" in installed.stdout
+        # authorized_keys mode on a shared store: a key added on another front-end would be
+        # refused here until this host's file is rewritten; install.sh says so.
+        (warning,) = [line for line in installed.stderr.splitlines() if "shared PostgreSQL" in line]
+        assert "--mode keys-command finds such a key in the shared database" in warning
         # The policy points at the store, with the password file install.sh put in place:
         # the git user's alone, and listed for --uninstall.
         password_dest = first.root / "etc" / "gatekeeper" / "db.password"
@@ -881,7 +1091,7 @@ def test_second_front_end_on_a_shared_postgresql_store(
         # The second front-end: same store, the first one's server key. A dry run lists it all.
         key = ["--server-key", str(first.state / "server.key")]
         before = snapshot(second.root)
-        dry = second.install(*pg, *key, "--dry-run")
+        dry = second.install(*pg, *key, "--mode", "keys-command", "--dry-run")
         for expected in (
             "would    create virtualenv",
             "install gatekeeper[postgres]",
@@ -891,8 +1101,9 @@ def test_second_front_end_on_a_shared_postgresql_store(
         ):
             assert expected in dry.stdout, dry.stdout
         assert differences(before, snapshot(second.root)) == ""
-        joined = second.install(*pg, *key)
+        joined = second.install(*pg, *key, "--mode", "keys-command")
         assert "store is up to date: postgresql://" in joined.stdout
+        assert "shared PostgreSQL" not in joined.stderr
         assert (second.state / "server.key").read_bytes() == (
             first.state / "server.key"
         ).read_bytes()
@@ -910,6 +1121,12 @@ def test_second_front_end_on_a_shared_postgresql_store(
         for front_end in (first, second):
             status = json.loads(front_end.gk("2fa", "status", "--json").stdout)
             assert [(row["user"], row["state"]) for row in status] == [("alice", "enrolled")]
+
+        # A key added on the first front-end works on the second at once: in keys-command
+        # mode the second's key index misses it and the lookup falls back to the database.
+        _, alice_pub = sshd.generate_user_key(second.tmp / "keys", "alice")
+        first.gk("key", "add", "alice", "-", input=alice_pub.read_text())
+        assert_users_reach_the_server(second, ["alice"])
 
         # A different server key is refused before anything changes.
         other = tmp_path / "other.key"

@@ -456,5 +456,5 @@ def test_authorized_keys_written_by_root_keep_their_owner_and_mode(site: Site) -
     assert not [p for p in fresh.parent.iterdir() if p.name != "authorized_keys"]
     blocked = site.base / "not-a-directory"
     blocked.write_text("")
-    with pytest.raises(GatekeeperError, match="cannot (read|write)"):
+    with pytest.raises(GatekeeperError, match=r"cannot (read|write)"):
         authkeys.write_file(blocked / "authorized_keys", line)
