@@ -253,7 +253,6 @@ if [[ -z ${SSHD} ]]; then
     done
 fi
 [[ -n ${SSHD} && -x ${SSHD} ]] || die "sshd not found (install openssh-server, or pass --sshd PATH)"
-
 # Where everything is (under the staging root, if any).
 P_PREFIX=${ROOT}${PREFIX}
 P_CONFIG=${ROOT}${CONFIG}
@@ -290,6 +289,21 @@ warn() {
     WARNINGS+=("$*")
     printf '  WARNING  %s\n' "$*" >&2
 }
+
+# The lines gatekeeper writes need `restrict` (OpenSSH 7.2); security keys need 8.2, and
+# keys that must prove their PIN need `verify-required` (8.4), without which sshd would
+# refuse those lines (fail closed: such a key cannot log in).
+SSHD_VERSION=$({ "${SSHD}" -V 2>&1 || true; } | sed -n 's/.*OpenSSH_\([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p' | head -n 1)
+if [[ -n ${SSHD_VERSION} ]]; then
+    read -r sshd_major sshd_minor <<<"${SSHD_VERSION}"
+    if ((sshd_major * 100 + sshd_minor < 702)); then
+        die "OpenSSH ${sshd_major}.${sshd_minor} is too old: gatekeeper's key lines need 7.2 (restrict)"
+    elif ((sshd_major * 100 + sshd_minor < 804)); then
+        warn "OpenSSH ${sshd_major}.${sshd_minor}: security keys need 8.4 (verify-required); keys added with --verify-required cannot log in here, and the security-key levels cannot be met behind this sshd"
+    fi
+else
+    warn "cannot tell ${SSHD}'s OpenSSH version; security keys need 8.4 or later"
+fi
 
 manifest_add() {
     dry && return 0

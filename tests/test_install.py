@@ -1143,3 +1143,30 @@ def test_second_front_end_on_a_shared_postgresql_store(
         assert not (second.root / "etc" / "gatekeeper" / "db.password").exists()
         status = json.loads(first.gk("2fa", "status", "--json").stdout)
         assert [(row["user"], row["state"]) for row in status] == [("alice", "enrolled")]
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [
+        ("OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15", None),
+        ("OpenSSH_8.2p1 Ubuntu-4ubuntu0.11, OpenSSL 1.1.1f", "security keys need 8.4"),
+        ("OpenSSH_7.1p2, OpenSSL 1.0.2", "is too old: gatekeeper's key lines need 7.2"),
+    ],
+)
+def test_the_sshd_version_is_checked(
+    empty_root: Path, tmp_path: Path, version: str, said: str | None
+) -> None:
+    """Security keys need OpenSSH 8.4 (verify-required); the lines need 7.2 (restrict)."""
+    fake = tmp_path / "sshd"
+    fake.write_text(f"#!/bin/sh\necho '{version}' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = run_script(
+        "--root", str(empty_root), "--user", "root", "--sshd", str(fake), "--dry-run"
+    )
+    output = result.stdout + result.stderr
+    if said is None:
+        assert "security keys need" not in output and "too old" not in output
+    else:
+        assert said in output, output
+    if "too old" in (said or ""):
+        assert result.returncode != 0
