@@ -113,6 +113,10 @@ class Context:
         except PolicyError:
             pass  # unreadable to the account now: the forced command will say so
 
+    def use_policy(self, policy: Policy) -> None:
+        """The policy this command is about (`policy install`: the new one)."""
+        self._policy = policy
+
     @contextmanager
     def store(self) -> Iterator[Store]:
         store = Store.open(self.policy.server.state_dir, self.policy.server.store)
@@ -124,14 +128,40 @@ class Context:
 
 
 def record_policy_change(store: Store, policy: Policy) -> None:
-    """Audit a policy whose hash differs from the last one this store has seen."""
+    """Audit a policy whose hash differs from the last one this store has seen: edited
+    in place, since `policy install` records its own change. Who edited it is not
+    known, so the record names nobody as its actor; it says who noticed, and when the
+    file was last written and by whose account it is owned."""
     previous = store.last_policy_hash()
+    if previous is None:
+        detail0 = {"old": None, "new": policy.sha256, "file": policy.source, "how": "first seen"}
+        store.audit("policy-change", actor=actor(), detail=detail0)
+        return
     if previous != policy.sha256:
-        store.audit(
-            "policy-change",
-            actor=actor(),
-            detail={"old": previous, "new": policy.sha256, "file": policy.source},
-        )
+        detail: dict[str, Any] = {
+            "old": previous,
+            "new": policy.sha256,
+            "file": policy.source,
+            "how": f"edited in place; noticed by {actor()}",
+        }
+        try:
+            st = os.stat(policy.source)
+            detail["modified"] = datetime.fromtimestamp(st.st_mtime, timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+            detail["file_owner"] = _account_name(st.st_uid)
+        except OSError:
+            pass
+        store.audit("policy-change", actor=None, detail=detail)
+
+
+def _account_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -657,6 +687,46 @@ def policy_check(ctx: Context, file: Path | None) -> None:
     click.echo(
         f"{path}: ok ({len(result.teams)} teams, {len(result.rules)} repository rules, "
         f"{warnings} warning(s))"
+    )
+
+
+@policy.command("install")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def policy_install(ctx: Context, file: Path) -> None:
+    """Check FILE and, only if it is valid, make it the live policy in one atomic
+    swap, compiled for the forced command and recorded in the audit log with who did
+    it. A policy with an error never goes live: every connection would be refused."""
+    from gatekeeper import policyinstall
+
+    result = policyinstall.install(ctx.config, file)
+    for line in result.problems:
+        click.echo(line, err=True)
+    if result.policy is None:
+        click.echo(f"{file}: not installed; {ctx.config} is unchanged", err=True)
+        sys.exit(1)
+    if not result.changed:
+        click.echo(f"{ctx.config} already is {file}: nothing to install")
+        return
+    # The new policy names the state (its owner, as root, runs the rest).
+    ctx.use_policy(result.policy)
+    ctx.become_state_owner()
+    compiled = policyinstall.compile_for_connections(ctx.config)
+    with Store.open(result.policy.server.state_dir, result.policy.server.store) as store:
+        previous = store.last_policy_hash()
+        store.audit(
+            "policy-change",
+            actor=actor(),
+            detail={
+                "old": previous,
+                "new": result.policy.sha256,
+                "file": str(ctx.config),
+                "how": f"policy install {file}",
+            },
+        )
+    click.echo(
+        f"installed {file} as {ctx.config} ({len(result.policy.teams)} teams, "
+        f"{len(result.policy.rules)} repository rules){'; compiled' if compiled else ''}"
     )
 
 

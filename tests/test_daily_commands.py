@@ -9,6 +9,7 @@ audit log, whatever was typed.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import Installation
 
@@ -112,3 +113,47 @@ def test_every_code_the_source_writes_is_in_the_catalog() -> None:
         reasons |= set(re.findall(r'^[A-Z_]+ = "([a-z0-9]+(?:-[a-z0-9]+)*)"$', text, re.M))
     reasons -= {"pre-receive", "pre-receive.tmpl", "none", "read", "write"}
     assert reasons <= set(codes.REASONS), reasons - set(codes.REASONS)
+
+
+def test_policy_install_refuses_a_typo_and_installs_a_valid_policy(
+    gk: Installation, tmp_path: Path
+) -> None:
+    """One typo in a policy edited in place refused every user, and none of those
+    refusals reached the audit log. `policy install` checks first."""
+    gk.repo("platform/api")
+    _, key = gk.add_user("bob")
+    gk.enroll("bob")
+    live = gk.config.read_text()
+    broken = tmp_path / "new.yaml"
+    broken.write_text(live.replace("  platform:\n", "  platform:\n\t"))
+    refused = gk.gk("policy", "install", str(broken), check=False)
+    assert refused.returncode == 1
+    assert f"{broken}:" in refused.stderr and "not installed" in refused.stderr
+    assert gk.config.read_text() == live
+    assert gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000").returncode == 0
+    good = tmp_path / "good.yaml"
+    good.write_text(live.replace("require_2fa: enrolled", "require_2fa: verified", 1))
+    mode = gk.config.stat().st_mode
+    installed = gk.gk("policy", "install", str(good))
+    assert f"installed {good} as {gk.config}" in installed.stdout
+    assert gk.config.read_text() == good.read_text() and gk.config.stat().st_mode == mode
+    record = gk.audit(event="policy-change")[-1]
+    detail = json.loads(record["detail"])
+    assert record["actor"] and detail["how"] == f"policy install {good}"
+    refused_now = gk.shell(key, "git-upload-pack 'platform/api'", stdin="0000")
+    assert "verified two-step session" in refused_now.stderr
+    again = gk.gk("policy", "install", str(good))
+    assert "nothing to install" in again.stdout
+
+
+def test_a_policy_edited_in_place_is_recorded_without_blaming_the_next_admin(
+    gk: Installation,
+) -> None:
+    gk.add_user("alice")
+    gk.config.write_text(gk.config.read_text() + "\n# edited by hand\n")
+    gk.gk("user", "list")
+    record = gk.audit(event="policy-change")[-1]
+    detail = json.loads(record["detail"])
+    assert record["actor"] is None
+    assert detail["how"].startswith("edited in place; noticed by ")
+    assert detail["modified"] and detail["file_owner"]
