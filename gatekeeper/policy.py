@@ -1121,6 +1121,21 @@ def load_policy(
         cached = _read_cache(cache, source, digest)
         if cached is not None:
             return cached
+        # A policy edited in place (`policy install` compiles ahead): of the connections
+        # that find no compiled copy, one compiles and the others wait for its result
+        # instead of compiling it again each (a 10,000-rule policy is seconds of CPU and
+        # tens of MB per compile).
+        with _CompileLock(cache):
+            cached = _read_cache(cache, source, digest)
+            if cached is not None:
+                return cached
+            policy = _compile(data, path, source)
+            _write_cache(cache, dump_compiled(policy))
+            return policy
+    return _compile(data, path, source)
+
+
+def _compile(data: bytes, path: str, source: str) -> Policy:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -1128,10 +1143,43 @@ def load_policy(
             f"policy file {path} is not UTF-8 text (byte {exc.start})",
             hint="save it as UTF-8.",
         ) from None
-    policy = compile_policy_text(text, source)
-    if cache is not None:
-        _write_cache(cache, dump_compiled(policy))
-    return policy
+    return compile_policy_text(text, source)
+
+
+COMPILE_WAIT_SECONDS = 60
+"""How long a connection waits for another one's compile before compiling itself."""
+
+
+class _CompileLock:
+    """An exclusive flock on `compile.lock` in the cache directory, best effort: without
+    a cache directory (or a file system without locks) every caller just compiles."""
+
+    def __init__(self, cache: str) -> None:
+        self.path = os.path.join(os.path.dirname(cache), "compile.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        import fcntl
+        import time
+
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return
+        deadline = time.monotonic() + COMPILE_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return  # compile without the lock rather than refuse
+                time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock; the lock file stays for the next edit
 
 
 # Small files are hashed quicker with the interpreter's own SHA-256 than by importing
