@@ -1151,11 +1151,12 @@ COMPILE_WAIT_SECONDS = 60
 
 
 class _CompileLock:
-    """An exclusive flock on `compile.lock` in the cache directory, best effort: without
-    a cache directory (or a file system without locks) every caller just compiles."""
+    """An exclusive flock on the cache directory itself (no lock file to leave behind),
+    best effort: without a cache directory (or a file system without locks) every caller
+    just compiles."""
 
     def __init__(self, cache: str) -> None:
-        self.path = os.path.join(os.path.dirname(cache), "compile.lock")
+        self.path = os.path.dirname(cache)
         self.fd: int | None = None
 
     def __enter__(self) -> None:
@@ -1163,8 +1164,8 @@ class _CompileLock:
         import time
 
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             return
         deadline = time.monotonic() + COMPILE_WAIT_SECONDS
@@ -1179,7 +1180,7 @@ class _CompileLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # releases the flock; the lock file stays for the next edit
+            os.close(self.fd)  # releases the flock
 
 
 # Small files are hashed quicker with the interpreter's own SHA-256 than by importing
