@@ -23,10 +23,8 @@ that a repository cannot override). If the pipes cannot be given descriptors 3-9
 before. The parent gives its stdin and stdout to git alone, so the SSH channel closes
 when git is done, and exits with git's status.
 
-Why not pushes too: pre-receive is installed in the repository and runs for local
-pushes as well, so it would have to learn of the pipes from its environment, which a
-local pusher sets: they could hand it descriptors of their own that answer `ok`. The
-pack-objects hook exists only on the command line the forced command gives upload-pack.
+Pushes go the same way (pushgate.py, with these pipes), through the installed
+pre-receive script: why that trusts no more than this does is said there.
 """
 
 from __future__ import annotations

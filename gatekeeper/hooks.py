@@ -18,8 +18,11 @@ prove (a forged `GATEKEEPER_USER`, an unknown or expired token) is always refuse
 Push side: `hooks/pre-receive`, a thin shell script written from
 `resources/pre-receive.tmpl` with the installing interpreter's absolute path and the
 policy file baked in (never found through PATH), and a marker line by which
-`gatekeeper hooks` knows its own scripts. It runs `python -I -m gatekeeper.hooks
-pre-receive`, which reads all ref updates, makes one decision, checks every ref name
+`gatekeeper hooks` knows its own scripts. For a push over SSH it hands the ref
+updates to the forced command, which is receive-pack's parent and runs `PushCheck`
+itself (pushgate.py: no second interpreter); otherwise it runs `python -I -m
+gatekeeper.hooks pre-receive`. Either way one `PushCheck` reads all ref updates,
+makes one decision, checks every ref name
 (git's `check-ref-format` rules, control characters first), runs a chained
 `pre-receive.legacy` if there is one (after gatekeeper has allowed the push, so a
 refused push never reaches it; its failure refuses the push), then writes one audit
@@ -117,6 +120,7 @@ BAD_REF = "bad-ref"
 BAD_INPUT = "bad-input"
 LEGACY_HOOK = "legacy-hook"
 LOCAL_PUSH = "local-push"
+NOT_FOUND = "not-found"
 SERVER_ERROR = "server-error"
 
 
@@ -394,51 +398,130 @@ def pre_receive(
     """Check a push: identity, decision, ref names, the chained hook; then audit every
     ref update in one transaction. Returns the hook's exit code."""
     now = time.time() if now is None else now
-    audit: dict[str, Any] = {"action": "write", "detail": {"hook": HOOK}}
-    store: Store | None = None
-    try:
-        policy, store = load_or_deny(config)
-        git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
-        ident = identify(policy, store, env, git_dir, "write", now, audit)
-        if ident.user is None:
-            reason = LOCAL_PUSH
-            audit["actor"] = local_account()
-        else:
-            reason = decide(policy, store, ident, "write", now).reason
-        updates = parse_updates(data, ident.repo)
-        audit["detail"]["refs"] = len(updates)
-        run_legacy(hook, data, env, ident.repo)
-        records = [
-            {
-                **audit,
-                "reason": reason,
-                "detail": {"hook": HOOK, "ref": u.ref, "old": u.old, "new": u.new},
-            }
-            for u in updates
-        ]
+    git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
+
+    def proven(policy: Policy, store: Store, audit: dict[str, Any]) -> Identity:
+        return identify(policy, store, env, git_dir, "write", now, audit)
+
+    check = PushCheck(config, now, data, proven)
+    refusal = check.begin()
+    if not refusal:
         try:
-            store.audit_many("ref-update", records, now=now)
+            run_legacy(hook, data, env, check.repo)
+            refusal = check.finish(0)
+        except Denied as denied:
+            refusal = check.refuse(denied)
+    check.close()
+    if refusal:
+        stderr.write("".join(line + "\n" for line in refusal))
+        stderr.flush()
+        return 1
+    return 0
+
+
+class PushCheck:
+    """The re-check of one push, in two steps around the repository's own chained
+    pre-receive: `begin` (identity, decision, ref names) and `finish` (the chained
+    hook's result, then one audit record per ref update, all in one transaction).
+    Each returns [] to go on, or the refusal's lines for the git client (the refusal
+    audited). The Python hook runs both; behind the forced command the push gate
+    (pushgate.py) runs them in the forced command itself, for a shell script hook."""
+
+    def __init__(
+        self,
+        config: str | Path,
+        now: float,
+        data: bytes,
+        who: Identity | Callable[[Policy, Store, dict[str, Any]], Identity],
+        path: str | None = None,
+    ) -> None:
+        self.config, self.now, self.data, self.who, self.path = config, now, data, who, path
+        self.audit: dict[str, Any] = {"action": "write", "detail": {"hook": HOOK}}
+        self.store: Store | None = None
+        self.policy: Policy | None = None
+        self.reason = ""
+        self.updates: list[RefUpdate] = []
+        self.repo = ""
+
+    def begin(self) -> list[str]:
+        try:
+            policy, self.store = load_or_deny(self.config)
+            self.policy = policy
+            if isinstance(self.who, Identity):
+                ident = self.who
+                self.audit.update(
+                    user=ident.user, key_fp=ident.key_fp, client=ident.client, repo=ident.repo
+                )
+                if self.path is not None and (
+                    sshcmd.resolve_repo(policy.server.repositories_str, ident.repo) != self.path
+                ):
+                    raise Denied(NOT_FOUND, *decision.not_found_message(policy, ident.repo))
+            else:
+                ident = self.who(policy, self.store, self.audit)
+            self.repo = ident.repo
+            if ident.user is None:
+                self.reason = LOCAL_PUSH
+                self.audit["actor"] = local_account()
+            else:
+                self.reason = decide(policy, self.store, ident, "write", self.now).reason
+            self.updates = parse_updates(self.data, ident.repo)
+            self.audit["detail"]["refs"] = len(self.updates)
+            return []
+        except Denied as denied:
+            return self.refuse(denied)
         except StoreError as exc:
-            log(f"push to {ident.repo} refused, audit failed: {' | '.join(exc.lines())}")
-            why = "the state database is busy" if exc.busy else "logged on the server"
-            raise Denied(
-                SERVER_ERROR,
-                f"push to '{ident.repo}' refused: the server could not record it in its "
-                f"audit log ({why})"
-                "; nothing was changed.",
-                "hint: try again in a moment; if it persists, tell an administrator.",
-                audit=False,
-            ) from exc
-        return 0
-    except Denied as denied:
-        return refuse(denied, store, audit, now, stderr)
-    except StoreError as exc:
+            return self._unusable(exc)
+
+    def finish(self, legacy_status: int) -> list[str]:
+        """After the chained hook (its exit status; 0 when there is none)."""
+        assert self.store is not None
+        try:
+            if legacy_status != 0:
+                raise Denied(
+                    LEGACY_HOOK,
+                    f"push to '{self.repo}' refused by the repository's own pre-receive hook "
+                    f"({HOOK}{LEGACY_SUFFIX}, exit {legacy_status}).",
+                )
+            records = [
+                {
+                    **self.audit,
+                    "reason": self.reason,
+                    "detail": {"hook": HOOK, "ref": u.ref, "old": u.old, "new": u.new},
+                }
+                for u in self.updates
+            ]
+            try:
+                self.store.audit_many("ref-update", records, now=self.now)
+            except StoreError as exc:
+                log(f"push to {self.repo} refused, audit failed: {' | '.join(exc.lines())}")
+                why = "the state database is busy" if exc.busy else "logged on the server"
+                raise Denied(
+                    SERVER_ERROR,
+                    f"push to '{self.repo}' refused: the server could not record it in its "
+                    f"audit log ({why})"
+                    "; nothing was changed.",
+                    "hint: try again in a moment; if it persists, tell an administrator.",
+                    audit=False,
+                ) from exc
+            return []
+        except Denied as denied:
+            return self.refuse(denied)
+
+    def refuse(self, denied: Denied) -> list[str]:
+        import io
+
+        out = io.StringIO()
+        refuse(denied, self.store, self.audit, self.now, out)
+        return out.getvalue().splitlines()
+
+    def _unusable(self, exc: StoreError) -> list[str]:
         log(f"store error: {' | '.join(exc.lines())}")
-        unusable = Denied(SERVER_ERROR, *exc.for_client().lines(), audit=False)
-        return refuse(unusable, store, audit, now, stderr)
-    finally:
-        if store is not None:
-            store.close()
+        return self.refuse(Denied(SERVER_ERROR, *exc.for_client().lines(), audit=False))
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
 
 def local_account() -> str:

@@ -307,13 +307,18 @@ def git_access(
     store.close()
     config = pathstr.resolve(conn.config)
     git = git_binary()
-    pipes = hook = None
+    pipes = push_pipes = hook = None
     if request.git_subcommand == "upload-pack":
         from gatekeeper import fetchgate
 
         # The fetch-side check: answered by us (fetchgate.py), else by the Python hook.
         pipes = fetchgate.open_pipes()
         hook = fetchgate.hook_command(git, pipes, quote) if pipes else pack_objects_hook(config)
+    elif request.git_subcommand == "receive-pack" and env.get("GATEKEEPER_DRY_RUN") != "1":
+        from gatekeeper import fetchgate
+
+        # The push-side check: answered by us (pushgate.py), else by the Python hook.
+        push_pipes = fetchgate.open_pipes()
     path = located.path
     argv = git_argv(request, path, hook)
     git_env = {
@@ -351,6 +356,20 @@ def git_access(
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
         # git is done and the SSH session ends when we do: skip the interpreter's
         # teardown (about 2.5 ms on every clone and ls-remote); nothing is left to save.
+        sys.stderr.flush()
+        os._exit(code)
+    if push_pipes is not None:
+        from gatekeeper import hooks, pushgate
+
+        def push_check(data: bytes) -> hooks.PushCheck:
+            key = facts.key
+            ident = hooks.Identity(
+                repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor
+            )
+            return hooks.PushCheck(config, time.time(), data, ident, path)
+
+        git_env.update(pushgate.environment(push_pipes))
+        code = pushgate.supervise(git, argv, git_env, push_pipes, push_check, log)
         sys.stderr.flush()
         os._exit(code)
     os.execve(git, argv, git_env)  # noqa: S606 - argv is built, never a shell

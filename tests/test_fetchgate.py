@@ -237,12 +237,17 @@ def test_a_read_runs_upload_pack_under_the_gate(gk: Installation, monkeypatch: A
     assert seen["how"] == "gate"
     pipes = seen["pipes"]
     hook = f"/bin/sh {fetchgate.SCRIPT} {shell.git_binary()} {pipes.request_write} "
-    assert seen["argv"][:3] == [
+    path = str(gk.repos / "platform/api.git")
+    assert seen["argv"] == [
         "git",
+        *shell.pinned_config(path),
         "-c",
         f"uploadpack.packObjectsHook={hook}{pipes.answer_read}",
+        "upload-pack",
+        "--strict",
+        "--",
+        path,
     ]
-    assert seen["argv"][3:] == ["upload-pack", "--strict", "--", str(gk.repos / "platform/api.git")]
     pipes.close()
 
     assert seen["recheck"]() == []  # still allowed: pack
@@ -271,15 +276,51 @@ def test_without_usable_pipes_the_python_hook_checks_the_read(
     monkeypatch.setattr(fetchgate, "open_pipes", lambda: None)
     seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "exec"
-    assert seen["argv"][2].endswith(f"-I -m gatekeeper.hooks pack-objects --config {gk.config}")
+    hook = seen["argv"][seen["argv"].index("upload-pack") - 1]
+    assert hook.startswith("uploadpack.packObjectsHook=")
+    assert hook.endswith(f"-I -m gatekeeper.hooks pack-objects --config {gk.config}")
 
 
-def test_a_write_is_exec_d_without_the_gate(gk: Installation, monkeypatch: Any) -> None:
+def test_a_write_without_usable_pipes_is_exec_d_for_the_python_hook(
+    gk: Installation, monkeypatch: Any
+) -> None:
     gk.init()
     key_id = gk.enrolled_reader()
+    monkeypatch.setattr(fetchgate, "open_pipes", lambda: None)
     seen = run_shell(gk, key_id, "git-receive-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "exec"
-    assert seen["argv"] == ["git", "receive-pack", "--", str(gk.repos / "platform/api.git")]
+    path = str(gk.repos / "platform/api.git")
+    assert seen["argv"] == ["git", *shell.pinned_config(path), "receive-pack", "--", path]
+    assert "GATEKEEPER_PUSH_GATE" not in seen["env"] and seen["env"]["GATEKEEPER_TOKEN"]
+
+
+def test_a_write_runs_receive_pack_under_the_push_gate(gk: Installation, monkeypatch: Any) -> None:
+    from gatekeeper import pushgate
+
+    gk.init()
+    key_id = gk.enrolled_reader()
+    monkeypatch.setattr(fetchgate, "open_pipes", fetchgate.Pipes)
+    seen: dict[str, Any] = {}
+
+    def supervise(git: str, argv: list[str], env: dict[str, str], pipes: Any, check: Any,
+                  log: Any) -> int:  # fmt: skip
+        seen.update(argv=argv, env=env, check=check, pipes=pipes)
+        raise Spawned
+
+    monkeypatch.setattr(pushgate, "supervise", supervise)
+    env = {**gk.env, "SSH_CONNECTION": "127.0.0.1 5 127.0.0.1 22"}
+    env["SSH_ORIGINAL_COMMAND"] = "git-receive-pack 'platform/api.git'"
+    with pytest.raises(Spawned):
+        shell.run(["--config", str(gk.config), str(key_id)], env, sys.stdin, sys.stdout, sys.stderr)
+    pipes = seen["pipes"]
+    assert seen["env"]["GATEKEEPER_PUSH_GATE"] == f"{pipes.request_write}:{pipes.answer_read}"
+    pipes.close()
+    update = b"0" * 40 + b" " + b"1" * 40 + b" refs/heads/main\n"
+    check = seen["check"](update)
+    assert check.begin() == []  # bob may push
+    assert check.finish(0) == []
+    check.close()
+    assert [r["reason"] for r in gk.audit(event="ref-update")] == ["allowed"]
 
 
 def test_the_script_is_shellcheck_clean() -> None:
