@@ -2,7 +2,7 @@
 
 A hash chain shows an edited, deleted or reordered record but not records cut off
 its end, so `audit.head` beside the database names the newest record (its sequence
-number and hash), and `log verify` holds the log to it (DESIGN.md, "Store rules").
+number and hash), and `log verify` holds the log to it (docs/design.md, "The store").
 On a shared PostgreSQL store each host keeps its own: it names the newest record
 *this host* appended, which must still be there, unchanged.
 

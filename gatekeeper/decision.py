@@ -6,7 +6,7 @@ stable reason code and the lines a person should read. The forced command, the
 embedded server, the hooks and `gatekeeper check` all call it, so they can never
 disagree.
 
-Semantics (DESIGN.md):
+Semantics (docs/design.md, "Two-step verification levels"):
 - Access comes from repository rules: a rule that matches grants `read`/`write` to
   teams; `public: true` lets any known key read with no second factor.
 - Every matching rule with `require_2fa`, and every team through which the user

@@ -1,7 +1,7 @@
 """The standard library's C cores, imported without their Python wrappers.
 
 The forced command starts a fresh interpreter for every git connection, so every
-module it imports is paid on every clone and fetch (DESIGN.md's budget). Two
+module it imports is paid on every clone and fetch (docs/design.md, "Performance budget"). Two
 wrappers cost more than what they wrap:
 
 - `datetime.py` runs its whole pure-Python implementation (every class) and then

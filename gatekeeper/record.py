@@ -2,7 +2,7 @@
 
 The forced command runs once per SSH connection, and `import dataclasses` pulls in
 `inspect` (and each decorated class compiles generated code with `exec`): together
-about a third of the whole budget in DESIGN.md. `record` builds the same frozen,
+about a third of the whole budget in docs/design.md. `record` builds the same frozen,
 comparable, hashable value class from the class annotations with plain functions.
 
 Type checkers see it as a dataclass transform with frozen instances, so constructor

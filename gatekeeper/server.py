@@ -10,7 +10,7 @@ forced command that OpenSSH runs (`gatekeeper.shell`), spawned with an environme
 built from scratch, so the decision, the messages and the audit records are the same
 whichever SSH server carried the connection.
 
-Identity (DESIGN.md, "an embedded server that records the key a client merely offered"):
+Identity (docs/design.md, "Security rules": identity comes only from the key that signed):
 paramiko calls `check_auth_publickey` *before* it checks a signature, both for a
 client's "would you accept this key?" query and for the signed request, with the same
 kind of key object. So this module reads each publickey request itself (a small

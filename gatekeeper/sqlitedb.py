@@ -1,6 +1,6 @@
 """The SQLite side of the store: one file, many short-lived processes.
 
-Rules learned the hard way (DESIGN.md):
+Rules learned the hard way (docs/design.md, "The store"):
 - WAL mode and a busy timeout, so many short-lived processes share the file.
 - Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
   that upgrades to a write ignores the busy timeout and fails under concurrency.

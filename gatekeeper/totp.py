@@ -1,4 +1,4 @@
-"""TOTP secrets, codes, recovery codes and the enrollment QR code (DESIGN.md, "TOTP rules").
+"""TOTP secrets, codes, recovery codes and the enrollment QR code (docs/design.md, "TOTP rules").
 
 Pure functions: nothing here touches the database; `gatekeeper.store` keeps what these
 functions produce (the encrypted secret, the last accepted timestep, recovery code hashes).

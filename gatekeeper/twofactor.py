@@ -1,7 +1,7 @@
 """Two-step verification operations: enroll, confirm, verify, disable, reset, recovery codes.
 
 The same functions serve the admin CLI and the users' own `ssh git@HOST 2fa ...`
-commands, so both follow one set of rules (DESIGN.md, "TOTP rules"):
+commands, so both follow one set of rules (docs/design.md, "TOTP rules"):
 - an enrollment is pending until a first valid code confirms it;
 - an accepted timestep is never accepted again (the store's conditional UPDATE);
 - only wrong codes count, and too many within the window lock verification; a right

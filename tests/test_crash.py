@@ -1,4 +1,4 @@
-"""A crash is not tampering (DESIGN.md): writers are killed with SIGKILL at random
+"""A crash is not tampering (docs/design.md, "The store"): writers are killed with SIGKILL at random
 moments and at every step of the audit head's protocol (gatekeeper/audithead.py), on
 SQLite and on PostgreSQL. Afterwards `gatekeeper log verify` says intact (exit 0),
 the next write chains on with no gap, and no temporary file is left in the state

@@ -1,4 +1,4 @@
-"""Admins run the CLI as root; the state stays the git account's (DESIGN.md: "Files keep
+"""Admins run the CLI as root; the state stays the git account's (docs/design.md: "Files keep
 their owner"). One `gatekeeper user add` run as root once left `audit.head` root's, and
 every git access of every user was refused from then on (issue 20).
 
