@@ -402,7 +402,10 @@ def test_a_policy_edit_appears_in_the_log_with_both_hashes_and_who(logged: Insta
     assert [c["detail"]["new"] for c in changes] == [old, new]
     assert changes[0]["detail"]["old"] is None  # the first policy this store saw
     assert changes[-1]["detail"]["old"] == old
-    assert changes[-1]["actor"] == getpass.getuser()
+    # Edited in place: who did it is not known, so nobody is named as its author; the
+    # record says who noticed it (the next command), when and whose the file is.
+    assert changes[-1]["actor"] is None
+    assert changes[-1]["detail"]["how"] == f"edited in place; noticed by {getpass.getuser()}"
     assert changes[-1]["detail"]["file"] == str(logged.config)
     # Recorded once, not on every command.
     logged.gk("log")
