@@ -380,14 +380,16 @@ def git_access(
 # line: protected configuration, which a repository's own config cannot override (nor an
 # `include` it pulls in). docs/threat-model.md lists the settings examined and why the
 # others are not pinned.
-ALTERNATE_REFS = "f() { git --git-dir=\"$1\" for-each-ref --format='%(objectname)'; }; f"
-"""git's own way of listing an alternate's refs, as a command it cannot be talked out of."""
+ALTERNATE_REFS = "true"
+"""What lists an alternate's refs: nothing. Every push runs this command (receive-pack
+makes the repository itself an alternate of its quarantine), so it is a program without
+a shell; the refs it would add only spare objects, never decide anything."""
 
 
 def pinned_config(path: str | os.PathLike[str]) -> list[str]:
     """`-c` options that keep git's choice of programs to gatekeeper for repository `path`:
-    its own `hooks/` (where gatekeeper's pre-receive is), git's own alternate-refs
-    listing, and the standard signature programs for push certificates."""
+    its own `hooks/` (where gatekeeper's pre-receive is), no alternate-refs listing,
+    and the standard signature programs for push certificates."""
     hooks = os.path.join(os.fspath(path), "hooks")
     return [
         "-c",
