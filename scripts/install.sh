@@ -1352,7 +1352,10 @@ else
 fi
 
 # 6. The mode. A switch says so once; its steps follow (the block, the drop-in, install.conf).
-KEYS_COMMAND="${GK} --config ${P_CONFIG} keys-command %u %t %k"
+# keys-command mode runs the shell script `gatekeeper keys-script` writes (the key index, no
+# interpreter: sshd runs it twice per connection), root's like the command sshd wants.
+KEYS_SCRIPT=${P_PREFIX}/bin/gatekeeper-keys
+KEYS_COMMAND="${KEYS_SCRIPT} %u %f"
 if [[ -n ${RECORDED_MODE} && ${RECORDED_MODE} != "${MODE}" ]]; then
     if [[ ${MODE} == keys-command ]]; then
         change "switch from authorized-keys to keys-command mode: sshd will run keys-command for each key, and gatekeeper's block leaves the authorized_keys file"
@@ -1391,6 +1394,17 @@ if [[ ${MODE} == authorized-keys ]]; then
     fi
 else
     check_keys_command_path
+    if dry; then
+        [[ -f ${KEYS_SCRIPT} ]] || change "write ${KEYS_SCRIPT} (gatekeeper keys-script: the AuthorizedKeysCommand)"
+    else
+        script=$(as_git "${GK}" --config "${P_CONFIG}" keys-script)
+        if [[ -f ${KEYS_SCRIPT} && $(cat "${KEYS_SCRIPT}") == "${script}" ]]; then
+            ok "${KEYS_SCRIPT}, the AuthorizedKeysCommand, is up to date"
+        else
+            printf '%s\n' "${script}" | write_file "${KEYS_SCRIPT}" root:root 755
+            change "wrote ${KEYS_SCRIPT}, the AuthorizedKeysCommand (the key index, no interpreter)"
+        fi
+    fi
 fi
 
 # 7. A staging root gets its own complete sshd configuration, on a loopback port.

@@ -881,7 +881,10 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
 
     fixed = box.install("--mode", "keys-command")
     assert "ok       virtualenv" in fixed.stdout  # installed by the failed run, kept
-    command = f"{box.prefix}/bin/gatekeeper --config {box.config} keys-command %u %t %k"
+    # The shell AuthorizedKeysCommand (`gatekeeper keys-script`): root's, like sshd wants.
+    command = f"{box.prefix}/bin/gatekeeper-keys %u %f"
+    script = box.prefix / "bin" / "gatekeeper-keys"
+    assert script.stat().st_uid == 0 and "gatekeeper-keys-script: 1" in script.read_text()
     assert dropin_directives(box) == [
         "MaxStartups 100:30:200",
         f"Match User {box.user}",
@@ -895,6 +898,7 @@ def test_keys_command_mode_rollback_then_install_use_and_purge(box: Box) -> None
         "DisableForwarding yes",
     ]
     assert sshd.unsafe_path_reason(box.prefix / "bin" / "gatekeeper") is None
+    assert sshd.unsafe_path_reason(script) is None
     assert not box.authorized_keys.exists()
     effective = effective_sshd(box, box.user).splitlines()
     assert f"authorizedkeyscommand {command}" in effective
