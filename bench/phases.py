@@ -19,7 +19,7 @@ import gatekeeper.shell as shell  # noqa: E402 - timing the import is the point
 
 T1 = time.perf_counter()
 
-from gatekeeper import decision, sshcmd  # noqa: E402
+from gatekeeper import decision, frontend, sshcmd  # noqa: E402
 from gatekeeper.store import Store  # noqa: E402
 
 spent: dict[str, float] = {}
@@ -36,10 +36,7 @@ def _timed(label: str, fn):  # type: ignore[no-untyped-def]
     return wrapper
 
 
-shell.load_policy = _timed(  # type: ignore[attr-defined]
-    "policy: read file, hash, load compiled cache",
-    shell.load_policy,  # type: ignore[attr-defined]
-)
+frontend.load_policy = _timed("policy: read file, hash, load compiled cache", frontend.load_policy)
 Store.open = staticmethod(_timed("store: open (connect, pragmas, schema check)", Store.open))  # type: ignore[method-assign]
 Store.connection_facts = _timed("store: connection facts (one query)", Store.connection_facts)  # type: ignore[method-assign]
 sshcmd.parse_command = _timed("parse SSH_ORIGINAL_COMMAND", sshcmd.parse_command)

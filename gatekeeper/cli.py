@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from gatekeeper import authkeys, decision, installation, twofactor
-from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError
+from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError, render
 from gatekeeper.policy import (
     Policy,
     check_policy_text,
@@ -742,7 +742,7 @@ def check(
 ) -> None:
     """Explain whether USER may ACTION REPO: rules, level, reason. Exit 0 allow, 1 refuse,
     2 for an unknown user or key or an invalid repository name."""
-    from gatekeeper.shell import user_facts
+    from gatekeeper.frontend import best_user_facts
     from gatekeeper.sshcmd import locate_repo, normalize_repo_name
 
     requested = normalize_repo_name(repo)
@@ -753,7 +753,7 @@ def check(
     now = time.time()
     with ctx.store() as store:
         try:
-            user = store.get_user(user_name)
+            store.get_user(user_name)
         except NotFound as exc:
             # Exit 2, not 1: a script must tell "refused" from "asked about nobody".
             raise InputError(exc.message, hint=exc.hint) from exc
@@ -762,19 +762,7 @@ def check(
             keys = [k for k in keys if k.fingerprint == fingerprint]
             if not keys:
                 raise InputError(f"{user_name} has no key {fingerprint}.")
-        facts_list = [store.connection_facts(k.id, now) for k in keys]
-        facts = [f for f in facts_list if f is not None]
-        if facts:
-            # The best-placed key: a verified session on any key counts when none is named.
-            best = max(facts, key=lambda f: f.verified_until or 0)
-            ufacts = user_facts(best)
-        else:
-            record = store.get_totp(user.id)
-            ufacts = decision.UserFacts(
-                name=user_name,
-                enrolled=bool(record and record.confirmed),
-                pending=bool(record and not record.confirmed),
-            )
+        ufacts = best_user_facts(store, user_name, keys, now)
     verdict = decision.decide(
         ctx.policy, ufacts, name, action, datetime.fromtimestamp(now, timezone.utc)
     )
@@ -912,11 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="gatekeeper", standalone_mode=False)
     except GatekeeperError as exc:
-        click.echo(f"gatekeeper: error: {exc.message}", err=True)
-        for problem in getattr(exc, "problems", []):
-            click.echo(f"  {problem}", err=True)
-        if exc.hint:
-            click.echo(f"gatekeeper: hint: {exc.hint}", err=True)
+        click.echo(render(exc, label="error: "), err=True, nl=False)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -924,12 +908,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # The last resort for a file problem no command foresaw: still one line, no traceback.
         where = f" ({exc.filename})" if exc.filename else ""
-        click.echo(f"gatekeeper: error: {exc.strerror or exc}{where}", err=True)
-        click.echo(
-            "gatekeeper: hint: check that file's owner, mode and file system; run gatekeeper "
-            "as the git user.",
-            err=True,
+        error = GatekeeperError(
+            f"{exc.strerror or exc}{where}",
+            hint="check that file's owner, mode and file system; run gatekeeper as the git user.",
         )
+        click.echo(render(error, label="error: "), err=True, nl=False)
         return 1
     except click.ClickException as exc:
         exc.show()

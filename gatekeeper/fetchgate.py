@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import os
 
+from gatekeeper.errors import INTERNAL_ERROR, prefixed
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -111,7 +113,7 @@ def supervise(
                 refusal = recheck()
             except Exception as exc:  # noqa: BLE001 - fail closed: refuse, never a traceback
                 log(f"fetch gate: internal error: {type(exc).__name__}: {exc}")
-                refusal = ["gatekeeper: access refused: internal error (logged on the server)."]
+                refusal = prefixed([INTERNAL_ERROR]).splitlines()
             verdict = "no" if refusal else "ok"
             reply = "".join(f"say {asker} {text}\n" for text in refusal)
             _write_all(pipes.answer_write, f"{reply}{verdict} {asker}\n".encode())

@@ -67,7 +67,16 @@ import sys
 import time
 
 from gatekeeper import decision, logs, sshcmd
-from gatekeeper.errors import GatekeeperError, Refused, StoreError
+from gatekeeper.errors import (
+    INTERNAL_ERROR,
+    Denied,
+    HookError,
+    Refused,
+    StoreError,
+    prefixed,
+    render,
+)
+from gatekeeper.frontend import load, unknown_key, user_facts
 from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.policy import Policy
 from gatekeeper.record import record
@@ -83,7 +92,6 @@ if TYPE_CHECKING:
 
     from gatekeeper.cli import Context
 
-PREFIX = "gatekeeper: "
 HOOK = "pre-receive"
 LEGACY_SUFFIX = ".legacy"
 TEMPLATE = "pre-receive.tmpl"
@@ -124,16 +132,6 @@ NOT_FOUND = "not-found"
 SERVER_ERROR = "server-error"
 
 
-class Denied(Exception):
-    """A hook's refusal: the lines the user reads and the reason code for the audit."""
-
-    def __init__(self, reason: str, *lines: str, audit: bool = True) -> None:
-        super().__init__(lines[0] if lines else reason)
-        self.reason = reason
-        self.lines = lines
-        self.audit = audit
-
-
 @record
 class Identity:
     """Who is pushing or fetching, as proven by the connection's token."""
@@ -167,12 +165,10 @@ def log(message: str) -> None:
 
 def load_or_deny(config: str | Path) -> tuple[Policy, Store]:
     """Policy and store, or a refusal worded as the forced command words it."""
-    from gatekeeper import shell
-
     try:
-        return shell.load(str(config), log)
+        return load(str(config), log)
     except Refused as exc:
-        raise Denied(SERVER_ERROR, *exc.lines(), audit=False) from exc
+        raise Denied.of(SERVER_ERROR, exc, audit=False) from exc
 
 
 def repo_name(root: str, git_dir: str) -> str | None:
@@ -198,7 +194,8 @@ def identify(
     verb = verb_of(action)
     token = env.get("GATEKEEPER_TOKEN", "")
     claimed = env.get("GATEKEEPER_USER")
-    unproven = (
+    unproven = Denied(
+        BAD_IDENTITY,
         f"{verb} '{shown}' refused: its gatekeeper identity could not be verified.",
         "To fix: connect again over SSH; if it persists, tell an administrator.",
     )
@@ -206,7 +203,7 @@ def identify(
         if claimed or env.get("GATEKEEPER_KEY"):
             audit["user"] = claimed
             log(f"{verb} {shown}: GATEKEEPER_USER={claimed!r} without a token")
-            raise Denied(BAD_IDENTITY, *unproven)
+            raise unproven
         if action == "write" and policy.allow_local_push:
             return Identity(repo=derived or git_dir)
         fix = f"To fix: use the SSH remote {remote_url(policy, shown)}"
@@ -222,7 +219,7 @@ def identify(
     audit["user"] = claimed
     if grant is None:
         log(f"{verb} {shown}: unknown or expired token (user {claimed!r})")
-        raise Denied(BAD_IDENTITY, *unproven)
+        raise unproven
     audit.update(user=grant.user, key_fp=grant.key_fp, client=grant.client)
     key_id = env.get("GATEKEEPER_KEY_ID")
     mismatch = [
@@ -240,7 +237,7 @@ def identify(
     ]
     if mismatch:
         log(f"{verb} {shown}: token of {grant.user} does not match its {', '.join(mismatch)}")
-        raise Denied(BAD_IDENTITY, *unproven)
+        raise unproven
     audit["repo"] = grant.repo
     return Identity(grant.repo, grant.user, grant.key_id, grant.key_fp, grant.client, grant.factor)
 
@@ -249,15 +246,9 @@ def decide(
     policy: Policy, store: Store, ident: Identity, action: str, now: float
 ) -> decision.Decision:
     """The forced command's decision, made again with the store's facts as of now."""
-    from gatekeeper.shell import user_facts
-
     facts = store.connection_facts(ident.key_id, now)
     if facts is None or facts.key.fingerprint != ident.key_fp or facts.key.user != ident.user:
-        raise Denied(
-            UNKNOWN_KEY,
-            "access refused: this key is not registered (it may have just been removed).",
-            "hint: ask an administrator to add your public key (`gatekeeper key add`).",
-        )
+        raise Denied.of(UNKNOWN_KEY, unknown_key())
     when = datetime.fromtimestamp(now, timezone.utc)
     verdict = decision.decide(policy, user_facts(facts, ident.factor), ident.repo, action, when)
     if not verdict.allowed:
@@ -265,19 +256,15 @@ def decide(
     return verdict
 
 
-def refuse(
-    denied: Denied, store: Store | None, audit: dict[str, Any], now: float, stderr: TextIO
-) -> int:
-    for line in denied.lines:
-        stderr.write(PREFIX + line + "\n")
-    stderr.flush()
+def refuse(denied: Denied, store: Store | None, audit: dict[str, Any], now: float) -> list[str]:
+    """Audit a refusal (unless it says not to); return the lines the git client reads."""
     if store is not None and denied.audit:
         detail = {**audit.pop("detail", {}), "allowed": False}
         try:
             store.audit("access", now=now, reason=denied.reason, detail=detail, **audit)
         except StoreError as exc:
             log(f"could not audit a refusal ({denied.reason}): {exc.message}")
-    return 1
+    return render(denied).splitlines()
 
 
 # -- pre-receive -------------------------------------------------------------------
@@ -355,7 +342,7 @@ def parse_updates(data: bytes, repo: str) -> list[RefUpdate]:
             f"push to '{repo}' refused: {len(problems)} invalid ref name(s); nothing was changed.",
             *problems[:5],
             *more,
-            "hint: ref names follow `git check-ref-format`: no control characters, spaces, "
+            hint="ref names follow `git check-ref-format`: no control characters, spaces, "
             "'~^:?*[\\', '..' or '@{', no component starting with '.' or ending in '.lock'.",
         )
     return updates
@@ -500,7 +487,7 @@ class PushCheck:
                     f"push to '{self.repo}' refused: the server could not record it in its "
                     f"audit log ({why})"
                     "; nothing was changed.",
-                    "hint: try again in a moment; if it persists, tell an administrator.",
+                    hint="try again in a moment; if it persists, tell an administrator.",
                     audit=False,
                 ) from exc
             return []
@@ -508,15 +495,11 @@ class PushCheck:
             return self.refuse(denied)
 
     def refuse(self, denied: Denied) -> list[str]:
-        import io
-
-        out = io.StringIO()
-        refuse(denied, self.store, self.audit, self.now, out)
-        return out.getvalue().splitlines()
+        return refuse(denied, self.store, self.audit, self.now)
 
     def _unusable(self, exc: StoreError) -> list[str]:
         log(f"store error: {' | '.join(exc.lines())}")
-        return self.refuse(Denied(SERVER_ERROR, *exc.for_client().lines(), audit=False))
+        return self.refuse(Denied.of(SERVER_ERROR, exc.for_client(), audit=False))
 
     def close(self) -> None:
         if self.store is not None:
@@ -549,7 +532,7 @@ def pack_objects(
     now = time.time() if now is None else now
     if list(command[:2]) != ["git", "pack-objects"]:
         log(f"pack-objects hook called with {list(command[:4])!r}")
-        stderr.write(PREFIX + "access refused: internal error (logged on the server).\n")
+        stderr.write(prefixed([INTERNAL_ERROR]))
         return 1
     git_dir = os.path.realpath(env.get("GIT_DIR") or ".")
 
@@ -561,7 +544,7 @@ def pack_objects(
         stderr.write("".join(line + "\n" for line in refusal))
         stderr.flush()
         return 1
-    from gatekeeper.shell import git_binary
+    from gatekeeper.frontend import git_binary
 
     os.execv(git_binary(), ["git", "pack-objects", *command[2:]])  # noqa: S606
     return 1  # pragma: no cover - execv does not return
@@ -597,14 +580,10 @@ def check_fetch(
         decide(policy, store, ident, "read", now)
         return []
     except Denied as denied:
-        import io
-
-        out = io.StringIO()
-        refuse(denied, store, audit, now, out)
-        return out.getvalue().splitlines()
+        return refuse(denied, store, audit, now)
     except StoreError as exc:
         log(f"store error: {' | '.join(exc.lines())}")
-        return [PREFIX + line for line in exc.for_client().lines()]
+        return render(exc.for_client()).splitlines()
     finally:
         if store is not None:
             store.close()
@@ -646,17 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - fail closed, never a traceback to the client
         log(f"internal error: {type(exc).__name__}: {exc}")
-        sys.stderr.write(PREFIX + "access refused: internal error (logged on the server).\n")
+        sys.stderr.write(prefixed([INTERNAL_ERROR]))
         return 1
 
 
 # -- installing: `gatekeeper hooks install|status|uninstall` ------------------------
-
-
-class HookError(GatekeeperError):
-    """A repository whose hooks cannot be installed or removed as asked."""
-
-    exit_code = 1
 
 
 @record

@@ -56,8 +56,8 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.server import InteractiveQuery
 
-from gatekeeper import decision, logs, seckey, shell, sshcmd, sshkeys, twofactor
-from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError
+from gatekeeper import decision, frontend, logs, seckey, sshcmd, sshkeys, twofactor
+from gatekeeper.errors import GatekeeperError, InputError, Refused, StoreError, render
 from gatekeeper.policy import Policy
 from gatekeeper.record import evolve
 from gatekeeper.store import ConnectionFacts, KeyRecord, Store
@@ -377,7 +377,7 @@ def needs_verified(policy: Policy, facts: ConnectionFacts, now: float) -> bool:
     in-band code is worth asking for; otherwise it would only be in the way)."""
     from gatekeeper.usercmd import list_repositories
 
-    ufacts = shell.user_facts(facts)
+    ufacts = frontend.user_facts(facts)
     when = datetime.fromtimestamp(now, timezone.utc)
     for repo in list_repositories(policy.server.repositories):
         for action in ("read", "write"):
@@ -493,7 +493,7 @@ class Connection(paramiko.ServerInterface):
             return None
         if self.policy is None or self.store is None:
             try:
-                self.policy, self.store = shell.load(
+                self.policy, self.store = frontend.load(
                     str(self.server.config_path), self.server.fault_seen, light=False
                 )
             except Refused as exc:
@@ -519,7 +519,7 @@ class Connection(paramiko.ServerInterface):
                 record = store.key_by_fingerprint(fingerprint)
             except GatekeeperError as exc:
                 self.server.fault_seen(f"key lookup failed: {' | '.join(exc.lines())}")
-                self._at_fault(shell.store_refusal())
+                self._at_fault(frontend.store_refusal())
             else:
                 self.server.known.note(policy.server.user, fingerprint, record)
                 if record is None:
@@ -717,7 +717,7 @@ class Connection(paramiko.ServerInterface):
                 sshcmd.parse_command(text)
             except InputError as exc:
                 sess.refusal = exc
-                text = text[: shell.BAD_COMMAND_KEPT]
+                text = text[: frontend.BAD_COMMAND_KEPT]
             else:
                 text = text[:MAX_COMMAND_BYTES]  # only blanks parse: still blanks
         sess.command = text
@@ -851,7 +851,7 @@ class Connection(paramiko.ServerInterface):
                     return
             if self.fault is not None:
                 # Never the forced command: the key may be gone from the store by now.
-                rc = self._answer(sess, shell.refusal_text(self.fault), self.fault.exit_code)
+                rc = self._answer(sess, render(self.fault), self.fault.exit_code)
             elif sess.refusal is not None:
                 rc = self._refuse_command(sess, sess.refusal)
             else:
@@ -871,10 +871,12 @@ class Connection(paramiko.ServerInterface):
         assert self.key is not None and self.store is not None
         error: GatekeeperError = refusal
         try:
-            shell.audit_bad_command(self.store, self.key, self.client_ip, sess.command, time.time())
+            frontend.audit_bad_command(
+                self.store, self.key, self.client_ip, sess.command, time.time()
+            )
         except GatekeeperError as exc:
             error = exc
-        return self._answer(sess, shell.refusal_text(error), error.exit_code)
+        return self._answer(sess, render(error), error.exit_code)
 
     def _answer(self, sess: Session, text: str, status: int) -> int:
         """End a session with `text` on stderr and `status`, running nothing."""
@@ -890,7 +892,7 @@ class Connection(paramiko.ServerInterface):
         assert self.transport is not None
         server_ip, server_port = self.sock.getsockname()[:2]
         env = {
-            "PATH": shell.SAFE_PATH,
+            "PATH": frontend.SAFE_PATH,
             "HOME": os.environ.get("HOME", "/"),
             "SSH_CONNECTION": f"{self.peer[0]} {self.peer[1]} {server_ip} {server_port}",
             "GATEKEEPER_CONFIG": str(self.server.config_path),
@@ -1198,7 +1200,7 @@ class GatekeeperServer:
     def remember_keys(self) -> None:
         """Read every key and the git account again; keep the last ones on a fault."""
         try:
-            policy, store = shell.load(str(self.config_path), self.fault_seen, light=False)
+            policy, store = frontend.load(str(self.config_path), self.fault_seen, light=False)
         except Refused:
             return
         try:

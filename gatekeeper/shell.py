@@ -16,15 +16,31 @@ import sys
 import time
 
 from gatekeeper import decision, logs, pathstr, sshcmd
-from gatekeeper.errors import GatekeeperError, InputError, PolicyError, Refused, StoreError
+from gatekeeper.errors import (
+    INTERNAL_ERROR,
+    GatekeeperError,
+    InputError,
+    Refused,
+    prefixed,
+    render,
+)
+from gatekeeper.frontend import (
+    SAFE_PATH,
+    audit_bad_command,
+    for_client,
+    git_binary,
+    load,
+    unknown_key,
+    user_facts,
+)
 from gatekeeper.lightstd import datetime, timezone
-from gatekeeper.policy import DEFAULT_CONFIG, Policy, load_policy
+from gatekeeper.policy import DEFAULT_CONFIG, Policy
 from gatekeeper.record import record
-from gatekeeper.store import ConnectionFacts, HookToken, KeyRecord, Store, token_digest
+from gatekeeper.store import ConnectionFacts, HookToken, Store, token_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from typing import TextIO
 
 _DIGITS = frozenset("0123456789")
@@ -44,10 +60,7 @@ def valid_git_protocol(value: str) -> bool:
     )
 
 
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-PREFIX = "gatekeeper: "
 HOOK_TOKEN_SECONDS = 6 * 3600  # how long the hooks accept a connection's token
-BAD_COMMAND_KEPT = 200  # characters of a refused command in its audit record
 
 
 @record
@@ -116,93 +129,11 @@ def parse_invocation(argv: list[str], env: Mapping[str, str]) -> Connection:
     )
 
 
-def load(
-    config: str, report: Callable[[str], None] | None = None, *, light: bool = True
-) -> tuple[Policy, Store]:
-    """Policy and store, or a refusal that names the server-side problem, not its details
-    (those go to `report`, the forced command's log by default). The hooks and the
-    embedded server refuse in the same words. `light`: see `Store.open`."""
-    report = report or log
-    try:
-        policy = load_policy(config)
-    except PolicyError as exc:
-        report(f"policy error: {' | '.join(exc.lines())}")
-        raise policy_refusal() from exc
-    logs.use_state_dir(policy.server.state_dir_str)
-    try:
-        store = Store.open(policy.server.state_dir_str, policy.server.store, light=light)
-    except StoreError as exc:
-        report(f"store error: {' | '.join(exc.lines())}")
-        raise exc.for_client() from exc
-    return policy, store
-
-
-def policy_refusal() -> Refused:
-    return Refused(
-        "access refused: the server's policy file is invalid or unreadable.",
-        hint="an administrator must run `gatekeeper policy check`.",
-    )
-
-
-def store_refusal(exc: StoreError | None = None) -> Refused:
-    """What a client learns of a store fault (`StoreError.for_client`)."""
-    if exc is not None:
-        return exc.for_client()
-    return StoreError("").for_client()
-
-
-def audit_bad_command(
-    store: Store, key: KeyRecord, client: str, command: str | None, now: float
-) -> None:
-    """The record of a command `sshcmd.parse_command` refused (the embedded server
-    writes it too, for the commands it cannot hand over whole)."""
-    store.audit(
-        "access",
-        now=now,
-        user=key.user,
-        key_fp=key.fingerprint,
-        reason="bad-command",
-        client=client,
-        detail={"command": sshcmd.redact((command or "")[:BAD_COMMAND_KEPT])},
-    )
-
-
-def refusal_text(exc: GatekeeperError) -> str:
-    """What the client reads for an expected failure, on every front-end."""
-    return "".join(PREFIX + line + "\n" for line in exc.lines())
-
-
-def proven_factor(key: KeyRecord, claimed: str | None) -> str | None:
-    """What the front-end says it enforced for this connection (`claimed`), never more
-    than the key as the store has it now allows: a security key's `touch`, with its
-    PIN only when both say so."""
-    if claimed is None or key.factor is None:
-        return None
-    return "touch+pin" if claimed == key.factor == "touch+pin" else "touch"
-
-
-def user_facts(facts: ConnectionFacts, factor: str | None = None) -> decision.UserFacts:
-    """The decision's view of a key's user; `factor` is the front-end's claim for this
-    connection (`proven_factor` caps it)."""
-
-    def when(ts: int | None) -> datetime | None:
-        return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
-
-    return decision.UserFacts(
-        name=facts.key.user,
-        enrolled=facts.enrolled,
-        pending=facts.pending,
-        verified_until=when(facts.verified_until),
-        locked_until=when(facts.locked_until),
-        factor=proven_factor(facts.key, factor),
-    )
-
-
 def run(
     argv: list[str], env: Mapping[str, str], stdin: TextIO, stdout: TextIO, stderr: TextIO
 ) -> int:
     conn = parse_invocation(argv, env)
-    policy, store = load(conn.config)
+    policy, store = load(conn.config, log)
     if conn.port is not None:
         policy = policy.served_on(conn.port)
     now = time.time()
@@ -218,10 +149,7 @@ def run(
             key_fp=conn.key_fp,
             detail={"key_id": conn.key_id},
         )
-        raise Refused(
-            "access refused: this key is not registered (it may have just been removed).",
-            hint="ask an administrator to add your public key (`gatekeeper key add`).",
-        )
+        raise unknown_key()
     try:
         request = sshcmd.parse_command(conn.original_command)
     except InputError:
@@ -297,12 +225,10 @@ def git_access(
     else:
         store.audit("access", now=now, **fields)
     if located is None or token is None:
-        for line in message:
-            stderr.write(PREFIX + line + "\n")
+        stderr.write(prefixed(message))
         stderr.flush()
         return 1
-    for line in verdict.warnings:
-        stderr.write(PREFIX + line + "\n")
+    stderr.write(prefixed(verdict.warnings))
     stderr.flush()
     store.close()
     config = pathstr.resolve(conn.config)
@@ -447,14 +373,6 @@ def quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def git_binary() -> str:
-    for directory in ("/usr/bin", "/usr/local/bin", "/bin"):
-        candidate = os.path.join(directory, "git")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise Refused("access refused: git is not installed on the server.", hint="install git.")
-
-
 def log(message: str) -> None:
     logs.log("gatekeeper-shell", message)
 
@@ -465,17 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout, sys.stderr
         )
     except GatekeeperError as exc:
-        if isinstance(exc, StoreError):
-            # Its words name the database and quote it: for the server log, not the client.
-            log(f"store error: {' | '.join(exc.lines())}")
-            exc = exc.for_client()
-        sys.stderr.write(refusal_text(exc))
-        return exc.exit_code
+        shown = for_client(exc, log)
+        sys.stderr.write(render(shown))
+        return shown.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - fail closed, never a traceback to the client
         log(f"internal error: {type(exc).__name__}: {exc}")
-        sys.stderr.write(PREFIX + "access refused: internal error (logged on the server).\n")
+        sys.stderr.write(prefixed([INTERNAL_ERROR]))
         return 1
 
 

@@ -215,7 +215,7 @@ def list_repositories(root: Path) -> Iterator[str]:
 def info_text(
     policy: Policy, store: Store, facts: ConnectionFacts, factor: str | None = None
 ) -> str:
-    from gatekeeper.shell import user_facts
+    from gatekeeper.frontend import user_facts
 
     now = datetime.now(timezone.utc)
     ufacts = user_facts(facts, factor)

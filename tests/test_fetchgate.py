@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Installation, git, make_bare_repo
 
-from gatekeeper import fetchgate, shell
+from gatekeeper import fetchgate, frontend, shell
 
 # -- the protocol, with a stand-in for upload-pack and pack-objects --------------------------
 
@@ -165,14 +165,14 @@ REAL_DRIVER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from gatekeeper import fetchgate, shell
+    from gatekeeper import fetchgate, frontend, shell
     repo, flag = sys.argv[-1], {flag!r}
     pipes = fetchgate.open_pipes()
-    hook = fetchgate.hook_command(shell.git_binary(), pipes, shell.quote)
+    hook = fetchgate.hook_command(frontend.git_binary(), pipes, shell.quote)
     argv = ["git", "-c", "uploadpack.packObjectsHook=" + hook, "upload-pack", "--", repo]
     def recheck():
         return open(flag).read().splitlines()
-    sys.exit(fetchgate.supervise(shell.git_binary(), argv, {{"PATH": "/usr/bin:/bin"}}, pipes,
+    sys.exit(fetchgate.supervise(frontend.git_binary(), argv, {{"PATH": "/usr/bin:/bin"}}, pipes,
                                  recheck, lambda message: None))
     """
 )
@@ -236,7 +236,7 @@ def test_a_read_runs_upload_pack_under_the_gate(gk: Installation, monkeypatch: A
     seen = run_shell(gk, key_id, "git-upload-pack 'platform/api.git'", monkeypatch)
     assert seen["how"] == "gate"
     pipes = seen["pipes"]
-    hook = f"/bin/sh {fetchgate.SCRIPT} {shell.git_binary()} {pipes.request_write} "
+    hook = f"/bin/sh {fetchgate.SCRIPT} {frontend.git_binary()} {pipes.request_write} "
     path = str(gk.repos / "platform/api.git")
     assert seen["argv"] == [
         "git",

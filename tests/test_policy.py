@@ -617,7 +617,7 @@ def test_every_problem_is_reported_together_in_line_order() -> None:
         compile_policy_text(textwrap.dedent(text), "p.yaml")
     assert raised.value.problems == errors
     assert "9 problem(s)" in raised.value.message
-    assert raised.value.lines()[: len(errors)] == errors
+    assert raised.value.lines()[1 : len(errors) + 1] == errors  # after the message
 
 
 def test_a_badly_named_team_is_reported_once_not_again_where_it_is_used() -> None:

@@ -45,8 +45,8 @@ from paramiko.common import (
 from paramiko.message import Message
 from test_faults import fill, tmpfs
 
-from gatekeeper import shell, sshcmd
-from gatekeeper.errors import InputError
+from gatekeeper import sshcmd
+from gatekeeper.errors import InputError, render
 from gatekeeper.server import Startups
 from gatekeeper.store import DB_NAME
 
@@ -525,7 +525,7 @@ def refusal_of(command: str) -> str:
     """What the forced command prints for `command` when its parser refuses it."""
     with pytest.raises(InputError) as refused:
         sshcmd.parse_command(command)
-    return shell.refusal_text(refused.value)
+    return render(refused.value)
 
 
 def test_a_nul_in_a_command_is_refused_in_the_forced_commands_words(site: Site) -> None:
