@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         from gatekeeper.authkeys import keys_command
 
         return keys_command([*config, *rest[1:]])
-    from gatekeeper.cli import main as cli_main
+    from gatekeeper.cli.main import main as cli_main
 
     return cli_main(args)
 

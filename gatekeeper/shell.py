@@ -207,7 +207,7 @@ def git_access(
     # No git without a record: if this write fails, StoreError refuses the connection.
     token = None
     if allowed:
-        # The hooks' proof that this connection came through here (see hooks.py):
+        # The hooks' proof that this connection came through here (gatekeeper/hooks/):
         # the same CSPRNG as `secrets`, without its imports on this path.
         token = os.urandom(32).hex()
         grant = HookToken(
@@ -235,15 +235,15 @@ def git_access(
     git = git_binary()
     pipes = push_pipes = hook = None
     if request.git_subcommand == "upload-pack":
-        from gatekeeper import fetchgate
+        from gatekeeper.hooks import fetchgate
 
-        # The fetch-side check: answered by us (fetchgate.py), else by the Python hook.
+        # The fetch-side check: answered by us (hooks/fetchgate.py), else by the Python hook.
         pipes = fetchgate.open_pipes()
         hook = fetchgate.hook_command(git, pipes, quote) if pipes else pack_objects_hook(config)
     elif request.git_subcommand == "receive-pack" and env.get("GATEKEEPER_DRY_RUN") != "1":
-        from gatekeeper import fetchgate
+        from gatekeeper.hooks import fetchgate
 
-        # The push-side check: answered by us (pushgate.py), else by the Python hook.
+        # The push-side check: answered by us (hooks/pushgate.py), else by the Python hook.
         push_pipes = fetchgate.open_pipes()
     path = located.path
     argv = git_argv(request, path, hook)
@@ -271,13 +271,12 @@ def git_access(
     if pipes is not None:
 
         def recheck() -> list[str]:
-            from gatekeeper import hooks
+            from gatekeeper.hooks.fetch import check_fetch
+            from gatekeeper.hooks.recheck import Identity
 
             key = facts.key
-            ident = hooks.Identity(
-                repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor
-            )
-            return hooks.check_fetch(config, time.time(), ident, path)
+            ident = Identity(repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor)
+            return check_fetch(config, time.time(), ident, path)
 
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
         # git is done and the SSH session ends when we do: skip the interpreter's
@@ -285,14 +284,14 @@ def git_access(
         sys.stderr.flush()
         os._exit(code)
     if push_pipes is not None:
-        from gatekeeper import hooks, pushgate
+        from gatekeeper.hooks import pushgate
+        from gatekeeper.hooks.prereceive import PushCheck
+        from gatekeeper.hooks.recheck import Identity
 
-        def push_check(data: bytes) -> hooks.PushCheck:
+        def push_check(data: bytes) -> PushCheck:
             key = facts.key
-            ident = hooks.Identity(
-                repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor
-            )
-            return hooks.PushCheck(config, time.time(), data, ident, path)
+            ident = Identity(repo, key.user, key.id, key.fingerprint, conn.client, ufacts.factor)
+            return PushCheck(config, time.time(), data, ident, path)
 
         git_env.update(pushgate.environment(push_pipes))
         code = pushgate.supervise(git, argv, git_env, push_pipes, push_check, log)
@@ -336,7 +335,7 @@ def pinned_config(path: str | os.PathLike[str]) -> list[str]:
 def git_argv(
     request: sshcmd.GitRequest, path: str | os.PathLike[str], pack_hook: str | None = None
 ) -> list[str]:
-    """git's command line; `pack_hook` is the fetch-side check (hooks.py, fetchgate.py)
+    """git's command line; `pack_hook` is the fetch-side check (hooks/fetch.py, hooks/fetchgate.py)
     that upload-pack runs instead of `git pack-objects`."""
     sub = request.git_subcommand
     pinned = pinned_config(path)

@@ -23,7 +23,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # An editable install: a rerun (after a git pull too) runs the checkout's code as it is,
 # so install only what is missing.
-if [[ ! -x .venv/bin/gatekeeper ]] || ! .venv/bin/python -c 'import gatekeeper.cli' 2>/dev/null; then
+if [[ ! -x .venv/bin/gatekeeper ]] || ! .venv/bin/python -c 'import gatekeeper.cli.main' 2>/dev/null; then
     say "installing gatekeeper into .venv"
     .venv/bin/python -m pip install -q -e .
 fi

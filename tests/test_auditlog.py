@@ -552,7 +552,8 @@ def test_follow_stops_on_a_signal_that_arrives_while_it_reads(
     loop ends at its next check, nothing is raised where the signal landed."""
     from click.testing import CliRunner
 
-    from gatekeeper import cli, report
+    from gatekeeper import report
+    from gatekeeper.cli.main import cli
 
     reads = 0
     real = report.LogFilter.records
@@ -567,7 +568,7 @@ def test_follow_stops_on_a_signal_that_arrives_while_it_reads(
     monkeypatch.setattr(report.LogFilter, "records", records)
     before = signal.getsignal(signal.SIGINT)
     args = ["--config", str(logged.config), "log", "--follow", "--interval", "0.05"]
-    result = CliRunner().invoke(cli.cli, [*args, "--max-wait", "30"])
+    result = CliRunner().invoke(cli, [*args, "--max-wait", "30"])
     assert result.exit_code == 0, result.output
     assert reads == 3
     assert signal.getsignal(signal.SIGINT) is before, "the handler is put back"

@@ -457,7 +457,8 @@ def test_files_that_are_not_text_are_refused_in_one_line(
 def test_a_file_error_no_command_foresaw_is_still_one_line(
     gk: Installation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gatekeeper import authkeys, cli
+    from gatekeeper import authkeys
+    from gatekeeper.cli import main as cli
 
     def broken(lines: list[str]) -> str:
         raise PermissionError(13, "Permission denied", "/somewhere/else")

@@ -1,5 +1,5 @@
 """The fetch gate: upload-pack under the forced command, which answers the pack-time
-re-check itself (gatekeeper/fetchgate.py, resources/fetch-gate.sh)."""
+re-check itself (gatekeeper/hooks/fetchgate.py, resources/fetch-gate.sh)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from conftest import ROOT, Installation, git, make_bare_repo
 
-from gatekeeper import fetchgate, frontend, shell
+from gatekeeper import frontend, shell
+from gatekeeper.hooks import fetchgate
 
 # -- the protocol, with a stand-in for upload-pack and pack-objects --------------------------
 
@@ -23,7 +24,7 @@ DRIVER = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, {root!r})
-    from gatekeeper import fetchgate
+    from gatekeeper.hooks import fetchgate
     scenario, refusal, packer = sys.argv[1], sys.argv[2:3], {packer!r}
     pipes = fetchgate.open_pipes()
     hook = fetchgate.hook_command(packer, pipes, lambda s: "'" + s + "'")
@@ -165,7 +166,8 @@ REAL_DRIVER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from gatekeeper import fetchgate, frontend, shell
+    from gatekeeper import frontend, shell
+    from gatekeeper.hooks import fetchgate
     repo, flag = sys.argv[-1], {flag!r}
     pipes = fetchgate.open_pipes()
     hook = fetchgate.hook_command(frontend.git_binary(), pipes, shell.quote)
@@ -295,7 +297,7 @@ def test_a_write_without_usable_pipes_is_exec_d_for_the_python_hook(
 
 
 def test_a_write_runs_receive_pack_under_the_push_gate(gk: Installation, monkeypatch: Any) -> None:
-    from gatekeeper import pushgate
+    from gatekeeper.hooks import pushgate
 
     gk.init()
     key_id = gk.enrolled_reader()

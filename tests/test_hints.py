@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import pytest
 
-from gatekeeper.cli import cli
+from gatekeeper.cli.main import cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gatekeeper"
 # One word of a command line: a name, an option, a placeholder (USER, {user}, %u, ...).

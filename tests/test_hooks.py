@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_e2e_sshd import Site, start_site
 
-from gatekeeper import hooks
+from gatekeeper.hooks import identity, install, prereceive
 from gatekeeper.store import HookToken, Store, token_digest
 
 ZERO = "0" * 40
@@ -685,7 +685,7 @@ def test_the_ref_name_rules_agree_with_git() -> None:
             name.startswith("refs/")
             and subprocess.run(["git", "check-ref-format", name[5:]], check=False).returncode == 0
         )
-        assert (hooks.ref_problem(name.encode()) is None) == by_git, name
+        assert (prereceive.ref_problem(name.encode()) is None) == by_git, name
 
 
 def test_a_malformed_update_line_is_refused(local: Installation) -> None:
@@ -816,7 +816,7 @@ def test_install_uninstall_round_trips_byte_for_byte(repos: Installation) -> Non
         == (original["docs.git/hooks/pre-receive"][:2])
     )
     hook = (repos.repos / "platform/api.git/hooks/pre-receive").read_text()
-    assert hooks.MARKER in hook and sys.executable in hook and str(repos.config) in hook
+    assert install.MARKER in hook and sys.executable in hook and str(repos.config) in hook
     assert os.stat(repos.repos / "platform/api.git/hooks/pre-receive").st_mode & 0o777 == 0o755
     # re-installing changes nothing at all
     again = repos.gk("hooks", "install", "--all")
@@ -921,7 +921,7 @@ def test_install_names_or_all(repos: Installation) -> None:
 
 def test_a_hook_whose_interpreter_is_gone_refuses(repos: Installation) -> None:
     repo = repos.repos / "platform/api.git"
-    hooks.install([("platform/api", repo)], "/nonexistent/python3", repos.config)
+    install.install([("platform/api", repo)], "/nonexistent/python3", repos.config)
     result = run_hook(repo, b"")
     assert result.returncode == 1
     assert result.stderr.decode().startswith(
@@ -931,7 +931,8 @@ def test_a_hook_whose_interpreter_is_gone_refuses(repos: Installation) -> None:
 
 def test_the_hook_module_stays_light() -> None:
     code = (
-        "import sys, gatekeeper.hooks; "
+        "import sys, gatekeeper.hooks.__main__, gatekeeper.hooks.prereceive, "
+        "gatekeeper.hooks.fetch; "
         "heavy = {'click', 'yaml', 'paramiko', 'sqlite_utils', 'cryptography', 'pyotp'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )
@@ -1007,7 +1008,7 @@ _OLD_REF_BAD_CHAR = re.compile(rb"[\x00-\x20\x7f~^:?*\[\\]")
     )
 )
 def test_token_check_equals_the_old_pattern(text: str) -> None:
-    assert hooks._is_token(text) == bool(_OLD_TOKEN.match(text))
+    assert identity._is_token(text) == bool(_OLD_TOKEN.match(text))
 
 
 @settings(max_examples=400, deadline=None)
@@ -1019,11 +1020,11 @@ def test_token_check_equals_the_old_pattern(text: str) -> None:
     )
 )
 def test_oid_check_equals_the_old_pattern(data: bytes) -> None:
-    assert hooks._is_oid(data) == bool(_OLD_OID.match(data))
+    assert prereceive._is_oid(data) == bool(_OLD_OID.match(data))
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=40))
 def test_bad_ref_byte_equals_the_old_pattern(ref: bytes) -> None:
     old = _OLD_REF_BAD_CHAR.search(ref)
-    assert hooks._first_bad_ref_byte(ref) == (old.start() if old else None)
+    assert prereceive._first_bad_ref_byte(ref) == (old.start() if old else None)

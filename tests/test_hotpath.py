@@ -556,7 +556,7 @@ def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: object) -> None:
     the store, look the token up, refuse and audit, without the heavy modules."""
     from conftest import Installation
 
-    from gatekeeper import hooks
+    from gatekeeper.hooks import recheck
 
     assert isinstance(gk, Installation)
     gk.init()
@@ -564,10 +564,10 @@ def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: object) -> None:
     env = {**gk.env, "GIT_DIR": str(repo), "GATEKEEPER_USER": "bob", "GATEKEEPER_TOKEN": "0" * 64}
     call = f"pack_objects({str(gk.config)!r}, ['git', 'pack-objects'], os.environ, io.StringIO())"
     rc, names = probe_modules(
-        "import io, os\nfrom gatekeeper.hooks import pack_objects", call, env, cwd=repo
+        "import io, os\nfrom gatekeeper.hooks.fetch import pack_objects", call, env, cwd=repo
     )
     assert rc == "1"  # refused: an unknown token
     assert {"gatekeeper.store", "gatekeeper.policy"} <= names
     assert not HOT_PATH_FREE_OF & names, sorted(HOT_PATH_FREE_OF & names)
     records = gk.audit(event="access")
-    assert records and records[-1]["reason"] == hooks.BAD_IDENTITY
+    assert records and records[-1]["reason"] == recheck.BAD_IDENTITY

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import Installation
 
 from gatekeeper import authkeys, installation
-from gatekeeper.cli import cli
+from gatekeeper.cli.main import cli
 from gatekeeper.errors import GatekeeperError
 
 

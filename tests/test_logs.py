@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from conftest import GATEKEEPER, Installation
 
-from gatekeeper import hooks, logs
+from gatekeeper import logs
 from gatekeeper.errors import StoreError
+from gatekeeper.hooks import fetch, prereceive, recheck
 from gatekeeper.store import DB_NAME
 
 BUSY = [
@@ -211,12 +212,12 @@ def test_the_fetch_gate_and_the_push_hook_say_busy_in_the_same_words(
     site: tuple[Installation, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gk, _ = site
-    monkeypatch.setattr(hooks, "decide", _busy)
-    ident = hooks.Identity("platform/api", "bob", 1, "SHA256:x", "127.0.0.1")
-    assert hooks.check_fetch(str(gk.config), 0.0, ident) == BUSY
-    monkeypatch.setattr(hooks, "identify", _busy)
+    monkeypatch.setattr(fetch, "decide", _busy)
+    ident = recheck.Identity("platform/api", "bob", 1, "SHA256:x", "127.0.0.1")
+    assert fetch.check_fetch(str(gk.config), 0.0, ident) == BUSY
+    monkeypatch.setattr(prereceive, "identify", _busy)
     out = io.StringIO()
-    assert hooks.pre_receive(gk.config, None, {}, b"", out) == 1
+    assert prereceive.pre_receive(gk.config, None, {}, b"", out) == 1
     assert out.getvalue().splitlines() == BUSY
     details = [m for prog, _, m in entries(gk.state) if prog == "gatekeeper-hook"]
     assert len(details) == 2

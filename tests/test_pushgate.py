@@ -1,7 +1,7 @@
 """The push gate: an SSH push is re-checked by the forced command, no second interpreter.
 
 For a push over SSH the forced command stays receive-pack's parent and the installed
-pre-receive (a shell script) asks it over two pipes (gatekeeper/pushgate.py). The
+pre-receive (a shell script) asks it over two pipes (gatekeeper/hooks/pushgate.py). The
 push-side tests in test_hooks.py run through it and hold it to everything the Python
 hook guaranteed: a policy change or a key removed between connection and push is
 caught, bad ref names refuse the whole push, the chained hook runs and can refuse, every

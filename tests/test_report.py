@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import Installation, avoid_step_boundary
 
-from gatekeeper.cli import cli
+from gatekeeper.cli.main import cli
 from gatekeeper.report import CSV_COLUMNS, iso
 from gatekeeper.store import Store
 

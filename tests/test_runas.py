@@ -68,7 +68,7 @@ def _interpreter(user: str, pythonpath: str) -> str | None:
         f"/usr/bin/{version}",
         f"/usr/local/bin/{version}",
     ]
-    probe = "import gatekeeper.cli, click, yaml, cryptography, pyotp, paramiko, segno"
+    probe = "import gatekeeper.cli.main, click, yaml, cryptography, pyotp, paramiko, segno"
     for python in candidates:
         if not os.path.exists(python):
             continue

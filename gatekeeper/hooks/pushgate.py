@@ -1,6 +1,6 @@
 """git receive-pack under the forced command, which answers the push re-check itself.
 
-The push side of the hooks (hooks.py) re-checks every push before any ref moves, and
+The push side of the hooks (hooks/prereceive.py) re-checks every push before any ref moves, and
 audits each ref update. As a Python hook that is a second interpreter on every push.
 The forced command already holds what it would rebuild (who the key is, which
 repository, the policy file), so for an SSH push it stays alive as receive-pack's
@@ -13,10 +13,11 @@ parent, as it does for upload-pack (fetchgate.py), and the repository's installe
          |  request pipe <-- "legacy PID STATUS" (after the chained hook) |
          |  answer pipe  --> "say PID ..."*, "ok PID" / "no PID" ------> |
 
-The forced command runs the same `hooks.PushCheck` the Python hook runs: the identity
-it vouches for itself, the decision with the policy and the key's 2FA state as they
-are now, the ref names, then (after the script ran `pre-receive.legacy`) one audit
-record per ref update in one transaction, or the refusal's lines.
+The forced command runs the same `PushCheck` (hooks/prereceive.py) the Python hook
+runs: the identity it vouches for itself, the decision with the policy and the key's
+2FA state as they are now, the ref names, then (after the script ran
+`pre-receive.legacy`) one audit record per ref update in one transaction, or the
+refusal's lines.
 
 What this trusts, and why it holds. The script uses the pipes only when the
 environment names them (`GATEKEEPER_PUSH_GATE`), and the forced command puts that in
@@ -35,13 +36,13 @@ from __future__ import annotations
 
 import os
 
-from gatekeeper.fetchgate import Pipes, _leave_stdio_to_child, _sigpipe, _write_all
+from gatekeeper.hooks.fetchgate import Pipes, _leave_stdio_to_child, _sigpipe, _write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from gatekeeper.hooks import PushCheck
+    from gatekeeper.hooks.prereceive import PushCheck
 
 ENV = "GATEKEEPER_PUSH_GATE"
 MAX_UPDATES = 100_000

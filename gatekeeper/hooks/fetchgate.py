@@ -1,6 +1,6 @@
 """git upload-pack under the forced command, which answers the fetch re-check itself.
 
-The fetch side of the hooks (hooks.py) re-checks a read when upload-pack is about to
+The fetch side of the hooks (hooks/fetch.py) re-checks a read when upload-pack is about to
 pack objects. As a hook that is a second Python interpreter on every clone and fetch:
 about 20 ms, as much as the forced command's own work. The forced command already
 holds what that interpreter would rebuild (who the key is, which repository, the
@@ -12,7 +12,7 @@ git, and the hook is `resources/fetch-gate.sh`, a plain shell script that asks i
          |  request pipe <--------- "pack PID" ------------------ |
 
 The forced command re-reads the policy and the key's 2FA state and decides afresh
-with the same `decide()` (hooks.check_fetch), audits a refusal, and answers `ok PID`
+with the same `decide()` (hooks/fetch.py, `check_fetch`), audits a refusal, and answers `ok PID`
 or the refusal's lines and `no PID`. The script execs `git pack-objects` only on its
 own `ok`. A fetch that never packs (`git ls-remote`) asks nothing.
 
@@ -37,7 +37,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "fetch-gate.sh")
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources", "fetch-gate.sh"
+)
 SHELL = "/bin/sh"
 
 

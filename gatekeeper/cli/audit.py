@@ -1,7 +1,7 @@
 """`gatekeeper audit` and `gatekeeper log`: thin click commands over `report`.
 
-Registered on the main group by `cli.py` (`register(cli)`); they reuse its
-`Context` (which records a changed policy whenever it opens the store).
+They use the `Context` every command gets (which records a changed policy whenever
+it opens the store).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from gatekeeper import report, rollout, rollout_html
-from gatekeeper.cli import Context, actor, print_table, when
+from gatekeeper.cli.common import Context, actor, print_table, when
 from gatekeeper.errors import InputError, PermissionDenied
 from gatekeeper.sshcmd import normalize_repo_name
 from gatekeeper.store import Store
@@ -555,8 +555,3 @@ def log_export(ctx: Context, target: str) -> None:
         counts = export.export(store, target)
     shown = ", ".join(f"{n} {table}" for table, n in counts.items())
     click.echo(f"exported {shown} to {target}")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(audit_cmd)
-    group.add_command(log_cmd)
