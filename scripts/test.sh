@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that installs what the tests need and runs the whole suite from a fresh
-# checkout: ruff (lint and format), mypy, and pytest (including the end-to-end tests through a
+# checkout: ruff (lint and format), mypy, the import contracts of pyproject.toml
+# (lint-imports: the layers of docs/design.md, no cycles), and pytest (including the end-to-end tests through a
 # real OpenSSH sshd and the PostgreSQL store tests against a throwaway PostgreSQL server). Extra
 # arguments go to pytest, e.g. `scripts/test.sh tests/test_store.py -x`.
 # Then the interpreter-sensitive tests (the hot path, the standard-library stand-ins, the shell,
@@ -152,6 +153,7 @@ fi
 step "ruff check" "${VENV}/bin/ruff" check .
 step "ruff format --check" "${VENV}/bin/ruff" format --check .
 step "mypy" "${VENV}/bin/mypy"
+step "import contracts (lint-imports)" "${VENV}/bin/lint-imports"
 step "pytest" "${VENV}/bin/python" -m pytest -q -n "${PYTEST_WORKERS}" "$@"
 if [[ $# -eq 0 ]]; then
     for other in "${other_venvs[@]}"; do

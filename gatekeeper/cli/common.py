@@ -1,5 +1,6 @@
 """What every admin command gets: the `Context` (the policy, the store, run as the
-state's owner when started as root), who ran it, and the table and JSON printers."""
+state's owner when started as root), who ran it, the table and JSON printers, and
+telling sshd about a key change (`tell_sshd`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import click
 
-from gatekeeper.errors import PolicyError
+from gatekeeper import authkeys, installation
+from gatekeeper.errors import GatekeeperError, PolicyError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.store import Store
 
@@ -153,3 +155,41 @@ def _account_name(uid: int) -> str:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
+    return [
+        authkeys.key_line(
+            k.id, k.key_type, k.blob, ctx.config, fingerprint=k.fingerprint, factor=k.factor
+        )
+        for k in store.list_keys()
+    ]
+
+
+def refresh_authorized_keys(
+    ctx: Context, store: Store, path: Path, *, done: str | None = None
+) -> bool:
+    """Rewrite gatekeeper's block in `path`. `done`: the store change already made, which
+    a failure to write must not hide (it stays, and sshd still sees the old lines)."""
+    lines = authorized_keys_lines(ctx, store)
+    try:
+        return authkeys.write_file(path, authkeys.render_block(lines))
+    except GatekeeperError as exc:
+        if done is None:
+            raise
+        raise GatekeeperError(
+            f"{done}, but {exc.message}",
+            hint=f"{(exc.hint or 'fix that').rstrip('.')}; then run "
+            f"`gatekeeper authorized-keys --write {path}`.",
+        ) from None
+
+
+def tell_sshd(ctx: Context, store: Store, explicit: Path | None, done: str) -> None:
+    """After a key change (`done`, already in the store): rewrite the authorized_keys
+    file(s) sshd reads, as install.sh recorded them (gatekeeper/installation.py), or
+    say what to run."""
+    follow_up = installation.after_key_change(ctx.config, explicit)
+    for path in follow_up.rewrite:
+        refresh_authorized_keys(ctx, store, path, done=done)
+    if follow_up.note:
+        click.echo(follow_up.note, err=True)

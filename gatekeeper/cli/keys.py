@@ -10,10 +10,18 @@ from typing import Any
 
 import click
 
-from gatekeeper import authkeys, installation
-from gatekeeper.cli.common import Context, actor, emit, pass_ctx, when
-from gatekeeper.errors import GatekeeperError, InputError
-from gatekeeper.store import Store
+from gatekeeper import authkeys
+from gatekeeper.cli.common import (
+    Context,
+    actor,
+    authorized_keys_lines,
+    emit,
+    pass_ctx,
+    refresh_authorized_keys,
+    tell_sshd,
+    when,
+)
+from gatekeeper.errors import InputError
 
 
 @click.group()
@@ -116,44 +124,6 @@ def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> 
         removed = store.remove_key(fingerprint, actor=actor())
         click.echo(f"removed {fingerprint} ({removed.user})")
         tell_sshd(ctx, store, authorized_keys, f"removed {fingerprint} ({removed.user})")
-
-
-def authorized_keys_lines(ctx: Context, store: Store) -> list[str]:
-    return [
-        authkeys.key_line(
-            k.id, k.key_type, k.blob, ctx.config, fingerprint=k.fingerprint, factor=k.factor
-        )
-        for k in store.list_keys()
-    ]
-
-
-def refresh_authorized_keys(
-    ctx: Context, store: Store, path: Path, *, done: str | None = None
-) -> bool:
-    """Rewrite gatekeeper's block in `path`. `done`: the store change already made, which
-    a failure to write must not hide (it stays, and sshd still sees the old lines)."""
-    lines = authorized_keys_lines(ctx, store)
-    try:
-        return authkeys.write_file(path, authkeys.render_block(lines))
-    except GatekeeperError as exc:
-        if done is None:
-            raise
-        raise GatekeeperError(
-            f"{done}, but {exc.message}",
-            hint=f"{(exc.hint or 'fix that').rstrip('.')}; then run "
-            f"`gatekeeper authorized-keys --write {path}`.",
-        ) from None
-
-
-def tell_sshd(ctx: Context, store: Store, explicit: Path | None, done: str) -> None:
-    """After a key change (`done`, already in the store): rewrite the authorized_keys
-    file(s) sshd reads, as install.sh recorded them (gatekeeper/installation.py), or
-    say what to run."""
-    follow_up = installation.after_key_change(ctx.config, explicit)
-    for path in follow_up.rewrite:
-        refresh_authorized_keys(ctx, store, path, done=done)
-    if follow_up.note:
-        click.echo(follow_up.note, err=True)
 
 
 @click.command("authorized-keys")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from gatekeeper.cli.common import Context, actor, emit, pass_ctx, when
-from gatekeeper.cli.keys import tell_sshd
+from gatekeeper.cli.common import Context, actor, emit, pass_ctx, tell_sshd, when
 
 
 @click.group()
