@@ -11,14 +11,15 @@ ssh git@HOST 2fa recovery-codes CODE
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
 from gatekeeper import decision, sshcmd, twofactor
-from gatekeeper.errors import InputError, Refused
+from gatekeeper.errors import InputError, Refused, prefixed
 from gatekeeper.policy import Policy
+from gatekeeper.record import record
 from gatekeeper.sshcmd import UserCommand
 from gatekeeper.store import ConnectionFacts, Store
 
@@ -51,6 +52,27 @@ def help_text(policy: Policy) -> str:
     return HELP.format(ssh=ssh, hours=f"{policy.two_factor.session_hours:g}", url=url)
 
 
+@record
+class Call:
+    """One user command's connection: who, from where, and the streams to answer on."""
+
+    policy: Policy
+    store: Store
+    facts: ConnectionFacts
+    client: str
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+    @property
+    def user(self) -> str:
+        return self.facts.key.user
+
+    @property
+    def ssh(self) -> str:
+        return decision.ssh_command_prefix(self.policy)
+
+
 def run(
     cmd: UserCommand,
     policy: Policy,
@@ -67,7 +89,7 @@ def run(
     if not words or words == ("info",):
         stdout.write(info_text(policy, store, facts, factor))
         if env.get("SSH_TTY"):
-            stderr.write("gatekeeper: interactive shells are not available here.\n")
+            stderr.write(prefixed(["interactive shells are not available here."]))
             return 1
         return 0
     if words[0] == "help":
@@ -79,75 +101,105 @@ def run(
             hint=f"`{decision.ssh_command_prefix(policy)} help` lists the commands.",
         )
     sub, args = words[1], list(words[2:])
-    ssh = decision.ssh_command_prefix(policy)
-    user = facts.key.user
-    if sub == "status":
-        _no_args(sub, args)
-        stdout.write(status_text(store, facts))
-        return 0
-    if sub == "enroll":
-        _no_args(sub, args)
-        if not policy.two_factor.self_enroll:
-            raise Refused(
-                "self-enrollment is turned off on this server.",
-                hint=f"ask an administrator: gatekeeper 2fa enroll {user}",
-            )
-        if facts.enrolled:
-            raise Refused(
-                "you are already enrolled in two-step verification.",
-                hint=f"to move to a new app: {ssh} 2fa disable CODE, then enroll again.",
-            )
-        enrollment = twofactor.enroll(store, policy, user, actor=user)
-        stdout.write(
-            "Scan this QR code with your authenticator app, or add the key by hand.\n\n"
-            f"{enrollment.qr()}\n"
-            f"{enrollment.uri}\n\n"
-            f"secret: {enrollment.secret}\n\n"
-            f"Then confirm with the 6-digit code the app shows:\n  {ssh} 2fa confirm CODE\n"
+    verb = TWOFA.get(sub)
+    if verb is None:
+        raise InputError(
+            f"unknown 2fa command '{sub}'.{sshcmd.did_you_mean('2fa ' + sub)}",
+            hint=f"`{decision.ssh_command_prefix(policy)} help` lists the commands.",
         )
-        return 0
-    if sub == "confirm":
-        code = _one_code(sub, args, stdin, stderr)
-        codes = twofactor.confirm(store, policy, user, code, actor=user, client=client)
-        stdout.write("Two-step verification is now enabled for " + user + ".\n\n")
-        stdout.write(recovery_text(codes))
-        return 0
-    if sub == "verify":
-        code = _one_code(sub, args, stdin, stderr)
-        until = twofactor.verify(store, policy, facts.key, code, client=client)
-        stdout.write(
-            f"Verified: this key may reach repositories that need a verified session "
-            f"until {_fmt(until)}.\n"
+    verb(Call(policy, store, facts, client, stdin, stdout, stderr), sub, args)
+    return 0
+
+
+# -- `2fa VERB`: one function each, answering on `call.stdout` or raising -----------
+
+
+def _status(call: Call, sub: str, args: list[str]) -> None:
+    _no_args(sub, args)
+    call.stdout.write(status_text(call.store, call.facts))
+
+
+def _enroll(call: Call, sub: str, args: list[str]) -> None:
+    _no_args(sub, args)
+    if not call.policy.two_factor.self_enroll:
+        raise Refused(
+            "self-enrollment is turned off on this server.",
+            hint=f"ask an administrator: gatekeeper 2fa enroll {call.user}",
         )
-        return 0
-    if sub == "disable":
-        code = _one_code(sub, args, stdin, stderr)
-        twofactor.disable(
-            store, policy, user, code, actor=user, key_fp=facts.key.fingerprint, client=client
+    if call.facts.enrolled:
+        raise Refused(
+            "you are already enrolled in two-step verification.",
+            hint=f"to move to a new app: {call.ssh} 2fa disable CODE, then enroll again.",
         )
-        stdout.write(
-            "Two-step verification is now disabled. Repositories that require it will "
-            "refuse you until you enroll again.\n"
-        )
-        return 0
-    if sub == "recovery-codes":
-        code = _one_code(sub, args, stdin, stderr)
-        record = store.get_user(user)
-        twofactor.check_code(
-            store,
-            policy,
-            record,
-            code,
-            key_fp=facts.key.fingerprint,
-            client=client,
-            allow_recovery=False,
-        )
-        stdout.write(recovery_text(twofactor.new_recovery_codes(store, user, actor=user)))
-        return 0
-    raise InputError(
-        f"unknown 2fa command '{sub}'.{sshcmd.did_you_mean('2fa ' + sub)}",
-        hint=f"`{ssh} help` lists the commands.",
+    enrollment = twofactor.enroll(call.store, call.policy, call.user, actor=call.user)
+    call.stdout.write(
+        "Scan this QR code with your authenticator app, or add the key by hand.\n\n"
+        f"{enrollment.qr()}\n"
+        f"{enrollment.uri}\n\n"
+        f"secret: {enrollment.secret}\n\n"
+        f"Then confirm with the 6-digit code the app shows:\n  {call.ssh} 2fa confirm CODE\n"
     )
+
+
+def _confirm(call: Call, sub: str, args: list[str]) -> None:
+    code = _one_code(sub, args, call.stdin, call.stderr)
+    user = call.user
+    codes = twofactor.confirm(call.store, call.policy, user, code, actor=user, client=call.client)
+    call.stdout.write("Two-step verification is now enabled for " + user + ".\n\n")
+    call.stdout.write(recovery_text(codes))
+
+
+def _verify(call: Call, sub: str, args: list[str]) -> None:
+    code = _one_code(sub, args, call.stdin, call.stderr)
+    until = twofactor.verify(call.store, call.policy, call.facts.key, code, client=call.client)
+    call.stdout.write(
+        f"Verified: this key may reach repositories that need a verified session "
+        f"until {_fmt(until)}.\n"
+    )
+
+
+def _disable(call: Call, sub: str, args: list[str]) -> None:
+    code = _one_code(sub, args, call.stdin, call.stderr)
+    twofactor.disable(
+        call.store,
+        call.policy,
+        call.user,
+        code,
+        actor=call.user,
+        key_fp=call.facts.key.fingerprint,
+        client=call.client,
+    )
+    call.stdout.write(
+        "Two-step verification is now disabled. Repositories that require it will "
+        "refuse you until you enroll again.\n"
+    )
+
+
+def _recovery_codes(call: Call, sub: str, args: list[str]) -> None:
+    code = _one_code(sub, args, call.stdin, call.stderr)
+    user = call.store.get_user(call.user)
+    twofactor.check_code(
+        call.store,
+        call.policy,
+        user,
+        code,
+        key_fp=call.facts.key.fingerprint,
+        client=call.client,
+        allow_recovery=False,
+    )
+    codes = twofactor.new_recovery_codes(call.store, call.user, actor=call.user)
+    call.stdout.write(recovery_text(codes))
+
+
+TWOFA: dict[str, Callable[[Call, str, list[str]], None]] = {
+    "enroll": _enroll,
+    "confirm": _confirm,
+    "verify": _verify,
+    "status": _status,
+    "disable": _disable,
+    "recovery-codes": _recovery_codes,
+}
+"""`ssh git@HOST 2fa VERB ARGS`: each verb's function (sshcmd.TWOFA_VERBS names them)."""
 
 
 def _no_args(sub: str, args: list[str]) -> None:
