@@ -192,7 +192,8 @@ def source_digest() -> str:
     files = [ROOT / "pyproject.toml"]
     files += sorted(
         p
-        for p in (ROOT / "gatekeeper").rglob("*")
+        for tree in ("gatekeeper", "hooks")
+        for p in (ROOT / tree).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
     )
     for path in files:
@@ -226,11 +227,10 @@ def ensure_bench_venv(log: Any) -> Path:
         src.mkdir()
         shutil.copy2(ROOT / "pyproject.toml", src)
         shutil.copy2(ROOT / "README.md", src)
-        shutil.copytree(
-            ROOT / "gatekeeper",
-            src / "gatekeeper",
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
+        for tree in ("gatekeeper", "hooks"):  # hooks/: the shell programs, package data
+            shutil.copytree(
+                ROOT / tree, src / tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         pip = [str(venv_python()), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         if not fresh and _has_dependencies():
             pip += ["--no-deps", "--force-reinstall"]
@@ -287,7 +287,7 @@ def machine(python: Path) -> dict[str, Any]:
     )
     commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gatekeeper"],
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gatekeeper", "hooks"],
         capture_output=True,
         text=True,
     ).stdout.strip()

@@ -263,7 +263,7 @@ KEYS_SCRIPT = "keys-command.sh"
 
 
 def keys_script(config: str | Path, state_dir: str, user: str) -> str:
-    """The text of the shell AuthorizedKeysCommand (resources/keys-command.sh) with
+    """The text of the shell AuthorizedKeysCommand (hooks/keys-command.sh) with
     this installation's paths written in; every one must be a safe path, as in the
     lines themselves, because sh reads them."""
     from gatekeeper import keyindex
@@ -283,9 +283,9 @@ def keys_script(config: str | Path, state_dir: str, user: str) -> str:
                 hint="install gatekeeper, its config and state under paths of letters, digits, "
                 "./_+- (and the git account's name likewise).",
             )
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "resources", KEYS_SCRIPT), encoding="utf-8") as fh:
-        text = fh.read()
+    from gatekeeper import programs
+
+    text = programs.text(KEYS_SCRIPT)
     for name, value in values.items():
         text = text.replace(name, value)
     return text

@@ -1002,7 +1002,7 @@ ensure_dir "${GIT_HOME}" "${OWNER}" 750
 AK_FILE=${GIT_HOME}/.ssh/authorized_keys
 
 # 2. The virtualenv with gatekeeper in the prefix.
-SOURCE_FILES=(pyproject.toml README.md gatekeeper)
+SOURCE_FILES=(pyproject.toml README.md gatekeeper hooks)
 for extra in setup.py setup.cfg MANIFEST.in LICENSE LICENSE.txt; do
     if [[ -e ${SOURCE}/${extra} ]]; then
         SOURCE_FILES+=("${extra}")

@@ -1,5 +1,5 @@
 """The fetch gate: upload-pack under the forced command, which answers the pack-time
-re-check itself (gatekeeper/hooks/fetchgate.py, resources/fetch-gate.sh)."""
+re-check itself (gatekeeper/hooks/fetchgate.py, hooks/fetch-gate.sh)."""
 
 from __future__ import annotations
 

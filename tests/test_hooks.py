@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import sshd
-from conftest import DEFAULT_POLICY, Installation, git, make_bare_repo
+from conftest import DEFAULT_POLICY, GATEKEEPER, Installation, git, make_bare_repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_e2e_sshd import Site, start_site
@@ -837,6 +837,31 @@ def test_install_uninstall_round_trips_byte_for_byte(repos: Installation) -> Non
     assert after["docs.git/hooks/pre-receive"] == original["docs.git/hooks/pre-receive"]
     events = [r["event"] for r in repos.audit() if r["event"].startswith("hooks-")]
     assert events == ["hooks-install", "hooks-uninstall"]  # the no-op install wrote nothing
+
+
+# The pre-receive template as every hook installed since 0.1.0 was written from.
+INSTALLED_TEMPLATE_SHA256 = "b7af1dddd7f199f4d92da7ce593db4b96aa5f2cc37452541bc2772c4491b014b"
+
+
+def test_hooks_installed_before_the_template_moved_are_still_ok(repos: Installation) -> None:
+    """`hooks status` compares an installed hook's text, never the template's path: the
+    template moved from gatekeeper/resources/ to the top-level hooks/ with its text
+    unchanged, so no repository is called stale. Changing the text is allowed, but
+    makes every installed hook stale until `hooks install --all`: then update this
+    digest and say so in the CHANGELOG."""
+    import hashlib
+
+    text = install.template_text()
+    assert hashlib.sha256(text.encode()).hexdigest() == INSTALLED_TEMPLATE_SHA256
+    # A hook as any release wrote it: the template rendered for the CLI's interpreter.
+    python = Path(GATEKEEPER).read_text().splitlines()[0].removeprefix("#!")
+    hook = repos.repos / "platform/api.git/hooks/pre-receive"
+    hook.write_text(install.render_hook(python, repos.config))
+    hook.chmod(0o755)
+    states = dict(
+        line.split()[:2] for line in repos.gk("hooks", "status", check=False).stdout.splitlines()
+    )
+    assert states["platform/api"] == "ok"
 
 
 def test_status_lists_missing_stale_foreign_and_hooks_path(repos: Installation) -> None:

@@ -246,7 +246,7 @@ def _free_port() -> int:
 def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A snapshot of the checkout to install from: others may edit the tree meanwhile."""
     target = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md", "gatekeeper", "config"):
+    for name in ("pyproject.toml", "README.md", "gatekeeper", "hooks", "config"):
         src = REPO_ROOT / name
         if src.is_dir():
             shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__"))

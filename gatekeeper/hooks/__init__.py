@@ -16,7 +16,7 @@ says `hooks: {allow_local_push: true}`; a push that claims an identity it cannot
 prove (a forged `GATEKEEPER_USER`, an unknown or expired token) is always refused.
 
 Push side: `hooks/pre-receive`, a thin shell script written from
-`resources/pre-receive.tmpl` with the installing interpreter's absolute path and the
+the top-level `hooks/pre-receive.tmpl` with the installing interpreter's absolute path and the
 policy file baked in (never found through PATH), and a marker line by which
 `gatekeeper hooks` knows its own scripts. For a push over SSH it hands the ref
 updates to the forced command, which is receive-pack's parent and runs `PushCheck`

@@ -5,7 +5,7 @@ pack objects. As a hook that is a second Python interpreter on every clone and f
 about 20 ms, as much as the forced command's own work. The forced command already
 holds what that interpreter would rebuild (who the key is, which repository, the
 policy file), so for an SSH read it stays alive as git's parent instead of exec'ing
-git, and the hook is `resources/fetch-gate.sh`, a plain shell script that asks it:
+git, and the hook is `hooks/fetch-gate.sh`, a plain shell script that asks it:
 
     forced command --spawn--> git upload-pack --runs--> /bin/sh fetch-gate.sh
          ^  answer pipe  ---------------------------------------> |
@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import os
 
+from gatekeeper import programs
 from gatekeeper.errors import INTERNAL_ERROR, prefixed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources", "fetch-gate.sh"
-)
+SCRIPT = programs.path("fetch-gate.sh")
 SHELL = "/bin/sh"
 
 

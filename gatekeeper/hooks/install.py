@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gatekeeper import sshcmd
+from gatekeeper import programs, sshcmd
 from gatekeeper.errors import HookError
 from gatekeeper.hooks.prereceive import HOOK, LEGACY_SUFFIX
 from gatekeeper.policy import Policy
@@ -46,9 +46,10 @@ class Outcome:
 
 
 def template_text() -> str:
-    from pathlib import Path
-
-    return (Path(__file__).parent.parent / "resources" / TEMPLATE).read_text(encoding="utf-8")
+    """The hook's template (hooks/pre-receive.tmpl). Its text is what `status` compares
+    an installed hook with, not its path: an edit makes every installed hook stale
+    until `hooks install --all` rewrites it, a move does not."""
+    return programs.text(TEMPLATE)
 
 
 def render_hook(python: str, config: Path) -> str:

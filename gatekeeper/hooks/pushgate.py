@@ -5,7 +5,7 @@ audits each ref update. As a Python hook that is a second interpreter on every p
 The forced command already holds what it would rebuild (who the key is, which
 repository, the policy file), so for an SSH push it stays alive as receive-pack's
 parent, as it does for upload-pack (fetchgate.py), and the repository's installed
-`hooks/pre-receive` (resources/pre-receive.tmpl, a shell script) asks it:
+`hooks/pre-receive` (the top-level hooks/pre-receive.tmpl, a shell script) asks it:
 
     forced command --spawn--> git receive-pack --runs--> hooks/pre-receive (sh)
          |  request pipe <-- "push PID N" + the N ref update lines -----  |

@@ -1,5 +1,5 @@
 # shellcheck shell=sh
-# gatekeeper's fetch-side check (gatekeeper/fetchgate.py), run by git upload-pack as
+# gatekeeper's fetch-side check (gatekeeper/hooks/fetchgate.py), run by git upload-pack as
 # uploadpack.packObjectsHook instead of `git pack-objects ARGS`:
 #
 #     /bin/sh fetch-gate.sh GIT REQUEST_FD ANSWER_FD git pack-objects ARGS...
