@@ -62,7 +62,7 @@ def connect_params(location: StoreLocation, busy_timeout_ms: int) -> dict[str, s
     if "options=" not in url:
         timeout = int(busy_timeout_ms)
         # synchronous_commit=on whatever the server's default: the audit head is
-        # settled once COMMIT returns (gatekeeper.audithead), so a commit must be
+        # settled once COMMIT returns (auditlog/head.py), so a commit must be
         # durable by then.
         params["options"] = (
             f"-c lock_timeout={timeout} -c statement_timeout={timeout * 3}"

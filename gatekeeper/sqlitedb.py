@@ -5,7 +5,7 @@ Rules learned the hard way (docs/design.md, "The store"):
 - Every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction
   that upgrades to a write ignores the busy timeout and fails under concurrency.
 - `synchronous = FULL`: a commit is on disk when COMMIT returns (the audit head's
-  protocol needs it, gatekeeper.audithead).
+  protocol needs it, auditlog/head.py).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class SqliteDatabase:
                     conn.execute("PRAGMA journal_mode = WAL")
                 # FULL, not NORMAL: in WAL mode NORMAL syncs the WAL only at checkpoints,
                 # so a power loss may take back commits that had returned. The audit head
-                # is settled right after COMMIT (gatekeeper.audithead), and a settled head
+                # is settled right after COMMIT (auditlog/head.py), and a settled head
                 # that outlives its commit reads as records cut off: the commit must be on
                 # disk first. One fsync of the WAL per write transaction.
                 conn.execute("PRAGMA synchronous = FULL")

@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import time
 
-from gatekeeper import audit as chain
 from gatekeeper import pathstr
-from gatekeeper.audithead import HEAD_NAME as HEAD_NAME
-from gatekeeper.audithead import Head, HeadFile
+from gatekeeper.auditlog import chain
+from gatekeeper.auditlog.chain import utc_iso as utc_iso  # re-exported: callers use it
+from gatekeeper.auditlog.head import HEAD_NAME as HEAD_NAME
+from gatekeeper.auditlog.head import Head, HeadFile, Recovery
 from gatekeeper.errors import InputError, NotFound, PermissionDenied, StoreError
-from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.record import record
 from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
 
@@ -238,21 +238,9 @@ class HookToken:
 
 def token_digest(token: str) -> str:
     """How a hook token is stored: its SHA-256, so reading the database forges nothing."""
-    from gatekeeper.audit import sha256  # the builtin one, not OpenSSL's hashlib
+    from gatekeeper.auditlog.chain import sha256  # the builtin one, not OpenSSL's hashlib
 
     return sha256(token.encode("utf-8")).hexdigest()
-
-
-@record
-class Recovery:
-    """A write a crash interrupted, found and settled: "committed" (the process died
-    after COMMIT, before settling the head) or "rolled-back" (before COMMIT: `new`
-    never reached the database, and the head is back on `old`)."""
-
-    outcome: str
-    old: tuple[int, str]
-    new: tuple[int, str]
-    settled: bool  # the head file was rewritten (False: left for the next write)
 
 
 @record
@@ -275,10 +263,6 @@ class ConnectionFacts:
     pending: bool
     verified_until: int | None
     locked_until: int | None
-
-
-def utc_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def validate_user_name(name: str) -> str:
@@ -310,7 +294,7 @@ class Store:
         self.head = HeadFile(self._state_dir, busy_timeout_ms)
         self.db = db
         # The write transaction under way, if any, and the audit ends it moves the head
-        # between (see gatekeeper.audithead): `_head_old` from its first record on,
+        # between (see auditlog/head.py): `_head_old` from its first record on,
         # `_head_new` once it appended one.
         self._in_write = False
         self._head_old: tuple[int, str] | None = None
@@ -539,7 +523,7 @@ class Store:
 
     def _append_audit(self, event: str, now: float, **fields: Any) -> int:
         """Append one chained record; must run inside `_write()`, which writes the head
-        file for the transaction's last record (gatekeeper.audithead)."""
+        file for the transaction's last record (auditlog/head.py)."""
         self._begin_audit()
         prev_seq, prev_hash = self._head_new or self._ahead or self._chain_start
         record: dict[str, Any] = {f: fields.get(f) for f in chain.FIELDS}
@@ -581,7 +565,7 @@ class Store:
         return (int(last["seq"]), str(last["hash"])) if last else (0, chain.GENESIS)
 
     def _write_pending_head(self) -> None:
-        """Step 1 of gatekeeper.audithead's protocol, right before COMMIT."""
+        """Step 1 of auditlog/head.py's protocol, right before COMMIT."""
         if self._head_new is not None and self._head_old is not None:
             self.head.write(Head(*self._head_old, pending=self._head_new), durable=True)
 

@@ -9,7 +9,7 @@ source's record for record. Anything else rolls it back, leaving it as it was.
 
 from __future__ import annotations
 
-from gatekeeper import audit as chain
+from gatekeeper.auditlog import chain
 from gatekeeper.errors import InputError, StoreError
 from gatekeeper.record import record
 from gatekeeper.store import TABLES, Store

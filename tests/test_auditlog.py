@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from conftest import GATEKEEPER, Installation
 
-from gatekeeper.audit import FIELDS, GENESIS, record_hash, verify_chain
-from gatekeeper.report import explain_chain, parse_when
+from gatekeeper.auditlog.chain import FIELDS, GENESIS, record_hash, verify_chain
+from gatekeeper.auditlog.check import explain_chain
+from gatekeeper.auditlog.read import parse_when
 from gatekeeper.store import DB_NAME, HEAD_NAME
 
 USERS = [f"u{i}" for i in range(1, 8)]  # records 2-8; record 1 is init's policy-change
@@ -197,7 +198,7 @@ def head_file(gk: Installation) -> str:
 
 def pending_head(gk: Installation, old: int, new: tuple[int, str]) -> None:
     """The head file as a writer leaves it when it dies between writing its head pending
-    and settling it (gatekeeper/audithead.py): the committed end `old`, the new end."""
+    and settling it (gatekeeper/auditlog/head.py): the committed end `old`, the new end."""
     with db(gk) as conn:
         digest = conn.execute("SELECT hash FROM audit WHERE seq = ?", (old,)).fetchone()[0]
     (gk.state / HEAD_NAME).write_text(f"{old} {digest}\npending {new[0]} {new[1]}\n")
@@ -310,7 +311,7 @@ def test_the_last_transactions_records_cut_off_are_reported(logged: Installation
 
 
 def test_the_head_file_reads_every_versions_settled_format() -> None:
-    from gatekeeper.audithead import Head, parse, render
+    from gatekeeper.auditlog.head import Head, parse, render
     from gatekeeper.errors import StoreError
 
     digest, other = "a1" * 32, "b2" * 32
@@ -552,20 +553,20 @@ def test_follow_stops_on_a_signal_that_arrives_while_it_reads(
     loop ends at its next check, nothing is raised where the signal landed."""
     from click.testing import CliRunner
 
-    from gatekeeper import report
+    from gatekeeper.auditlog import read
     from gatekeeper.cli.main import cli
 
     reads = 0
-    real = report.LogFilter.records
+    real = read.LogFilter.records
 
-    def records(self: report.LogFilter, store: Any, after_seq: int = 0) -> list[dict[str, Any]]:
+    def records(self: read.LogFilter, store: Any, after_seq: int = 0) -> list[dict[str, Any]]:
         nonlocal reads
         reads += 1
         if reads == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, store, after_seq)
 
-    monkeypatch.setattr(report.LogFilter, "records", records)
+    monkeypatch.setattr(read.LogFilter, "records", records)
     before = signal.getsignal(signal.SIGINT)
     args = ["--config", str(logged.config), "log", "--follow", "--interval", "0.05"]
     result = CliRunner().invoke(cli, [*args, "--max-wait", "30"])

@@ -1,5 +1,5 @@
 """A crash is not tampering (docs/design.md, "The store"): writers are killed with SIGKILL at random
-moments and at every step of the audit head's protocol (gatekeeper/audithead.py), on
+moments and at every step of the audit head's protocol (gatekeeper/auditlog/head.py), on
 SQLite and on PostgreSQL. Afterwards `gatekeeper log verify` says intact (exit 0),
 the next write chains on with no gap, and no temporary file is left in the state
 directory.
@@ -31,8 +31,9 @@ from typing import Any
 import pytest
 from conftest import GATEKEEPER_SHELL, Installation
 
-from gatekeeper import audithead, pgdb, shell
-from gatekeeper.audit import verify_chain
+from gatekeeper import pgdb, shell
+from gatekeeper.auditlog import head as audithead
+from gatekeeper.auditlog.chain import verify_chain
 from gatekeeper.sqlitedb import SqliteDatabase
 from gatekeeper.store import DB_NAME, Store, utc_iso
 

@@ -195,7 +195,7 @@ JSON_VALUES = st.recursive(
 def test_canonical_json_is_json_dumps_byte_for_byte(value: object) -> None:
     import json
 
-    from gatekeeper.audit import canonical_json
+    from gatekeeper.auditlog.chain import canonical_json
 
     assert canonical_json(value) == json.dumps(value, sort_keys=True)
     compact = json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -220,7 +220,7 @@ for _ in range(60):
 def test_canonical_json_on_edges(value: object) -> None:
     import json
 
-    from gatekeeper.audit import canonical_json
+    from gatekeeper.auditlog.chain import canonical_json
 
     assert canonical_json(value) == json.dumps(value, sort_keys=True)
     compact = json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -230,7 +230,7 @@ def test_canonical_json_on_edges(value: object) -> None:
 def test_unsupported_values_fail_as_json_fails() -> None:
     import json
 
-    from gatekeeper.audit import canonical_json
+    from gatekeeper.auditlog.chain import canonical_json
 
     for value in ({"a": object()}, {"a": b"x"}, {1: 1, "a": 2}):
         with pytest.raises(TypeError) as expected:
@@ -243,7 +243,7 @@ def test_unsupported_values_fail_as_json_fails() -> None:
 def test_audit_record_hashes_are_unchanged() -> None:
     """A record hashed by the code before canonical_json (json.dumps), pinned: logs
     written by earlier versions must still verify."""
-    from gatekeeper.audit import GENESIS, record_hash
+    from gatekeeper.auditlog.chain import GENESIS, record_hash
 
     rec = {
         "seq": 1,
@@ -267,7 +267,7 @@ def test_audit_record_hashes_are_unchanged() -> None:
     # and in a process without json (the forced command's): canonical_json
     probe = (
         f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-        "from gatekeeper.audit import GENESIS, record_hash\n"
+        "from gatekeeper.auditlog.chain import GENESIS, record_hash\n"
         f"print(record_hash(GENESIS, {rec!r}))\n"
         "assert 'json' not in sys.modules\n"
     )

@@ -313,8 +313,8 @@ def test_sessions_opened_at_once_leave_one_per_key(tmp_path: Path, url: str) -> 
 
 
 def _leave_pending(store: Store, old: tuple[int, str], new: tuple[int, str]) -> None:
-    """What a writer killed between its head's two states leaves (audithead.py)."""
-    from gatekeeper.audithead import Head
+    """What a writer killed between its head's two states leaves (auditlog/head.py)."""
+    from gatekeeper.auditlog.head import Head
 
     store.head.lock()
     try:

@@ -1,4 +1,5 @@
-"""`gatekeeper audit` and `gatekeeper log`: thin click commands over `report`.
+"""`gatekeeper audit` and `gatekeeper log`: thin click commands over `report` (the
+rollout) and `auditlog` (the log itself).
 
 They use the `Context` every command gets (which records a changed policy whenever
 it opens the store).
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 import click
 
 from gatekeeper import report, rollout, rollout_html
+from gatekeeper.auditlog import check, read
 from gatekeeper.cli.common import Context, actor, print_table, when
 from gatekeeper.errors import InputError, PermissionDenied
 from gatekeeper.sshcmd import normalize_repo_name
@@ -340,10 +342,10 @@ def log_cmd(
 
     ctx = cctx.find_object(Context)
     assert ctx is not None
-    flt = report.LogFilter(
+    flt = read.LogFilter(
         user=user,
         repo=normalize_repo_name(repo) if repo else None,
-        since=report.parse_when(since, time.time()) if since else None,
+        since=read.parse_when(since, time.time()) if since else None,
         reason=reason,
         event=event,
     )
@@ -357,9 +359,9 @@ def log_cmd(
         if last is not None:
             records = records[-last:]
         if as_json:
-            click.echo(json.dumps([report.readable(r) for r in records], indent=2))
+            click.echo(json.dumps([read.readable(r) for r in records], indent=2))
             return
-        click.echo(report.log_header())
+        click.echo(read.log_header())
         _print_records(records, as_json)
         return
     # From before the first read: a signal at any moment after this ends it cleanly.
@@ -367,9 +369,9 @@ def log_cmd(
         records = flt.records(store)
         after = int(records[-1]["seq"]) if records else 0
         if not as_json:
-            click.echo(report.log_header())
+            click.echo(read.log_header())
         _print_records(records[-(last or 10) :], as_json)
-        report.follow(
+        read.follow(
             store,
             flt,
             after,
@@ -448,11 +450,11 @@ def _check_code(store: Store, column: str, value: str) -> None:
 
 def _print_records(records: list[dict[str, Any]], as_json: bool) -> None:
     for row in records:
-        record = report.readable(row)
+        record = read.readable(row)
         if as_json:
             click.echo(json.dumps(record, separators=(",", ":")))
         else:
-            click.echo(report.log_line(record))
+            click.echo(read.log_line(record))
 
 
 @log_cmd.command("verify")
@@ -465,7 +467,7 @@ def log_verify(ctx: Context, as_json: bool) -> None:
     recovered and said so; it is no problem."""
     try:
         with ctx.store() as store:
-            result = report.check_log(store)
+            result = check.check_log(store)
     except PermissionDenied as exc:
         _permission_problem(exc, as_json)
     if as_json:
@@ -479,9 +481,9 @@ def log_verify(ctx: Context, as_json: bool) -> None:
         if result.recovered is not None:
             click.echo(
                 "audit log: recovered an interrupted write: "
-                + report.describe_recovery(result.recovered)
+                + check.describe_recovery(result.recovered)
             )
-        for line in report.describe_findings(result.findings):
+        for line in check.describe_findings(result.findings):
             click.echo(f"  {line}")
         if result.ok:
             click.echo("audit log: intact")
@@ -529,9 +531,9 @@ def log_prune(ctx: Context, before: str, force: bool) -> None:
     """Remove old records; an anchor keeps the rest verifiable."""
     import time
 
-    cutoff = report.parse_when(before, time.time())
+    cutoff = read.parse_when(before, time.time())
     with ctx.store() as store:
-        removed = report.prune(store, cutoff, actor=actor(), force=force)
+        removed = check.prune(store, cutoff, actor=actor(), force=force)
         anchor = store.audit_anchor()
     if not removed:
         click.echo(f"nothing to prune: no record before {cutoff}")

@@ -3,7 +3,7 @@
 Each record carries the hash of the previous one, so editing, deleting or
 reordering a record breaks the chain at a place `verify_chain` names. A chain alone
 cannot see a cut-off tail, so the head (sequence and hash of the newest record) is
-also kept outside the database, in `audit.head` beside it (gatekeeper.audithead).
+also kept outside the database, in `audit.head` beside it (auditlog/head.py).
 Standard library only.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from gatekeeper.lightstd import datetime, timezone
 from gatekeeper.lightstd import sha256 as sha256  # re-exported: the store uses it
 from gatekeeper.record import record
 
@@ -33,6 +34,12 @@ FIELDS = (
     "client",
     "detail",
 )
+
+
+def utc_iso(ts: float) -> str:
+    """A Unix time as a record's `at` (`2027-01-31T14:00:00.000000Z`): fixed width, so
+    times compare as text in every database."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:

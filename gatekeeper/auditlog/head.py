@@ -260,3 +260,15 @@ def _error(message: str, path: str, exc: OSError) -> StoreError:
         f"{message}: {exc.strerror}",
         hint="the state directory must be writable by the git user (and not full).",
     )
+
+
+@record
+class Recovery:
+    """A write a crash interrupted, found and settled: "committed" (the process died
+    after COMMIT, before settling the head) or "rolled-back" (before COMMIT: `new`
+    never reached the database, and the head is back on `old`)."""
+
+    outcome: str
+    old: tuple[int, str]
+    new: tuple[int, str]
+    settled: bool  # the head file was rewritten (False: left for the next write)
