@@ -121,7 +121,7 @@ def policy_caches(cache_dir: str, config: str) -> list[str]:
     """The compiled policies in `cache_dir` made from the policy file `config`: what
     `install.sh --uninstall` removes of a cache directory that other installations'
     policies (or another checkout's) may share."""
-    from gatekeeper.policy import compiled_source
+    from gatekeeper.policy.compiled import compiled_source
 
     found = []
     try:

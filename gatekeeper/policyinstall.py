@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gatekeeper.policy import Policy, check_policy_text, load_policy
+from gatekeeper.policy import Policy, load_policy
+from gatekeeper.policy.check import check_policy_text
 
 
 @dataclass

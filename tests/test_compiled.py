@@ -16,22 +16,25 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_hotpath import glob_regex
 
 from gatekeeper import decision
-from gatekeeper import policy as policy_module
 from gatekeeper.policy import (
-    COMPILED_FORMAT,
-    COMPILED_MAGIC,
     Policy,
     RepoRule,
     ServerSettings,
     Team,
     TwoFactorSettings,
-    compile_policy_text,
-    dump_compiled,
-    glob_regex,
-    load_compiled,
     load_policy,
+    model,
+)
+from gatekeeper.policy import compiled as compiled_module
+from gatekeeper.policy.check import compile_policy_text
+from gatekeeper.policy.compiled import (
+    COMPILED_FORMAT,
+    COMPILED_MAGIC,
+    dump_compiled,
+    load_compiled,
 )
 from gatekeeper.record import evolve
 
@@ -116,18 +119,18 @@ def test_a_large_policy_decodes_only_what_a_connection_needs(
     policy = Policy(ServerSettings(), TwoFactorSettings(), teams, tuple(rules))
     loaded = load_compiled(dump_compiled(policy))
     built: list[str] = []
-    real_rule, real_team = policy_module._Compiled.rule, policy_module._Compiled.team
+    real_rule, real_team = compiled_module._Compiled.rule, compiled_module._Compiled.team
 
-    def rule(self: policy_module._Compiled, i: int) -> RepoRule:
+    def rule(self: compiled_module._Compiled, i: int) -> RepoRule:
         built.append(f"r{i}")
         return real_rule(self, i)
 
-    def team(self: policy_module._Compiled, i: int) -> Team:
+    def team(self: compiled_module._Compiled, i: int) -> Team:
         built.append(f"t{i}")
         return real_team(self, i)
 
-    monkeypatch.setattr(policy_module._Compiled, "rule", rule)
-    monkeypatch.setattr(policy_module._Compiled, "team", team)
+    monkeypatch.setattr(compiled_module._Compiled, "rule", rule)
+    monkeypatch.setattr(compiled_module._Compiled, "team", team)
     assert loaded.matching_rules("g10/x") == (rules[10],)
     assert loaded.matching_rules("p7/repo") == (rules[7],)
     assert loaded.matching_rules("p7/shared") == (rules[-1],)
@@ -357,11 +360,9 @@ def test_the_compiled_policy_decides_exactly_like_the_policy(
     assert loaded == policy
 
 
-@pytest.mark.parametrize(
-    "size", [0, 1, 1000, policy_module._SMALL_FILE, policy_module._SMALL_FILE + 1]
-)
+@pytest.mark.parametrize("size", [0, 1, 1000, model._SMALL_FILE, model._SMALL_FILE + 1])
 def test_the_policy_file_digest_is_its_sha256(size: int) -> None:
     import hashlib
 
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    assert policy_module._file_digest(data) == hashlib.sha256(data).hexdigest()
+    assert model.file_digest(data) == hashlib.sha256(data).hexdigest()

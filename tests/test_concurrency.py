@@ -18,7 +18,8 @@ import pytest
 
 from gatekeeper import totp, twofactor
 from gatekeeper.errors import GatekeeperError, Refused
-from gatekeeper.policy import Policy, compile_policy_text
+from gatekeeper.policy import Policy
+from gatekeeper.policy.check import compile_policy_text
 from gatekeeper.store import Store
 
 T0 = 1_900_000_005.0  # a fixed instant, 5 s into a TOTP step

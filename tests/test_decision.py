@@ -9,7 +9,8 @@ import pytest
 
 from gatekeeper import decision
 from gatekeeper.decision import UserFacts, decide
-from gatekeeper.policy import Policy, compile_policy_text
+from gatekeeper.policy import Policy
+from gatekeeper.policy.check import compile_policy_text
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 

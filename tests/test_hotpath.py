@@ -415,10 +415,28 @@ GLOB_PATTERN = st.text(alphabet=st.sampled_from(list("ab*/.+-")), min_size=1, ma
 GLOB_NAME = st.text(alphabet=st.sampled_from(list("ab/.+-\n*")), max_size=16)
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The reference the globs are held to: what the rules matched with regular
+    expressions before `glob_match`. `*` stays within one path component; `**` (a whole
+    component) crosses '/', and between slashes it also matches no component at all
+    (`a/**/b` matches `a/b`)."""
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        out.append("[^/]*".join(re.escape(p) for p in part.split("*")))
+        if not last:
+            out.append("/")
+    return re.compile("".join(out) + r"\Z")
+
+
 @settings(max_examples=3000, deadline=None)
 @given(pattern=GLOB_PATTERN, name=GLOB_NAME)
 def test_glob_match_matches_what_glob_regex_matches(pattern: str, name: str) -> None:
-    from gatekeeper.policy import glob_match, glob_regex, glob_tokens
+    from gatekeeper.policy import glob_match, glob_tokens
 
     expected = glob_regex(pattern).match(name) is not None
     assert glob_match(glob_tokens(pattern), name) is expected, (pattern, name)
@@ -444,7 +462,7 @@ def test_glob_match_matches_what_glob_regex_matches(pattern: str, name: str) -> 
     ],
 )
 def test_glob_match_on_edges(pattern: str, name: str) -> None:
-    from gatekeeper.policy import glob_match, glob_regex, glob_tokens
+    from gatekeeper.policy import glob_match, glob_tokens
 
     expected = glob_regex(pattern).match(name) is not None
     assert glob_match(glob_tokens(pattern), name) is expected

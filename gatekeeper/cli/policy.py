@@ -14,7 +14,7 @@ import click
 from gatekeeper import decision
 from gatekeeper.cli.common import Context, actor, pass_ctx
 from gatekeeper.errors import GatekeeperError, InputError, NotFound, PolicyError
-from gatekeeper.policy import check_policy_text
+from gatekeeper.policy.check import check_policy_text
 from gatekeeper.store import Store
 
 
