@@ -852,8 +852,8 @@ class SshSite:
     key runs plain `git-shell -c "$SSH_ORIGINAL_COMMAND"` on an identical repository."""
 
     def __init__(self, ctx: Context) -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import sshd
+        sys.path.insert(0, str(ROOT))
+        from testing import sshd
 
         missing = [] if sshd.find_sshd() else ["sshd (openssh-server)"]
         missing += [t for t in ("ssh", "ssh-keygen", "git-shell") if shutil.which(t) is None]

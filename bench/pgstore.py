@@ -20,8 +20,8 @@ from harness import Cmd
 
 from bench import Context, Site, log, make_repo, pass_cmd
 
-sys.path.insert(0, str(h.ROOT / "tests"))
-from pgserver import PostgresServer, find_binaries, missing_reason
+sys.path.insert(0, str(h.ROOT))
+from testing.pgserver import PostgresServer, find_binaries, missing_reason
 
 DRY_PG = "gatekeeper-shell -> exec, PostgreSQL store"
 DRY_SOCK = "  the same over a unix socket (no SCRAM)"

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GATEKEEPER, Installation
 
 from gatekeeper.auditlog.chain import FIELDS, GENESIS, record_hash, verify_chain
 from gatekeeper.auditlog.check import explain_chain
 from gatekeeper.auditlog.read import parse_when
 from gatekeeper.store import DB_NAME, HEAD_NAME
+from testing.installation import GATEKEEPER, Installation
 
 USERS = [f"u{i}" for i in range(1, 8)]  # records 2-8; record 1 is init's policy-change
 CONTENT = "at, event, actor, user, key_fp, repo, action, reason, client, detail"

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from asuser import AsUser, throwaway_user
-from conftest import Installation
 from test_faults import fill, tmpfs
 
 from gatekeeper.store import DB_NAME
+from testing.asuser import AsUser, throwaway_user
+from testing.installation import Installation
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:

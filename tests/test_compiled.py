@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hotpath import glob_regex
 
 from gatekeeper import decision
 from gatekeeper.policy import (
@@ -37,6 +36,7 @@ from gatekeeper.policy.compiled import (
     load_compiled,
 )
 from gatekeeper.record import evolve
+from testing.reference import glob_regex
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"

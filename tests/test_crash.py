@@ -29,13 +29,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import GATEKEEPER_SHELL, Installation
 
 from gatekeeper import pgdb, shell
 from gatekeeper.auditlog import head as audithead
 from gatekeeper.auditlog.chain import verify_chain
 from gatekeeper.sqlitedb import SqliteDatabase
 from gatekeeper.store import DB_NAME, Store, utc_iso
+from testing.installation import GATEKEEPER_SHELL, Installation
 
 pytestmark = pytest.mark.slow
 

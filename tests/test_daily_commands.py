@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import Installation
+from testing.installation import Installation
 
 
 def test_an_admin_unlocks_a_user_without_wiping_the_enrollment(gk: Installation) -> None:

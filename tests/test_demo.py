@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_server import free_port
 
 from gatekeeper import totp
+from testing.served import free_port
 
 pytestmark = pytest.mark.sshd
 

@@ -17,10 +17,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-import sshd
-from conftest import DEFAULT_POLICY, GATEKEEPER, Installation, password_file_url
 
 from gatekeeper import totp
+from testing import sshd
+from testing.installation import DEFAULT_POLICY, GATEKEEPER, Installation, password_file_url
 
 pytestmark = pytest.mark.sshd
 

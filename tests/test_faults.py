@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEFAULT_POLICY, Installation
 
 from gatekeeper import totp, twofactor
 from gatekeeper.errors import Refused, StoreError
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.store import DB_NAME, SCHEMA_VERSION, Store
+from testing.installation import DEFAULT_POLICY, Installation
 
 FETCH = "git-upload-pack 'platform/api'"
 

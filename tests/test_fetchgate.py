@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Installation, git, make_bare_repo
 
 from gatekeeper import frontend, shell
 from gatekeeper.hooks import fetchgate
+from testing.installation import ROOT, Installation, git, make_bare_repo
 
 # -- the protocol, with a stand-in for upload-pack and pack-objects --------------------------
 

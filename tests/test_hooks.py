@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sshd
-from conftest import DEFAULT_POLICY, GATEKEEPER, Installation, git, make_bare_repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_e2e_sshd import Site, start_site
 
 from gatekeeper.hooks import identity, install, prereceive
 from gatekeeper.store import HookToken, Store, token_digest
+from testing import sshd
+from testing.installation import DEFAULT_POLICY, GATEKEEPER, Installation, git, make_bare_repo
 
 ZERO = "0" * 40
 

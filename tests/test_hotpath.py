@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeeper import authkeys, shell, sshcmd, sshkeys
+from testing.reference import glob_regex
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -368,7 +369,7 @@ def probe_modules(
 def dry_run_modules(gk: object, key_id: int, command: str) -> set[str]:
     """The modules loaded once gatekeeper-shell's main() returns, run the way the
     installed script runs it (`bin/gatekeeper-shell`)."""
-    from conftest import Installation
+    from testing.installation import Installation
 
     assert isinstance(gk, Installation)
     env = {k: v for k, v in gk.env.items() if not k.startswith("SSH_")}
@@ -390,7 +391,7 @@ HOT_PATH_FREE_OF = {
 
 
 def test_the_dry_run_imports_no_re_pathlib_json_or_shlex(gk: object) -> None:
-    from conftest import Installation
+    from testing.installation import Installation
 
     assert isinstance(gk, Installation)
     gk.init()
@@ -413,24 +414,6 @@ def test_the_dry_run_imports_no_re_pathlib_json_or_shlex(gk: object) -> None:
 
 GLOB_PATTERN = st.text(alphabet=st.sampled_from(list("ab*/.+-")), min_size=1, max_size=14)
 GLOB_NAME = st.text(alphabet=st.sampled_from(list("ab/.+-\n*")), max_size=16)
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """The reference the globs are held to: what the rules matched with regular
-    expressions before `glob_match`. `*` stays within one path component; `**` (a whole
-    component) crosses '/', and between slashes it also matches no component at all
-    (`a/**/b` matches `a/b`)."""
-    out = []
-    parts = pattern.split("/")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]+/)*")
-            continue
-        out.append("[^/]*".join(re.escape(p) for p in part.split("*")))
-        if not last:
-            out.append("/")
-    return re.compile("".join(out) + r"\Z")
 
 
 @settings(max_examples=3000, deadline=None)
@@ -527,7 +510,7 @@ def run_launcher(
 def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
     """The launcher as sshd runs it, from a fresh interpreter: `-X importtime` lists
     every module it imports (-S: the editable install's path finder imports pathlib)."""
-    from conftest import Installation
+    from testing.installation import Installation
 
     assert isinstance(gk, Installation)
     gk.init()
@@ -552,7 +535,7 @@ def test_the_launcher_runs_a_dry_run_without_importing_re(gk: object) -> None:
 def test_keys_command_through_its_launcher_imports_no_re_or_pathlib(gk: object) -> None:
     """sshd runs `gatekeeper keys-command` for every key a client offers (twice per
     connection): through the plain launcher it imports none of the heavy modules."""
-    from conftest import Installation
+    from testing.installation import Installation
 
     assert isinstance(gk, Installation)
     gk.init()
@@ -572,9 +555,8 @@ def test_keys_command_through_its_launcher_imports_no_re_or_pathlib(gk: object) 
 def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: object) -> None:
     """The pack-objects hook is a fresh interpreter on every clone: load the policy and
     the store, look the token up, refuse and audit, without the heavy modules."""
-    from conftest import Installation
-
     from gatekeeper.hooks import recheck
+    from testing.installation import Installation
 
     assert isinstance(gk, Installation)
     gk.init()

@@ -44,10 +44,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-import sshd
-from pgserver import PostgresServer, pid_alive
 
 from gatekeeper import totp
+from testing import sshd
+from testing.pgserver import PostgresServer, pid_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "install.sh"

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sshd
 from test_install import CI, TEST_POLICY, need_root, secret_from, source_copy
 
 from gatekeeper import totp
+from testing import sshd
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 

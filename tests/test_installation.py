@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import Installation
 
 from gatekeeper import authkeys, installation
 from gatekeeper.cli.main import cli
 from gatekeeper.errors import GatekeeperError
+from testing.installation import Installation
 
 
 def record(prefix: Path, **values: str) -> None:

@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sshd
-from conftest import GATEKEEPER_SHELL, Installation, password_file_url
 from test_install import _root_parent, need_root
+
+from testing import sshd
+from testing.installation import GATEKEEPER_SHELL, Installation, password_file_url
 
 pytestmark = pytest.mark.sshd
 

@@ -13,11 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import sshd
-from conftest import DEFAULT_POLICY, Installation
-from softkey import SoftKey
 
 from gatekeeper import keyindex
+from testing import sshd
+from testing.installation import DEFAULT_POLICY, Installation
+from testing.softkey import SoftKey
 
 
 def _keys(gk: Installation) -> dict[str, str]:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GATEKEEPER, Installation
 
 from gatekeeper import logs
 from gatekeeper.errors import StoreError
 from gatekeeper.hooks import fetch, prereceive, recheck
 from gatekeeper.store import DB_NAME
+from testing.installation import GATEKEEPER, Installation
 
 BUSY = [
     "gatekeeper: access refused: the server's 2FA state is busy right now.",

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pgserver import PostgresServer
+
+from testing.pgserver import PostgresServer
 
 pytestmark = pytest.mark.postgres
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Installation, git, make_bare_repo
-from fronts import KINDS, Front, start_front
 
 from gatekeeper import shell, sshcmd
+from testing.fronts import KINDS, Front, start_front
+from testing.installation import Installation, git, make_bare_repo
 
 pytestmark = pytest.mark.sshd
 

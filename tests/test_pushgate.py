@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import git
 from test_e2e_sshd import Site, start_site
 from test_hooks import clone
+
+from testing.installation import git
 
 pytestmark = pytest.mark.sshd
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import Installation, avoid_step_boundary
 
 from gatekeeper.cli.main import cli
 from gatekeeper.report import CSV_COLUMNS, iso
 from gatekeeper.store import Store
+from testing.installation import Installation, avoid_step_boundary
 
 POLICY = """\
 teams:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Installation
+
+from testing.installation import Installation
 
 CI = os.environ.get("CI") == "true"
 TODAY = datetime.now(timezone.utc).date()

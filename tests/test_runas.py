@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_POLICY, make_bare_repo
-from pgserver import pid_alive
 
 from gatekeeper import totp
 from gatekeeper.server import HOST_KEY_NAME
+from testing.installation import DEFAULT_POLICY, make_bare_repo
+from testing.pgserver import pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI") == "true"

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import paramiko
 import pytest
-import sshd
-from conftest import GATEKEEPER, Installation
-from softkey import PIN, TOUCH, SoftKey, SoftKeyPKey
-from test_server import HOST, Served, free_port
+
+from testing import sshd
+from testing.installation import GATEKEEPER, Installation
+from testing.served import HOST, Served, free_port
+from testing.softkey import PIN, TOUCH, SoftKey, SoftKeyPKey
 
 pytestmark = pytest.mark.sshd
 

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import GATEKEEPER_SHELL, Installation
 
 from gatekeeper.store import DB_NAME
+from testing.installation import GATEKEEPER_SHELL, Installation
 
 
 @pytest.fixture

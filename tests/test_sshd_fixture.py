@@ -9,7 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from sshd import (
+
+from testing.sshd import (
     SshClient,
     SshServer,
     current_user,

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GATEKEEPER_SHELL, Installation, password_file_url
 from test_shell import assert_clean_refusal
 
 from gatekeeper.errors import StoreError
 from gatekeeper.pgdb import PostgresDatabase
 from gatekeeper.store import MIGRATIONS, SCHEMA_VERSION, Store
+from testing.installation import GATEKEEPER_SHELL, Installation, password_file_url
 
 pytestmark = pytest.mark.postgres
 

@@ -8,9 +8,9 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import sshd
-from conftest import GATEKEEPER, Installation
-from test_server import HOST, Served, client_env, free_port
+from testing import sshd
+from testing.installation import GATEKEEPER, Installation
+from testing.served import HOST, Served, client_env, free_port
 
 KINDS = ("authorized-keys", "keys-command", "serve")
 

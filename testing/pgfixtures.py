@@ -1,7 +1,7 @@
 """pytest fixtures for a real PostgreSQL server (a plugin module; see pgserver.py).
 
-Load it from tests/conftest.py with ``pytest_plugins = ["pgfixtures"]`` (the tests directory is on
-``sys.path`` there), or on the command line with ``python -m pytest -p tests.pgfixtures``.
+Load it from tests/conftest.py with ``pytest_plugins = ["testing.pgfixtures"]``, or on the
+command line with ``python -m pytest -p testing.pgfixtures``.
 
 ``postgres_server``
     session scope: one ``PostgresServer`` per test process (so one per xdist worker), started
@@ -28,10 +28,7 @@ from collections.abc import Iterator
 
 import pytest
 
-try:  # imported as "pgfixtures", with the tests directory on sys.path
-    from pgserver import PostgresServer, find_binaries, missing_reason
-except ModuleNotFoundError:  # imported as "tests.pgfixtures" (python -m pytest -p ...)
-    from tests.pgserver import PostgresServer, find_binaries, missing_reason
+from testing.pgserver import PostgresServer, find_binaries, missing_reason
 
 FIXTURES = ("postgres_server", "postgres_url")
 

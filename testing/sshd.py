@@ -1,7 +1,7 @@
 """A real OpenSSH server and client for end-to-end tests.
 
-This is a plain helper module (not a conftest): a conftest or a test imports it with
-``import sshd`` (the tests directory is on ``sys.path`` under pytest's default import mode).
+This is a plain helper module (not a conftest): a test imports it with
+``from testing import sshd`` (pyproject.toml puts the checkout on pytest's ``sys.path``).
 
     key, pub = generate_user_key(tmp_path, "alice")
     (tmp_path / "authorized_keys").write_text(f'command="...",restrict {pub.read_text()}')
