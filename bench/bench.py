@@ -795,6 +795,8 @@ def bench_policy(ctx: Context) -> dict[str, Any]:
             first.append(time.perf_counter() - start)
         entry["first_connection_after_change"] = h.summary(first)
         entry["compiled_cache_bytes"] = sum(f.stat().st_size for f in cache.glob("policy-*"))
+        if n == max(POLICY_SIZES):
+            entry["stampede"] = stampede(ctx, shell, path, key, dry, 50)
         warm = {**dry, "GATEKEEPER_CACHE_DIR": str(cache)}
         entry["phases"] = phase_stats(ctx, path, site.key_id, warm, ctx.runs(3, 9))
         entry["command"] = name = f"{n:,} rules, {TEAMS:,} teams, warm cache"
@@ -833,6 +835,15 @@ def bench_policy(ctx: Context) -> dict[str, Any]:
             f" cache {d['phases'][POLICY_STEP]['median_ms']:.1f} ms,"
             f" decide {d['phases'][DECIDE_STEP]['median_ms']:.1f} ms",
         )
+    big = sizes[str(max(POLICY_SIZES))].get("stampede")
+    if big:
+        t.row(
+            f"  {big['connections']} connections at once after an edit, "
+            f"{max(POLICY_SIZES):,} rules",
+            None,
+            f"all done in {big['wall_s']:.1f} s, the slowest {big['slowest_s']:.1f} s "
+            f"(one compile, the others wait for it); peak {big['peak_rss_mb']:.0f} MB a process",
+        )
     t.check(
         f"decision within {BUDGET_DECISION:.0f}x python at every policy size (warm cache)",
         worst <= BUDGET_DECISION,
@@ -841,6 +852,36 @@ def bench_policy(ctx: Context) -> dict[str, Any]:
         + ")",
     )
     return {"runs": runs, "results": res, "sizes": sizes}
+
+
+def stampede(
+    ctx: Context, shell: str, path: Path, key: str, dry: dict[str, str], count: int
+) -> dict[str, Any]:
+    """`count` forced commands at once against a policy nobody has compiled yet (an
+    edit in place): how long until all have decided, and the largest process."""
+    import resource
+
+    cache = ctx.work / f"policy-cache-stampede-{time.monotonic_ns()}"
+    env = {**dry, "GATEKEEPER_CACHE_DIR": str(cache)}
+    log(f"{count} connections at once after an edit of {path.name}")
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([shell, "--config", str(path), key], env=env, cwd=ctx.work)
+        for _ in range(count)
+    ]
+    ends = []
+    for proc in procs:
+        proc.wait(timeout=600)
+        ends.append(time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "connections": count,
+        "wall_s": wall,
+        "slowest_s": max(ends),
+        "failed": sum(p.returncode != 0 for p in procs),
+        "peak_rss_mb": peak_kb / 1024,
+    }
 
 
 # -- 4. end to end through a real sshd ---------------------------------------------------------
