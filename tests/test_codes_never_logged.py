@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Installation
-from fronts import KINDS, Front, start_front
 
 from gatekeeper import totp
+from testing.fronts import KINDS, Front, start_front
+from testing.installation import Installation
 
 pytestmark = pytest.mark.sshd
 
