@@ -56,6 +56,21 @@ class Front:
         )
 
 
+def sshd_front(inst: Installation, kind: str, tmp_path: Path) -> sshd.SshServer:
+    """A real sshd (not started yet) in front of `inst`, as install.sh sets it up for
+    `kind`: "authorized-keys" (the file gatekeeper writes) or "keys-command"."""
+    if kind == "authorized-keys":
+        auth = inst.base / "authorized_keys"
+        inst.gk("authorized-keys", "--write", str(auth))
+        return sshd.SshServer(authorized_keys_file=auth, tmp_dir=tmp_path)
+    if kind != "keys-command":
+        raise ValueError(f"not an sshd front-end: {kind}")
+    wrapper = sshd.make_keys_command_wrapper(
+        f'#!/bin/sh\nexec {GATEKEEPER} --config {inst.config} keys-command "$@"\n'
+    )
+    return sshd.SshServer(keys_command=[str(wrapper), "%u", "%t", "%k"], tmp_dir=tmp_path)
+
+
 def start_front(
     kind: str,
     tmp_path: Path,
@@ -79,16 +94,7 @@ def start_front(
     inst = Installation(tmp_path / "gk", policy, user=sshd.current_user()).init()
     f = Front(inst, kind, tmp_path, users)
     build(inst)
-    if kind == "authorized-keys":
-        auth = inst.base / "authorized_keys"
-        inst.gk("authorized-keys", "--write", str(auth))
-        server = sshd.SshServer(authorized_keys_file=auth, tmp_dir=tmp_path)
-    else:
-        wrapper = sshd.make_keys_command_wrapper(
-            f'#!/bin/sh\nexec {GATEKEEPER} --config {inst.config} keys-command "$@"\n'
-        )
-        server = sshd.SshServer(keys_command=[str(wrapper), "%u", "%t", "%k"], tmp_dir=tmp_path)
-    with server:
+    with sshd_front(inst, kind, tmp_path) as server:
         inst.write_policy(policy, host="127.0.0.1", port=server.port, user=server.user)
         f.server = server
         yield f

@@ -20,7 +20,8 @@ import pytest
 
 from gatekeeper import totp
 from testing import sshd
-from testing.installation import DEFAULT_POLICY, GATEKEEPER, Installation, password_file_url
+from testing.fronts import sshd_front
+from testing.installation import DEFAULT_POLICY, Installation, password_file_url
 
 pytestmark = pytest.mark.sshd
 
@@ -53,15 +54,7 @@ def start_site(
     inst.repo("platform/api")
     inst.repo("platform/secrets")
     inst.repo("docs")
-    if mode == "authorized-keys":
-        auth = inst.base / "authorized_keys"
-        inst.gk("authorized-keys", "--write", str(auth))
-        server = sshd.SshServer(authorized_keys_file=auth, tmp_dir=tmp_path)
-    else:
-        wrapper = sshd.make_keys_command_wrapper(
-            f'#!/bin/sh\nexec {GATEKEEPER} --config {inst.config} keys-command "$@"\n'
-        )
-        server = sshd.SshServer(keys_command=[str(wrapper), "%u", "%t", "%k"], tmp_dir=tmp_path)
+    server = sshd_front(inst, mode, tmp_path)
     with server:
         # Messages name the host and port users connect to: this sshd's.
         inst.write_policy(policy, host="127.0.0.1", port=server.port, user=server.user)

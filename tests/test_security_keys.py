@@ -23,7 +23,8 @@ import paramiko
 import pytest
 
 from testing import sshd
-from testing.installation import GATEKEEPER, Installation
+from testing.fronts import sshd_front
+from testing.installation import Installation
 from testing.served import HOST, Served, free_port
 from testing.softkey import PIN, TOUCH, SoftKey, SoftKeyPKey
 
@@ -137,15 +138,7 @@ def front(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Fron
         return
     inst = Installation(tmp_path / "gk", POLICY, user=sshd.current_user()).init()
     soft = build(inst)
-    if kind == "authorized-keys":
-        auth = inst.base / "authorized_keys"
-        inst.gk("authorized-keys", "--write", str(auth))
-        server = sshd.SshServer(authorized_keys_file=auth, tmp_dir=tmp_path)
-    else:
-        wrapper = sshd.make_keys_command_wrapper(
-            f'#!/bin/sh\nexec {GATEKEEPER} --config {inst.config} keys-command "$@"\n'
-        )
-        server = sshd.SshServer(keys_command=[str(wrapper), "%u", "%t", "%k"], tmp_dir=tmp_path)
+    server = sshd_front(inst, kind, tmp_path)
     with server:
         inst.write_policy(POLICY, host="127.0.0.1", port=server.port, user=server.user)
         f = Front(inst, kind)

@@ -184,6 +184,16 @@ def refresh_authorized_keys(
         ) from None
 
 
+# For commands that change which keys may log in: sshd reads an authorized_keys file
+# that only a rewrite brings up to date.
+authorized_keys_option = click.option(
+    "--authorized-keys",
+    "authorized_keys",
+    type=click.Path(path_type=Path, readable=False),
+    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
+)
+
+
 def tell_sshd(ctx: Context, store: Store, explicit: Path | None, done: str) -> None:
     """After a key change (`done`, already in the store): rewrite the authorized_keys
     file(s) sshd reads, as install.sh recorded them (gatekeeper/installation.py), or

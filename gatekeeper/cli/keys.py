@@ -15,6 +15,7 @@ from gatekeeper.cli.common import (
     Context,
     actor,
     authorized_keys_lines,
+    authorized_keys_option,
     emit,
     pass_ctx,
     refresh_authorized_keys,
@@ -32,12 +33,7 @@ def key() -> None:
 @key.command("add")
 @click.argument("user_name", metavar="USER")
 @click.argument("source", metavar="FILE|-", type=click.File("r"))
-@click.option(
-    "--authorized-keys",
-    "authorized_keys",
-    type=click.Path(path_type=Path, readable=False),
-    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
-)
+@authorized_keys_option
 @click.option(
     "--verify-required",
     is_flag=True,
@@ -111,12 +107,7 @@ def key_list(ctx: Context, user_name: str | None, as_json: bool) -> None:
 
 @key.command("remove")
 @click.argument("fingerprint")
-@click.option(
-    "--authorized-keys",
-    "authorized_keys",
-    type=click.Path(path_type=Path, readable=False),
-    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
-)
+@authorized_keys_option
 @pass_ctx
 def key_remove(ctx: Context, fingerprint: str, authorized_keys: Path | None) -> None:
     """Remove the key with FINGERPRINT (SHA256:...)."""

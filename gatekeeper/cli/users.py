@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from gatekeeper.cli.common import Context, actor, emit, pass_ctx, tell_sshd, when
+from gatekeeper.cli.common import (
+    Context,
+    actor,
+    authorized_keys_option,
+    emit,
+    pass_ctx,
+    tell_sshd,
+    when,
+)
 
 
 @click.group()
@@ -40,12 +48,7 @@ def user_list(ctx: Context, as_json: bool) -> None:
 
 @user.command("remove")
 @click.argument("name")
-@click.option(
-    "--authorized-keys",
-    "authorized_keys",
-    type=click.Path(path_type=Path, readable=False),
-    help="Also rewrite this authorized_keys file (install.sh's own is rewritten anyway).",
-)
+@authorized_keys_option
 @pass_ctx
 def user_remove(ctx: Context, name: str, authorized_keys: Path | None) -> None:
     """Remove a user with their keys, enrollment and sessions."""
