@@ -1,6 +1,6 @@
 """The lines sshd reads to hand each key to gatekeeper-shell.
 
-Two ways in (README, "Behind OpenSSH"):
+Two ways in (docs/install.md, "Behind OpenSSH by hand"):
 - `authorized_keys`: `gatekeeper authorized-keys --write FILE` keeps one line per
   key between marker lines, rewritten atomically; lines outside the markers stay.
 - `AuthorizedKeysCommand`: `gatekeeper keys-command %u %t %k` prints the line for
@@ -311,7 +311,8 @@ def keys_command(argv: list[str]) -> int:
     Prints the forced-command line for the key when it belongs to a registered user
     and USER is the git account; prints nothing otherwise. Never raises.
     """
-    # The interpreter's own _signal, not `signal`, whose enums cost every key ~3 ms.
+    # The interpreter's own _signal, not `signal`, whose enums every key lookup would pay
+    # to import (docs/performance.md).
     if TYPE_CHECKING:
         import signal as _signal
     else:

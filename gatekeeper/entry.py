@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_script() -> NoReturn:
     """The installed script's body: `main()`, then exit with its status. keys-command
-    leaves without the interpreter's teardown (about 2 ms, with nothing left to
-    save): sshd waits for it twice per connection in AuthorizedKeysCommand mode."""
+    leaves without the interpreter's teardown (nothing is left to save, and sshd
+    waits for it twice per connection in AuthorizedKeysCommand mode:
+    docs/performance.md)."""
     code = main()
     if _is_keys_command(_split_config(sys.argv[1:])[1]):
         sys.stdout.flush()

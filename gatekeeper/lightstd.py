@@ -14,9 +14,9 @@ wrappers cost more than what they wrap:
   `sqlite3_module()` loads `_sqlite3` beside a stand-in `functools` whose
   `lru_cache` returns the same C cache that `functools.lru_cache` returns
   (`_functools._lru_cache_wrapper`), and removes the stand-in at once, so a later
-  `import functools` gets the real module. About 5 ms of a connection's 30.
+  `import functools` gets the real module (docs/performance.md has what it saves).
 
-- `hashlib` loads OpenSSL's bindings, a few ms, for one SHA-256: the interpreter's
+- `hashlib` loads OpenSSL's bindings for one SHA-256: the interpreter's
   own core has it (`_sha256` up to 3.11, `_sha2` from 3.12 on, with the same class).
 
 Where a private core is missing (another Python implementation), the public module

@@ -1,9 +1,10 @@
 """`@record`: a frozen data class without the start-up cost of `dataclasses`.
 
 The forced command runs once per SSH connection, and `import dataclasses` pulls in
-`inspect` (and each decorated class compiles generated code with `exec`): together
-about a third of the whole budget in docs/design.md. `record` builds the same frozen,
-comparable, hashable value class from the class annotations with plain functions.
+`inspect` (and each decorated class compiles generated code with `exec`): together a
+large share of the budget in docs/design.md (docs/performance.md). `record` builds the
+same frozen, comparable, hashable value class from the class annotations with plain
+functions.
 
 Type checkers see it as a dataclass transform with frozen instances, so constructor
 calls are checked exactly as for `@dataclass(frozen=True)`.

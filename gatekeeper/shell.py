@@ -280,7 +280,8 @@ def git_access(
 
         code = fetchgate.supervise(git, argv, git_env, pipes, recheck, log)
         # git is done and the SSH session ends when we do: skip the interpreter's
-        # teardown (about 2.5 ms on every clone and ls-remote); nothing is left to save.
+        # teardown, which every clone and ls-remote would wait for (docs/performance.md);
+        # nothing is left to save.
         sys.stderr.flush()
         os._exit(code)
     if push_pipes is not None:

@@ -46,7 +46,7 @@ PROG=install.sh
 DROPIN_NAME=10-gatekeeper.conf
 MAX_STARTUPS=100:30:200
 # Where authorized-keys mode gets slower than keys-command mode: sshd parses the file up to the
-# key, twice per connection (README, "Which mode"; bench/bench.py --only authkeys measures it).
+# key, twice per connection (docs/install.md, "Which mode"; bench/bench.py --only authkeys measures it).
 AK_SLOW_KEYS=10000
 AK_SLOW_NOTE="on a 2-core test machine the newest of 10,000 keys added about 0.1 s to every git command, of 100,000 about 1 s"
 MANIFEST_NAME=install-manifest

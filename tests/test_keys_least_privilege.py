@@ -3,7 +3,7 @@
 The threat model recommends an AuthorizedKeysCommandUser that can read and nothing
 more. An outside attack found that it could not even do that: the lookup opened the
 database for writing and printed nothing. Here sshd runs `keys-command` as a real
-unprivileged system user that is given only what the README says (search permission
+unprivileged system user that is given only what docs/install.md says (search permission
 on the state directory, the key index's group), with the git account's own files
 (database, server key) unreadable to it; then with the database readable too and the
 index gone, with and without a WAL file, on SQLite and PostgreSQL.
@@ -73,7 +73,7 @@ class Box:
         self.server: sshd.SshServer | None = None
 
     def grant_index(self) -> None:
-        """What the README tells an admin to give the AuthorizedKeysCommandUser."""
+        """What docs/install.md tells an admin to give the AuthorizedKeysCommandUser."""
         state = self.inst.state
         os.chown(state, -1, self.group)
         state.chmod(0o710)

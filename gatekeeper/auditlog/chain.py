@@ -47,8 +47,8 @@ def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
     fields = {f: record.get(f) for f in FIELDS}
     json = sys.modules.get("json")
     if json is not None:
-        # Already imported (the CLI, a whole chain): its C encoder is about 4x quicker,
-        # and canonical_json writes the same bytes.
+        # Already imported (the CLI, a whole chain): its C encoder is quicker
+        # (docs/performance.md), and canonical_json writes the same bytes.
         body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     else:
         body = canonical_json(fields, compact=True)

@@ -124,7 +124,8 @@ class HeadFile:
 
     def lock(self) -> None:
         """Take the head's lock, waiting at most the store's busy timeout (nothing may
-        hang a git client). Writers hold it for a few milliseconds at a time."""
+        hang a git client). Writers hold it for one short write transaction, from its
+        first read of the head until the head is settled (docs/performance.md)."""
         deadline = time.monotonic() + self.timeout
         pause = 0.0005
         while not self.try_lock():

@@ -1,9 +1,9 @@
 """git upload-pack under the forced command, which answers the fetch re-check itself.
 
 The fetch side of the hooks (hooks/fetch.py) re-checks a read when upload-pack is about to
-pack objects. As a hook that is a second Python interpreter on every clone and fetch:
-about 20 ms, as much as the forced command's own work. The forced command already
-holds what that interpreter would rebuild (who the key is, which repository, the
+pack objects. As a hook that is a second Python interpreter on every clone and fetch,
+as costly as the forced command's own work (docs/performance.md). The forced command
+already holds what that interpreter would rebuild (who the key is, which repository, the
 policy file), so for an SSH read it stays alive as git's parent instead of exec'ing
 git, and the hook is `hooks/fetch-gate.sh`, a plain shell script that asks it:
 
@@ -130,7 +130,8 @@ def _sigpipe() -> int:
     if TYPE_CHECKING:
         from signal import SIGPIPE
     else:
-        # The interpreter's own _signal, not `signal`, whose enums cost ~3 ms.
+        # The interpreter's own _signal, not `signal`, whose enums are costly to import
+        # (docs/performance.md).
         from _signal import SIGPIPE
     return int(SIGPIPE)
 

@@ -72,8 +72,8 @@ def load_policy(
             return cached
         # A policy edited in place (`policy install` compiles ahead): of the connections
         # that find no compiled copy, one compiles and the others wait for its result
-        # instead of compiling it again each (a 10,000-rule policy is seconds of CPU and
-        # tens of MB per compile).
+        # instead of compiling it again each (a large policy's compile is costly in CPU
+        # and memory: docs/performance.md).
         with _CompileLock(cache):
             cached = _read_cache(cache, source, digest)
             if cached is not None:
