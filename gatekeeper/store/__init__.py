@@ -1,8 +1,8 @@
 """All SQL lives here: users, keys, TOTP enrollments, sessions, lockouts, audit log.
 
 One set of statements for both stores: SQLite through the standard library (the
-default, so the git-access path stays light; see `sqlitedb`) and PostgreSQL for
-several front-ends sharing one state (see `pgdb`). The SQL is the common subset of
+default, so the git-access path stays light; see `sqlite`) and PostgreSQL for
+several front-ends sharing one state (see `postgres`). The SQL is the common subset of
 the two, with `?` placeholders and `"user"` quoted (a reserved word in PostgreSQL).
 - Every write transaction takes the store's one write lock up front (`_write`), so
   read-check-write steps cannot interleave, whichever process or host runs them.
@@ -23,7 +23,7 @@ from gatekeeper.auditlog.head import HEAD_NAME as HEAD_NAME
 from gatekeeper.auditlog.head import Head, HeadFile, Recovery
 from gatekeeper.errors import InputError, NotFound, PermissionDenied, StoreError
 from gatekeeper.record import record
-from gatekeeper.storeurl import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
+from gatekeeper.store.url import DB_NAME, StoreLocation, parse_store_url  # noqa: F401
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any
 
-    from gatekeeper.pgdb import LibpqDatabase, PostgresDatabase
-    from gatekeeper.sqlitedb import SqliteDatabase
+    from gatekeeper.store.postgres import LibpqDatabase, PostgresDatabase
+    from gatekeeper.store.sqlite import SqliteDatabase
 
     Database = SqliteDatabase | PostgresDatabase | LibpqDatabase
 
@@ -1674,19 +1674,19 @@ def _connect(
     readonly: bool = False,
 ) -> Database:
     if location.is_postgres:
-        from gatekeeper import pgdb
+        from gatekeeper.store import postgres
 
         if light:
-            from gatekeeper import libpq
+            from gatekeeper.store import libpq
 
             try:
                 libpq.load()
             except libpq.PgError:
                 pass  # no libpq of its own: psycopg's way, slower but there
             else:
-                return pgdb.LibpqDatabase(location, busy_timeout_ms)
-        return pgdb.PostgresDatabase(location, busy_timeout_ms)
-    from gatekeeper.sqlitedb import SqliteDatabase
+                return postgres.LibpqDatabase(location, busy_timeout_ms)
+        return postgres.PostgresDatabase(location, busy_timeout_ms)
+    from gatekeeper.store.sqlite import SqliteDatabase
 
     if not create:
         SqliteDatabase.check_openable(location.path)
