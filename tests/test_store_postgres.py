@@ -17,8 +17,9 @@ import pytest
 from test_shell import assert_clean_refusal
 
 from gatekeeper.errors import StoreError
-from gatekeeper.store import MIGRATIONS, SCHEMA_VERSION, Store
+from gatekeeper.store import SCHEMA_VERSION, Store
 from gatekeeper.store.postgres import PostgresDatabase
+from gatekeeper.store.schema import MIGRATIONS
 from testing.installation import GATEKEEPER_SHELL, Installation, password_file_url
 
 pytestmark = pytest.mark.postgres

@@ -7,7 +7,7 @@ On a shared PostgreSQL store each host keeps its own: it names the newest record
 *this host* appended, which must still be there, unchanged.
 
 A writer may die at any instruction (kill -9, OOM, power loss), so the file has two
-states, and every write transaction (gatekeeper/store) goes through both:
+states, and every write transaction (store/base.py) goes through both:
 
     settled   SEQ HASH                      the end of the chain
     pending   SEQ HASH                      the committed end before the transaction
