@@ -81,7 +81,7 @@ def bench_postgres(ctx: Context) -> dict[str, Any]:
 
         def connect(url: str, password: str) -> str:
             return (
-                "from gatekeeper import libpq\n"
+                "from gatekeeper.store import libpq\n"
                 f"c = libpq.Connection({{'dbname': {url!r}, 'password': {password!r}}})\n"
                 "c.execute('SELECT 1'); c.close()\n"
             )

@@ -908,7 +908,7 @@ import sys
 
 sys.path.insert(0, sys.argv[1])
 from gatekeeper.errors import GatekeeperError
-from gatekeeper.storeurl import parse_store_url
+from gatekeeper.store.url import parse_store_url
 
 try:
     location = parse_store_url(sys.argv[2], "/nonexistent")
@@ -916,7 +916,7 @@ except GatekeeperError as exc:
     sys.exit(exc.message + (f" ({exc.hint})" if exc.hint else ""))
 print(location.kind, location.password_file or "-")
 PY
-    ) || die "--store: ${parsed:-gatekeeper.storeurl cannot read it}"
+    ) || die "--store: ${parsed:-gatekeeper.store.url cannot read it}"
     read -r STORE_KIND url_password_file <<<"${parsed}"
     STORE_NEW=${STORE}
     if [[ ${STORE_KIND} != postgresql ]]; then
@@ -1151,7 +1151,7 @@ import os
 import sys
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.policy import load_policy
-from gatekeeper.storeurl import parse_store_url
+from gatekeeper.store.url import parse_store_url
 
 try:
     policy = load_policy(sys.argv[1])

@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 
-from gatekeeper import pgdb, shell
+from gatekeeper import shell
 from gatekeeper.auditlog import head as audithead
 from gatekeeper.auditlog.chain import verify_chain
-from gatekeeper.sqlitedb import SqliteDatabase
-from gatekeeper.store import DB_NAME, Store, utc_iso
+from gatekeeper.store import DB_NAME, Store, postgres, utc_iso
+from gatekeeper.store.sqlite import SqliteDatabase
 from testing.installation import GATEKEEPER_SHELL, Installation
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def _arm(function: str, nth: int, when: str) -> None:
 
     if function == "commit":
         SqliteDatabase.commit = trap(SqliteDatabase.commit)  # type: ignore[method-assign]
-        pgdb._Postgres.commit = trap(pgdb._Postgres.commit)  # type: ignore[method-assign]
+        postgres._Postgres.commit = trap(postgres._Postgres.commit)  # type: ignore[method-assign]
     else:
         setattr(os, function, trap(getattr(os, function)))
 

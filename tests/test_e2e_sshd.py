@@ -152,7 +152,7 @@ def test_a_postgres_lock_timeout_is_busy_to_the_client_and_detailed_in_the_log(
 ) -> None:
     import psycopg
 
-    from gatekeeper.pgdb import WRITE_LOCK_KEY
+    from gatekeeper.store.postgres import WRITE_LOCK_KEY
 
     @contextmanager
     def hold() -> Iterator[None]:

@@ -1002,8 +1002,8 @@ def test_expired_tokens_are_dropped_when_the_next_one_is_recorded(local: Install
 
 
 def test_a_version_1_store_migrates_to_the_token_table(tmp_path: Path) -> None:
-    from gatekeeper.sqlitedb import SqliteDatabase
-    from gatekeeper.store import MIGRATIONS, SCHEMA_VERSION, _split_sql
+    from gatekeeper.store.schema import MIGRATIONS, SCHEMA_VERSION, _split_sql
+    from gatekeeper.store.sqlite import SqliteDatabase
 
     path = tmp_path / "state"
     path.mkdir()

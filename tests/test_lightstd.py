@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatekeeper import lightstd
-from gatekeeper.sqlitedb import SqliteDatabase
+from gatekeeper.store.sqlite import SqliteDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def test_the_stand_in_caches_as_functools_does(
     assert seen["ours"] == seen["functools"]  # the same calls reached the function
 
 
-def test_sqlitedb_speaks_the_public_modules_errors(tmp_path: Path) -> None:
+def test_the_sqlite_store_speaks_the_public_modules_errors(tmp_path: Path) -> None:
     assert issubclass(SqliteDatabase.errors[0], sqlite3.DatabaseError)
     db = SqliteDatabase(str(tmp_path / "x.db"), 1000, create=True)
     with pytest.raises(sqlite3.OperationalError):

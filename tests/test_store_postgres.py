@@ -17,8 +17,9 @@ import pytest
 from test_shell import assert_clean_refusal
 
 from gatekeeper.errors import StoreError
-from gatekeeper.pgdb import PostgresDatabase
-from gatekeeper.store import MIGRATIONS, SCHEMA_VERSION, Store
+from gatekeeper.store import SCHEMA_VERSION, Store
+from gatekeeper.store.postgres import PostgresDatabase
+from gatekeeper.store.schema import MIGRATIONS
 from testing.installation import GATEKEEPER_SHELL, Installation, password_file_url
 
 pytestmark = pytest.mark.postgres
@@ -330,7 +331,7 @@ def test_store_copy_to_an_unreachable_database_changes_nothing(tmp_path: Path) -
 
 
 def test_libpq_round_trips_every_type_the_store_uses(postgres_url: str) -> None:
-    from gatekeeper import libpq
+    from gatekeeper.store import libpq
 
     conn = libpq.Connection({"dbname": postgres_url, "client_encoding": "UTF8"})
     try:
@@ -398,7 +399,7 @@ def test_the_git_access_path_does_not_import_psycopg(pg_site: tuple[Installation
         },
     )
     assert trace.returncode == 0, trace.stderr[-2000:]
-    assert "psycopg" not in trace.stderr and "gatekeeper.libpq" in trace.stderr
+    assert "psycopg" not in trace.stderr and "gatekeeper.store.libpq" in trace.stderr
 
 
 def test_store_copy_refuses_a_password_on_the_command_line(tmp_path: Path) -> None:
@@ -416,7 +417,7 @@ def test_libpq_falls_back_to_the_copy_in_psycopgs_wheel(
 ) -> None:
     import ctypes
 
-    from gatekeeper import libpq
+    from gatekeeper.store import libpq
 
     real_cdll = ctypes.CDLL
     tried: list[str] = []

@@ -7,7 +7,7 @@ On a shared PostgreSQL store each host keeps its own: it names the newest record
 *this host* appended, which must still be there, unchanged.
 
 A writer may die at any instruction (kill -9, OOM, power loss), so the file has two
-states, and every write transaction (store.py) goes through both:
+states, and every write transaction (store/base.py) goes through both:
 
     settled   SEQ HASH                      the end of the chain
     pending   SEQ HASH                      the committed end before the transaction
@@ -17,7 +17,7 @@ states, and every write transaction (store.py) goes through both:
    head *pending*, durably (the file and the directory are fsynced before COMMIT, so
    a commit that survives a power loss never has a head that did not).
 2. COMMIT, durably (SQLite in WAL mode syncs the WAL on every commit at
-   `synchronous = FULL`; see sqlitedb.py).
+   `synchronous = FULL`; see store/sqlite.py).
 3. It rewrites the head *settled* on the new end. Not synced: a settle that is lost
    leaves the pending head, which resolves to the same end.
 

@@ -72,7 +72,7 @@ def store_copy(ctx: Context, source: str, dest: str, replace: bool) -> None:
     Writes to SOURCE wait while it is copied; the copy is checked (row counts and the
     audit chain) before it commits. Then point server.store at DEST on every host.
     """
-    from gatekeeper.storecopy import copy_store
+    from gatekeeper.store.copy import copy_store
 
     state_dir = ctx.policy.server.state_dir
     # An admin command may wait longer than a git client: a big log takes a while.

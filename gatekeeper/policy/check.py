@@ -445,7 +445,7 @@ def _check(
             checker.error(path_nodes.get(key), f"server.{key}: cannot resolve {raw!r}: {exc}")
             server_kwargs[key] = Path(raw)
     if "store" in server_kwargs:
-        from gatekeeper.storeurl import parse_store_url
+        from gatekeeper.store.url import parse_store_url
 
         try:
             location = parse_store_url(

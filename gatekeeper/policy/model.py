@@ -158,7 +158,7 @@ class ServerSettings:
     listen_host: str
     listen_port: int
     # Where users, keys, 2FA state and the audit log live: "" is the SQLite file in
-    # state_dir; otherwise a store URL (see gatekeeper.storeurl), e.g. postgresql://...
+    # state_dir; otherwise a store URL (see gatekeeper.store.url), e.g. postgresql://...
     store: str
 
     def __init__(

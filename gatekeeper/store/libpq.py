@@ -1,10 +1,10 @@
 """Just enough of PostgreSQL's client library, libpq, through ctypes.
 
 The per-connection path (forced command, hooks, keys-command) is a new process for
-every git request. Importing psycopg costs it a quarter of a second (asyncio,
-logging, importlib.metadata and its own adapters), ten times gatekeeper's whole
-budget; ctypes and libpq cost a few milliseconds. So those short processes speak to
-PostgreSQL through libpq directly: text-format parameters and results, converted by
+every git request. Importing psycopg (asyncio, logging, importlib.metadata and its
+own adapters) would cost it many times gatekeeper's whole budget; ctypes and libpq
+cost little (docs/performance.md). So those short processes speak to PostgreSQL
+through libpq directly: text-format parameters and results, converted by
 column type, errors with their SQLSTATE. Everything long-lived (the admin CLI, the
 embedded server) uses psycopg. Both are checked by the same store tests.
 

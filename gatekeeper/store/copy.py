@@ -12,7 +12,11 @@ from __future__ import annotations
 from gatekeeper.auditlog import chain
 from gatekeeper.errors import InputError, StoreError
 from gatekeeper.record import record
-from gatekeeper.store import TABLES, Store
+from gatekeeper.store.schema import TABLES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from gatekeeper.store import Store
 
 
 @record

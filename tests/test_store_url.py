@@ -9,7 +9,7 @@ import pytest
 
 from gatekeeper.errors import InputError, PolicyError
 from gatekeeper.policy import load_policy
-from gatekeeper.storeurl import parse_store_url, read_password_file
+from gatekeeper.store.url import parse_store_url, read_password_file
 
 
 def test_no_url_is_the_sqlite_file_in_the_state_directory(tmp_path: Path) -> None:

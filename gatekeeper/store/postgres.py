@@ -12,13 +12,13 @@ that lock and every statement.
 
 Two drivers speak the same SQL: psycopg for long-lived processes (the admin CLI, the
 embedded server) and libpq through ctypes for the per-connection path, which cannot
-afford psycopg's import (see `gatekeeper.libpq`).
+afford psycopg's import (see `gatekeeper.store.libpq`).
 """
 
 from __future__ import annotations
 
 from gatekeeper.errors import InputError, PermissionDenied, StoreError
-from gatekeeper.storeurl import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
+from gatekeeper.store.url import DEFAULT_CONNECT_TIMEOUT, StoreLocation, read_password_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -227,11 +227,11 @@ class PostgresDatabase(_Postgres):
 
 
 class LibpqDatabase(_Postgres):
-    """The same over libpq directly (see `gatekeeper.libpq`), for the per-connection
+    """The same over libpq directly (see `gatekeeper.store.libpq`), for the per-connection
     path, which cannot afford importing psycopg."""
 
     def __init__(self, location: StoreLocation, busy_timeout_ms: int) -> None:
-        from gatekeeper import libpq
+        from gatekeeper.store import libpq
 
         self.errors = (libpq.PgError,)
         self.where = location.describe()
