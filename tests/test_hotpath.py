@@ -480,8 +480,10 @@ def test_the_launcher_is_installed_as_a_script_and_not_as_an_entry_point() -> No
     assert LAUNCHER.stat().st_mode & 0o111
     code = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert code == [
+        "import gc",
         "import sys",
-        "from gatekeeper.shell import main",
+        "gc.disable()",  # no collection passes in a one-command process
+        "from gatekeeper.shell import main  # noqa: E402",
         'if __name__ == "__main__":',
         "    sys.exit(main())",
     ]
@@ -571,3 +573,21 @@ def test_the_fetch_hook_path_imports_no_re_or_pathlib(gk: object) -> None:
     assert not HOT_PATH_FREE_OF & names, sorted(HOT_PATH_FREE_OF & names)
     records = gk.audit(event="access")
     assert records and records[-1]["reason"] == recheck.BAD_IDENTITY
+
+
+def test_a_policy_compile_turns_collection_back_on(tmp_path: Path) -> None:
+    """The launcher runs the forced command with the cyclic collector off; compiling a
+    changed policy (the one step that builds a large object graph) turns it on."""
+    import gc
+
+    from gatekeeper.policy import load_policy
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "config" / "example.yaml").read_text())
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        load_policy(str(policy), cache_dir=str(tmp_path / "cache"))
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -92,6 +92,11 @@ def _compile(data: bytes, path: str, source: str) -> Policy:
             f"policy file {path} is not UTF-8 text (byte {exc.start})",
             hint="save it as UTF-8.",
         ) from None
+    import gc
+
+    # The forced command runs with collection off (its launcher); a compile is the one
+    # step that makes enough garbage to need it.
+    gc.enable()
     from gatekeeper.policy.check import compile_policy_text  # yaml, re: only on a change
 
     return compile_policy_text(text, source)
