@@ -100,19 +100,40 @@ def proven_factor(key: KeyRecord, claimed: str | None) -> str | None:
     return "touch+pin" if claimed == key.factor == "touch+pin" else "touch"
 
 
-def user_facts(facts: ConnectionFacts, factor: str | None = None) -> decision.UserFacts:
-    """The decision's view of a key's user; `factor` is the front-end's claim for this
-    connection (`proven_factor` caps it)."""
+def facts_of(
+    name: str,
+    *,
+    enrolled: bool,
+    pending: bool,
+    verified_until: float | None = None,
+    locked_until: float | None = None,
+    factor: str | None = None,
+) -> decision.UserFacts:
+    """The decision's view of a user from what the store records (times in epoch
+    seconds): the one place every front-end, `check` and the report build it."""
 
-    def when(ts: int | None) -> datetime | None:
+    def when(ts: float | None) -> datetime | None:
         return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
 
     return decision.UserFacts(
-        name=facts.key.user,
+        name=name,
+        enrolled=enrolled,
+        pending=pending,
+        verified_until=when(verified_until),
+        locked_until=when(locked_until),
+        factor=factor,
+    )
+
+
+def user_facts(facts: ConnectionFacts, factor: str | None = None) -> decision.UserFacts:
+    """The decision's view of a key's user; `factor` is the front-end's claim for this
+    connection (`proven_factor` caps it)."""
+    return facts_of(
+        facts.key.user,
         enrolled=facts.enrolled,
         pending=facts.pending,
-        verified_until=when(facts.verified_until),
-        locked_until=when(facts.locked_until),
+        verified_until=facts.verified_until,
+        locked_until=facts.locked_until,
         factor=proven_factor(facts.key, factor),
     )
 
@@ -127,8 +148,8 @@ def best_user_facts(
     if found:
         return user_facts(max(found, key=lambda f: f.verified_until or 0))
     record = store.get_totp(store.get_user(user_name).id)
-    return decision.UserFacts(
-        name=user_name,
+    return facts_of(
+        user_name,
         enrolled=bool(record and record.confirmed),
         pending=bool(record and not record.confirmed),
     )

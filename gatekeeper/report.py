@@ -23,6 +23,7 @@ from typing import Any
 from gatekeeper import decision
 from gatekeeper.decision import Decision, UserFacts, decide
 from gatekeeper.errors import InputError
+from gatekeeper.frontend import facts_of
 from gatekeeper.policy import Policy, RepoRule, Team
 from gatekeeper.record import evolve
 from gatekeeper.sshcmd import list_repositories, normalize_repo_name
@@ -36,10 +37,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
 
 
 # -- the audit report -----------------------------------------------------------------
@@ -307,12 +304,12 @@ def existing_repos(root: Path) -> list[str]:
 
 def user_facts(row: Mapping[str, Any]) -> UserFacts:
     """A user_status row as the decision sees it, with a session on any key."""
-    return UserFacts(
-        name=row["user"],
+    return facts_of(
+        row["user"],
         enrolled=row["state"] == "enrolled",
         pending=row["state"] == "pending",
-        verified_until=_dt(row["verified_until"]),
-        locked_until=_dt(row["locked_until"]),
+        verified_until=row["verified_until"],
+        locked_until=row["locked_until"],
     )
 
 
