@@ -77,6 +77,21 @@ def hook_command(git: str, pipes: Pipes, quote: Callable[[str], str]) -> str:
     return f"{SHELL} {quote(SCRIPT)} {quote(git)} {pipes.request_write} {pipes.answer_read}"
 
 
+def spawn_git(git: str, argv: Sequence[str], env: Mapping[str, str], pipes: Pipes) -> int:
+    """Start git with the hook's ends of `pipes` inherited and ours closed, leave it
+    stdin and stdout, and return its pid: the start of both gates' supervision."""
+    os.set_inheritable(pipes.request_write, True)
+    os.set_inheritable(pipes.answer_read, True)
+    try:
+        # SIGPIPE back to its default, as sshd would leave it (Python ignores it).
+        pid = os.posix_spawn(git, list(argv), dict(env), setsigdef=(_sigpipe(),))
+    finally:
+        os.close(pipes.request_write)
+        os.close(pipes.answer_read)
+    _leave_stdio_to_child()
+    return pid
+
+
 def supervise(
     git: str,
     argv: Sequence[str],
@@ -87,15 +102,7 @@ def supervise(
 ) -> int:
     """Run git with the pipes' hook ends inherited, answer each pack request with
     `recheck()` ([] to pack, else the refusal's lines), and return git's exit status."""
-    os.set_inheritable(pipes.request_write, True)
-    os.set_inheritable(pipes.answer_read, True)
-    try:
-        # SIGPIPE back to its default, as sshd would leave it (Python ignores it).
-        pid = os.posix_spawn(git, list(argv), dict(env), setsigdef=(_sigpipe(),))
-    finally:
-        os.close(pipes.request_write)
-        os.close(pipes.answer_read)
-    _leave_stdio_to_child()
+    pid = spawn_git(git, argv, env, pipes)
     answering = True
     with os.fdopen(pipes.request_read, "rb") as requests:
         for line in requests:

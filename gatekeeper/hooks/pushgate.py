@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 
-from gatekeeper.hooks.fetchgate import Pipes, _leave_stdio_to_child, _sigpipe, _write_all
+from gatekeeper.hooks.fetchgate import Pipes, _write_all, spawn_git
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,14 +64,7 @@ def supervise(
 ) -> int:
     """Run git with the pipes' hook ends inherited, answer each push request with a
     `PushCheck` made by `check(ref update lines)`, and return git's exit status."""
-    os.set_inheritable(pipes.request_write, True)
-    os.set_inheritable(pipes.answer_read, True)
-    try:
-        pid = os.posix_spawn(git, list(argv), dict(env), setsigdef=(_sigpipe(),))
-    finally:
-        os.close(pipes.request_write)
-        os.close(pipes.answer_read)
-    _leave_stdio_to_child()
+    pid = spawn_git(git, argv, env, pipes)
     pending: dict[str, PushCheck] = {}
     answering = True
     with os.fdopen(pipes.request_read, "rb") as requests:
