@@ -10,7 +10,8 @@ from pathlib import Path
 
 from testing import sshd
 from testing.installation import GATEKEEPER, Installation
-from testing.served import HOST, Served, client_env, free_port
+from testing.net import free_port
+from testing.served import HOST, Served, client_env
 
 KINDS = ("authorized-keys", "keys-command", "serve")
 

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from testing.net import free_port
+
 HOST = "127.0.0.1"
 ROLE = "gatekeeper"
 SUPERUSER = "postgres"
@@ -135,12 +137,6 @@ def missing_reason() -> str:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def quote_ident(name: str) -> str:

@@ -7,7 +7,6 @@ import os
 import queue
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,12 +16,6 @@ from pathlib import Path
 from testing.installation import GATEKEEPER, Installation
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 class Served:

@@ -43,6 +43,8 @@ from types import TracebackType
 
 import pytest
 
+from testing.net import free_port
+
 HOST = "127.0.0.1"
 WRAPPER_DIR_PREFIX = "gatekeeper-test-wrappers."
 DEFAULT_TIMEOUT = 30.0
@@ -267,12 +269,6 @@ def _through_interpreter(argv: Sequence[str]) -> list[str]:
 # The server
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _config_word(word: str) -> str:
     """One argument for an sshd_config line (double-quoted when it needs to be)."""
     if "\n" in word or "\0" in word:
@@ -454,7 +450,7 @@ class SshServer:
         )
         last_error = ""
         for _attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             self._validate_config()
             if self._launch():
                 return

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from gatekeeper import totp
-from testing.served import free_port
+from testing.net import free_port
 
 pytestmark = pytest.mark.sshd
 

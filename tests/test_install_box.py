@@ -43,6 +43,7 @@ from test_install import CI, TEST_POLICY, need_root, secret_from, source_copy
 
 from gatekeeper import totp
 from testing import sshd
+from testing.net import free_port
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 
@@ -92,12 +93,6 @@ def tree_digest(top: str) -> dict[str, tuple[object, ...]]:
                 digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             result[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, digest)
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((sshd.HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

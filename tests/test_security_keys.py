@@ -25,7 +25,8 @@ import pytest
 from testing import sshd
 from testing.fronts import sshd_front
 from testing.installation import Installation
-from testing.served import HOST, Served, free_port
+from testing.net import free_port
+from testing.served import HOST, Served
 from testing.softkey import PIN, TOUCH, SoftKey, SoftKeyPKey
 
 pytestmark = pytest.mark.sshd

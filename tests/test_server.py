@@ -52,7 +52,8 @@ from testing.installation import (
     git,
     password_file_url,
 )
-from testing.served import HOST, Served, client_env, free_port, ssh_argv
+from testing.net import free_port
+from testing.served import HOST, Served, client_env, ssh_argv
 
 POLICY = """\
 teams:
