@@ -11,7 +11,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 PREFIX = "gatekeeper: "
 """What starts every line gatekeeper writes where a person reads it (over SSH a git
@@ -123,6 +123,13 @@ class Refused(GatekeeperError):
 
 INTERNAL_ERROR = "access refused: internal error (logged on the server)."
 """All a client learns of an unexpected failure; the details go to the server log."""
+
+
+def internal_error(exc: BaseException, log: Callable[[str], None], where: str = "") -> str:
+    """Log an unexpected failure for the admin and return the client's one line: fail
+    closed, never a traceback, the same words on every front-end."""
+    log(f"{where}internal error: {type(exc).__name__}: {exc}")
+    return prefixed([INTERNAL_ERROR])
 
 
 class Denied(Refused):

@@ -17,10 +17,10 @@ import time
 
 from gatekeeper import decision, logs, pathstr, sshcmd
 from gatekeeper.errors import (
-    INTERNAL_ERROR,
     GatekeeperError,
     InputError,
     Refused,
+    internal_error,
     prefixed,
     render,
 )
@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - fail closed, never a traceback to the client
-        log(f"internal error: {type(exc).__name__}: {exc}")
-        sys.stderr.write(prefixed([INTERNAL_ERROR]))
+        sys.stderr.write(internal_error(exc, log))
         return 1
 
 

@@ -319,3 +319,31 @@ def test_a_line_left_for_a_removed_key_never_acts_as_the_key_that_took_its_id(
     assert_clean_refusal(stale, "this key is not registered")
     record = gk.audit(event="access")[-1]
     assert (record["reason"], record["key_fp"], record["user"]) == ("unknown-key", old_fp, None)
+
+
+@pytest.mark.parametrize("entry", ["gatekeeper.shell", "gatekeeper.hooks.__main__"])
+def test_an_unexpected_failure_is_one_line_for_the_client_and_the_details_for_the_log(
+    entry: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever breaks inside the forced command or a hook, the client reads the same
+    one line and no traceback; the server log gets what broke."""
+    import importlib
+
+    module = importlib.import_module(entry)
+    logged: list[str] = []
+    monkeypatch.setattr(module, "log", logged.append)
+
+    def boom(*args: object, **kwargs: object) -> int:
+        raise ValueError("the disk caught fire")
+
+    if entry == "gatekeeper.shell":
+        monkeypatch.setattr(module, "run", boom)
+        argv = ["7"]
+    else:
+        monkeypatch.setattr("gatekeeper.hooks.prereceive.pre_receive", boom)
+        monkeypatch.setattr("sys.stdin", open(os.devnull))
+        argv = ["pre-receive", "--config", "/nonexistent/policy.yaml"]
+    assert module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "gatekeeper: access refused: internal error (logged on the server).\n"
+    assert logged == ["internal error: ValueError: the disk caught fire"]

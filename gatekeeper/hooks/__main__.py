@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gatekeeper.errors import INTERNAL_ERROR, prefixed
+from gatekeeper.errors import internal_error
 from gatekeeper.hooks.recheck import log
 
 USAGE = (
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - fail closed, never a traceback to the client
-        log(f"internal error: {type(exc).__name__}: {exc}")
-        sys.stderr.write(prefixed([INTERNAL_ERROR]))
+        sys.stderr.write(internal_error(exc, log))
         return 1
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 
 from gatekeeper import programs
-from gatekeeper.errors import INTERNAL_ERROR, prefixed
+from gatekeeper.errors import internal_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -120,8 +120,7 @@ def supervise(
             try:
                 refusal = recheck()
             except Exception as exc:  # noqa: BLE001 - fail closed: refuse, never a traceback
-                log(f"fetch gate: internal error: {type(exc).__name__}: {exc}")
-                refusal = prefixed([INTERNAL_ERROR]).splitlines()
+                refusal = internal_error(exc, log, "fetch gate: ").splitlines()
             verdict = "no" if refusal else "ok"
             reply = "".join(f"say {asker} {text}\n" for text in refusal)
             _write_all(pipes.answer_write, f"{reply}{verdict} {asker}\n".encode())
