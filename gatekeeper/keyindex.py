@@ -95,19 +95,11 @@ def write_entry(
     name = entry_name(fingerprint)
     if name is None:
         return
+    from gatekeeper.files import replace_file  # not on keys-command's reading path
+
     directory = _ensure_dir(state_dir)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.fchmod(fd, 0o640)
-        os.write(fd, f"{int(key_id)} {key_type} {blob} {factor or '-'}\n".encode("ascii"))
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, os.path.join(directory, name))
-    except OSError:
-        _unlink(tmp)
-        raise
+    line = f"{int(key_id)} {key_type} {blob} {factor or '-'}\n".encode("ascii")
+    replace_file(os.path.join(directory, name), line, mode=0o640, exact_mode=True)
 
 
 def remove_entry(state_dir: str, fingerprint: str) -> None:

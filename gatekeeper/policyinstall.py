@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gatekeeper.files import replace_file
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.policy.check import check_policy_text
 
@@ -68,31 +69,14 @@ def _swap(target: Path, data: bytes) -> None:
         owner, group, mode = st.st_uid, st.st_gid, st.st_mode & 0o7777
     except FileNotFoundError:
         owner, group, mode = -1, -1, 0o644
-    tmp = target.with_name(f".{target.name}.gatekeeper-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            if os.geteuid() == 0 and owner != -1:
-                os.fchown(fd, owner, group)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass  # a file system that cannot sync a directory still renamed it
-    finally:
-        os.close(directory)
+    replace_file(
+        target,
+        data,
+        mode=mode,
+        exact_mode=True,
+        owner=(owner, group) if os.geteuid() == 0 and owner != -1 else None,
+        durable=True,
+    )
 
 
 def compile_for_connections(target: Path) -> bool:

@@ -149,18 +149,11 @@ def _rollout_csv(
 
 
 def _write_page(path: str, text: str) -> None:
-    import os
+    from gatekeeper.files import replace_file
 
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        replace_file(path, text.encode("utf-8"))
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise InputError(
             f"cannot write {path}: {exc.strerror or exc}",
             hint="choose a file in a directory you can write.",

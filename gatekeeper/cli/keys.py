@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from gatekeeper.cli.common import (
     when,
 )
 from gatekeeper.errors import InputError
+from gatekeeper.files import replace_file
 
 
 @click.group()
@@ -166,15 +166,10 @@ def keys_script_cmd(ctx: Context, target: Path | None) -> None:
     if target is None:
         click.echo(text, nl=False)
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o755)  # noqa: S103 - sshd runs it; it holds no secret
-        os.replace(tmp, target)
+        # 0755: sshd runs it; it holds no secret.
+        replace_file(target, text.encode("utf-8"), mode=0o755, exact_mode=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(
             f"cannot write {target}: {exc.strerror or exc}",
             hint="write it where root keeps programs (sshd wants it root-owned).",

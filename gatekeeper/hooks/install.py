@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gatekeeper import programs, sshcmd
 from gatekeeper.errors import HookError
+from gatekeeper.files import replace_file
 from gatekeeper.hooks.prereceive import HOOK, LEGACY_SUFFIX
 from gatekeeper.policy import Policy
 from gatekeeper.record import record
@@ -150,23 +151,15 @@ def _not_writable(name: str, path: Path, exc: OSError) -> HookError:
 
 def _write_hook(name: str, hooks_dir: Path, text: str) -> None:
     """Write hooks/pre-receive atomically, mode 0755, owned like the hooks directory."""
-    tmp = hooks_dir / f".{HOOK}.gatekeeper-{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
-        try:
-            os.write(fd, text.encode("utf-8"))
-            os.fchmod(fd, 0o755)
-            if os.geteuid() == 0:
-                st = os.stat(hooks_dir)
-                os.fchown(fd, st.st_uid, st.st_gid)
-        finally:
-            os.close(fd)
-        os.replace(tmp, hooks_dir / HOOK)
+        owner = None
+        if os.geteuid() == 0:
+            st = os.stat(hooks_dir)
+            owner = (st.st_uid, st.st_gid)
+        replace_file(
+            hooks_dir / HOOK, text.encode("utf-8"), mode=0o755, exact_mode=True, owner=owner
+        )
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise _not_writable(name, hooks_dir, exc) from exc
 
 

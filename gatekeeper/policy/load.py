@@ -171,25 +171,10 @@ def _read_cache(cache: str, source: str, digest: str) -> Policy | None:
 def _write_cache(path: str, data: bytes) -> None:
     """Write atomically (a temporary file in the same directory, then rename), mode
     0600. Any failure only means no cache: slower, still correct."""
-    import tempfile
-    from pathlib import Path
+    from gatekeeper.files import replace_file
 
-    cache = Path(path)
-
-    tmp = None
     try:
-        cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".policy-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, cache)
-        tmp = None
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        replace_file(path, data, mode=0o600, exact_mode=True)
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
