@@ -50,6 +50,15 @@ if ! have_postgres_server; then
     # package's default cluster, if it makes and starts one, is never used.
     missing+=(postgresql)
 fi
+# An older Python is refused here, in one line: pip would spend minutes looking for
+# releases of the test dependencies that fit it before it gave up.
+if [[ ! -x "${VENV}/bin/python" ]] && have "${PYTHON}" &&
+    ! "${PYTHON}" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' >/dev/null 2>&1; then
+    printf 'error: %s is %s; gatekeeper needs Python 3.10 or newer (3.10 to 3.13 are tested).\n' \
+        "${PYTHON}" "$("${PYTHON}" -V 2>&1)" >&2
+    printf 'hint: PYTHON=python3.11 scripts/test.sh\n' >&2
+    exit 2
+fi
 if [[ ! -x "${VENV}/bin/python" ]]; then
     if ! have "${PYTHON}"; then
         missing+=(python3 python3-venv)

@@ -75,3 +75,32 @@ def test_the_wheel_ships_the_programs_where_an_installed_gatekeeper_finds_them(
         str(site / "gatekeeper" / "programs" / "fetch-gate.sh"),
         str(site / "gatekeeper" / "programs" / "pre-receive.tmpl"),
     ]
+
+
+def test_the_test_command_refuses_a_python_too_old_in_one_line(tmp_path: Path) -> None:
+    """An older interpreter is named and refused before a venv is made: pip, left to it,
+    searched for minutes for dependency releases that would fit it."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "test.sh", tmp_path / "scripts" / "test.sh")
+    old = tmp_path / "python3.9"
+    old.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in -V) echo "Python 3.9.18" ;; *) '
+        f'exec {sys.executable} -c "import sys; sys.exit(1)" ;; esac\n'
+    )
+    old.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "test.sh")],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHON": str(old), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        f"error: {old} is Python 3.9.18; gatekeeper needs Python 3.10 or newer"
+        " (3.10 to 3.13 are tested).",
+        "hint: PYTHON=python3.11 scripts/test.sh",
+    ]
+    assert not (tmp_path / ".venv").exists()
