@@ -39,6 +39,10 @@ def twofa_enroll(
             click.echo(f"pending: confirm with `gatekeeper 2fa confirm {user_name} CODE`", err=True)
             return
         codes = twofactor.confirm(store, ctx.policy, user_name, code, actor=actor())
+    _enrolled(user_name, codes)
+
+
+def _enrolled(user_name: str, codes: list[str]) -> None:
     click.echo(f"enrolled {user_name}; recovery codes (shown once):")
     for c in codes:
         click.echo(f"  {c}")
@@ -52,9 +56,7 @@ def twofa_confirm(ctx: Context, user_name: str, code: str) -> None:
     """Confirm USER's pending enrollment with a current CODE."""
     with ctx.store() as store:
         codes = twofactor.confirm(store, ctx.policy, user_name, code, actor=actor())
-    click.echo(f"enrolled {user_name}; recovery codes (shown once):")
-    for c in codes:
-        click.echo(f"  {c}")
+    _enrolled(user_name, codes)
 
 
 @twofa.command("reset")
