@@ -41,7 +41,7 @@ Store.open = staticmethod(_timed("store: open (connect, pragmas, schema check)",
 Store.connection_facts = _timed("store: connection facts (one query)", Store.connection_facts)  # type: ignore[method-assign]
 sshcmd.parse_command = _timed("parse SSH_ORIGINAL_COMMAND", sshcmd.parse_command)
 decision.decide = _timed("decide()", decision.decide)
-sshcmd.resolve_repo_path = _timed("resolve repository path", sshcmd.resolve_repo_path)
+sshcmd.locate_repo = _timed("locate the repository (its real path)", sshcmd.locate_repo)
 Store.audit_with_token = _timed(  # type: ignore[method-assign]
     "store: audit record + hook token (BEGIN IMMEDIATE ... COMMIT)", Store.audit_with_token
 )

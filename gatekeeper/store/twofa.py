@@ -444,6 +444,3 @@ class TwofaMixin(AuditMixin):
                 },
             )
         return active
-
-    def check_lock(self, user: User, now: float) -> int | None:
-        return self.locked_until(user.id, now)
